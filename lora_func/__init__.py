@@ -1,0 +1,23 @@
+"""lora_func: LoRA-family adapters as pytrees, injected with `torch.func.functional_call` and hooks.
+
+>>> import lora_func as lf
+>>> params = lf.init(model, lf.LoRAConfig(r=8, alpha=16))
+>>> loss = lf.apply(model, params, batch).loss
+"""
+
+from ._apply import apply as apply
+from ._config import AdapterConfig as AdapterConfig
+from ._init import init as init
+from ._init import targets as targets
+from ._merge import merge as merge
+from ._params import Params as Params
+from ._params import combine as combine
+from ._params import split as split
+from ._params import trainable_leaves as trainable_leaves
+from ._serialize import load as load
+from ._serialize import save as save
+from ._targets import Target as Target
+from ._version import __version__ as __version__
+from .variants.delora import DeLoRAConfig as DeLoRAConfig
+from .variants.lora import LoRAConfig as LoRAConfig
+from .variants.pissa import PiSSAConfig as PiSSAConfig

@@ -1,0 +1,286 @@
+"""`apply`: run a model with an adapter injected for one call.
+
+Mechanics, and why:
+- Each target gets a forward hook (or pre-hook, for variants that transform the input) that computes
+  the variant's pure forward from the call's tensors. The hooks are registered for the call only.
+- Base parameters that require grad (a freshly loaded HF model) are passed detached through
+  `torch.func.functional_call`, so backward never computes a base weight-gradient and the flags are
+  left as they are.
+- Gradient checkpointing recomputes layers during `backward()`, after `apply` has returned. So when
+  the output can be differentiated, the hooks stay registered but inert until the backward through
+  that output ends: a hook on each output tensor records the backward's graph-task id, the target
+  hooks fire only inside that task (a plain model call in between sees the base model), and an
+  end-of-backward callback removes everything. Layers recomputed in that backward also get their
+  trainable base parameters detached, the recompute's counterpart of the functional_call above.
+  If the output is never differentiated, everything is removed when the output is garbage-collected.
+- HF reentrant checkpointing needs an input that requires grad; a pre-hook on each checkpointed
+  layer supplies one for the duration of the forward.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.autograd import Variable
+
+from ._base import QuantizedLinear, quantization
+from ._params import SHARED, Params
+from ._targets import is_linear_like
+from ._variant import Site, Variant
+from .variants import variant_for
+
+# Injections whose output awaits backward, per model: used to refuse ambiguous recomputes.
+_PENDING: weakref.WeakKeyDictionary[nn.Module, set] = weakref.WeakKeyDictionary()
+_MISSING = object()
+
+
+def call_model(model: nn.Module, batch: Any, overrides: Mapping[str, torch.Tensor] | None = None) -> Any:
+    """`model(**batch)` for a Mapping, `model(*batch)` for a tuple/list, else `model(batch)`."""
+    if isinstance(batch, Mapping):
+        args, kwargs = (), dict(batch)
+    elif isinstance(batch, (tuple, list)):
+        args, kwargs = tuple(batch), {}
+    else:
+        args, kwargs = (batch,), {}
+    if overrides:
+        return torch.func.functional_call(model, dict(overrides), args, kwargs)
+    return model(*args, **kwargs)
+
+
+def _is_plain_parameter(p: torch.Tensor) -> bool:
+    # bnb weights are tensor subclasses whose detach() drops their quantization state.
+    return type(p) is nn.Parameter or type(p) is torch.Tensor
+
+
+def _trainable_base(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Base parameters that require grad, detached (the functional_call overrides)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and _is_plain_parameter(p)}
+
+
+def _checkpointed_layers(model: nn.Module) -> list[nn.Module]:
+    """Modules that will checkpoint in this call (HF's `gradient_checkpointing` flag, training, grad on)."""
+    if not (model.training and torch.is_grad_enabled()):
+        return []
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
+def _in_transform() -> bool:
+    """Inside torch.func (grad/vmap/...) or torch.compile tracing, where backward runs inside the transform."""
+    return torch._C._functorch.peek_interpreter_stack() is not None or torch.compiler.is_compiling()
+
+
+class Injection:
+    """The hooks that put one adapter into one model, for one call and (if needed) its backward."""
+
+    def __init__(self, model: nn.Module, caller: str) -> None:
+        self.model = model
+        self.caller = caller
+        self.running = False  # inside the forward of this call
+        self.tasks: set[int] = set()  # graph tasks of backwards through this call's output
+        self.handles: list[Any] = []
+        self.swapped: dict[nn.Module, dict[str, nn.Parameter]] = {}
+        self.patched: dict[nn.Module, Any] = {}  # module -> its own instance-level `forward`, if any
+        self.open_outputs = 0
+        self.closed = False
+
+    # -- when hooks act -------------------------------------------------------------------------
+    def live(self) -> bool:
+        if self.running:
+            return True
+        if not self.tasks:
+            return False
+        task = torch._C._current_graph_task_id()
+        if task not in self.tasks:
+            return False
+        rivals = [i for i in _PENDING.get(self.model, ()) if i is not self and task in i.tasks]
+        if rivals:
+            raise RuntimeError(
+                f"{self.caller}: one backward runs through {len(rivals) + 1} lf.apply outputs of the same model "
+                "while gradient checkpointing recomputes its layers, so the recompute cannot tell which "
+                "adapter it belongs to; call backward on each output separately, or turn checkpointing off"
+            )
+        return True
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def add_target(self, module: nn.Module, variant: Variant, leaves: dict, site: Site) -> None:
+        if variant.forward_input is not None:
+            transform = variant.forward_input
+
+            def pre_hook(mod, args, kwargs):
+                if not self.live():
+                    return None
+                if args:
+                    return (transform(args[0], leaves, site), *args[1:]), kwargs
+                key = next(iter(kwargs))
+                return args, {**kwargs, key: transform(kwargs[key], leaves, site)}
+
+            self.handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        else:
+            forward = variant.forward
+
+            def hook(mod, args, kwargs, output):
+                if not self.live():
+                    return None
+                x = args[0] if args else next(iter(kwargs.values()))
+                return forward(x, output, leaves, site)
+
+            self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+    def require_input_grad(self, layers: list[nn.Module]) -> list[Any]:
+        """Reentrant checkpointing drops gradients unless an input requires grad: give the first one that."""
+
+        def pre_hook(mod, args):
+            if not self.running:
+                return None
+            for i, a in enumerate(args):
+                if isinstance(a, torch.Tensor) and a.is_floating_point():
+                    if a.requires_grad:
+                        return None
+                    return (*args[:i], a.detach().requires_grad_(), *args[i + 1 :])
+            return None
+
+        return [layer.register_forward_pre_hook(pre_hook) for layer in layers]
+
+    def detach_base_in_recompute(self) -> None:
+        """During a recompute in our backward, layers see their trainable base parameters detached."""
+
+        def swap_in(module, args):
+            if not self.live():
+                return
+            saved = {n: p for n, p in module._parameters.items() if p is not None and p.requires_grad}
+            for name, p in saved.items():
+                module._parameters[name] = p.detach()
+            self.swapped[module] = saved
+
+        def swap_out(module, args, output):
+            module._parameters.update(self.swapped.pop(module, {}))
+
+        for module in self.model.modules():
+            if any(p.requires_grad and _is_plain_parameter(p) for p in module._parameters.values() if p is not None):
+                self.handles.append(module.register_forward_pre_hook(swap_in))
+                self.handles.append(module.register_forward_hook(swap_out, always_call=True))
+
+    def route_quantized_layers(self) -> None:
+        """Under torch.func, every bnb layer runs through `QuantizedLinear` for this call."""
+        for module in self.model.modules():
+            if is_linear_like(module) and quantization(module) is not None:
+                self.patched[module] = module.__dict__.get("forward", _MISSING)
+                module.forward = lambda x, m=module: QuantizedLinear.apply(x, m)
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def after_forward(self, output: Any, *, checkpointing: bool) -> None:
+        """Remove the hooks now, or keep them inert until backward through `output` ends."""
+        if _in_transform() or not torch.is_grad_enabled():
+            self.close()
+            return
+        tensors = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        if not tensors:
+            self.close()
+            return
+        if checkpointing:
+            self.detach_base_in_recompute()
+        _PENDING.setdefault(self.model, set()).add(self)
+        self.open_outputs = len(tensors)
+        for t in tensors:
+            t.register_hook(self._on_backward)
+            weakref.finalize(t, self._output_released)
+
+    def _on_backward(self, grad: torch.Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if task not in self.tasks:
+            self.tasks.add(task)
+            Variable._execution_engine.queue_callback(self.close)
+
+    def _output_released(self) -> None:
+        self.open_outputs -= 1
+        if self.open_outputs <= 0:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        for module, saved in self.swapped.items():
+            module._parameters.update(saved)
+        self.swapped.clear()
+        for module, own in self.patched.items():
+            if own is _MISSING:
+                del module.forward
+            else:
+                module.forward = own
+        self.patched.clear()
+        self.tasks.clear()
+        pending = _PENDING.get(self.model)
+        if pending is not None:
+            pending.discard(self)
+
+
+def resolve_sites(model: nn.Module, params: Params, caller: str) -> list[tuple[nn.Module, Site]]:
+    """Each target of `params` located in `model`, checked against its recorded shape."""
+    sites = []
+    for target in params.targets:
+        try:
+            module = model.get_submodule(target.path)
+        except AttributeError:
+            raise ValueError(f"{caller}: target {target.path!r} is not a module of {type(model).__name__}") from None
+        if not is_linear_like(module):
+            raise ValueError(f"{caller}: target {target.path!r} is a {type(module).__name__}, not linear-like")
+        if (module.in_features, module.out_features) != (target.d_in, target.d_out):
+            raise ValueError(
+                f"{caller}: target {target.path!r} is {module.in_features} -> {module.out_features} in the model, "
+                f"but the adapter was built for {target.d_in} -> {target.d_out}"
+            )
+        sites.append((module, Site(target, params.config, module)))
+    return sites
+
+
+def apply(model: nn.Module, params: Params, batch: Any, *, adapter_ids: torch.Tensor | None = None) -> Any:
+    """Run `model` on `batch` with the adapter `params` injected; the model is left as it was.
+
+    `batch`: a Mapping is called as `model(**batch)`, a tuple/list as `model(*batch)`, anything else as
+    `model(batch)`. Returns what the model returns (HF: `.loss` when the batch has labels).
+
+    >>> loss = lf.apply(model, params, batch).loss
+    >>> loss.backward()  # gradients land on the trainable leaves only
+    """
+    if not isinstance(params, Params):
+        raise TypeError(f"apply: `params` must be lora_func Params (from lf.init or lf.load), got {type(params).__name__}")
+    if adapter_ids is not None:
+        raise NotImplementedError("apply: `adapter_ids` (mixed-adapter batches) is not available yet")
+    variant = variant_for(params.config, caller="apply")
+    injection = Injection(model, "apply")
+    for module, site in resolve_sites(model, params, "apply"):
+        injection.add_target(module, variant, with_shared(params, site.target.path), site)
+    if _in_transform():
+        injection.route_quantized_layers()
+    layers = _checkpointed_layers(model)
+    input_grad_handles = injection.require_input_grad(layers) if layers else []
+    overrides = _trainable_base(model) if torch.is_grad_enabled() else None
+    injection.running = True
+    try:
+        output = call_model(model, batch, overrides)
+    except BaseException:
+        injection.close()
+        raise
+    finally:
+        injection.running = False
+        for handle in input_grad_handles:
+            handle.remove()
+    injection.after_forward(output, checkpointing=bool(layers))
+    return output
+
+
+def with_shared(params: Params, path: str) -> dict[str, torch.Tensor]:
+    """A target's leaves, plus the shared ones (VeRA) where the adapter has them."""
+    leaves = params[path]
+    if SHARED in params:
+        return {**params[SHARED], **leaves}
+    return leaves

