@@ -252,7 +252,9 @@ def apply(model: nn.Module, params: Params, batch: Any, *, adapter_ids: torch.Te
     >>> loss.backward()  # gradients land on the trainable leaves only
     """
     if not isinstance(params, Params):
-        raise TypeError(f"apply: `params` must be lora_func Params (from lf.init or lf.load), got {type(params).__name__}")
+        raise TypeError(
+            f"apply: `params` must be lora_func Params (from lf.init or lf.load), got {type(params).__name__}"
+        )
     if adapter_ids is not None:
         raise NotImplementedError("apply: `adapter_ids` (mixed-adapter batches) is not available yet")
     variant = variant_for(params.config, caller="apply")

@@ -7,7 +7,7 @@ from torch import nn
 
 
 def quantization(module: nn.Module) -> str | None:
-    """"4bit", "8bit" or None for a float weight."""
+    """ "4bit", "8bit" or None for a float weight."""
     weight = module.weight
     if getattr(weight, "quant_state", None) is not None or type(weight).__name__ == "Params4bit":
         return "4bit"

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from ._base import dense_weight
+from ._calibration import collect_input_stats
 from ._config import AdapterConfig
 from ._params import SHARED, Params
 from ._targets import Target, find_targets
-from ._variant import Variant
+from ._variant import Init, Variant
 from .variants import variant_for
 
 
@@ -28,18 +29,24 @@ def targets(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
 
 
 def finish_leaves(
-    variant: Variant, target: Target, cfg: AdapterConfig, leaves: dict[str, torch.Tensor], device: torch.device
+    variant: Variant,
+    name: str,
+    cfg: AdapterConfig,
+    leaves: dict[str, torch.Tensor],
+    expected: dict[str, tuple[int, ...]],
+    device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """Cast to `cfg.dtype`, move next to the base layer, check shapes, set requires_grad on trainable leaves."""
-    expected = variant.shapes(target, cfg)
     if set(leaves) != set(expected):
-        raise RuntimeError(f"variant {variant.name!r} created leaves {sorted(leaves)}, declared {sorted(expected)}")
+        raise RuntimeError(
+            f"variant {variant.name!r} created {sorted(leaves)} for {name!r}, declared {sorted(expected)}"
+        )
     out = {}
-    for name in expected:
-        tensor = leaves[name].detach().to(device=device, dtype=cfg.dtype)
-        if tuple(tensor.shape) != tuple(expected[name]):
-            raise RuntimeError(f"variant {variant.name!r} leaf {name!r}: shape {tuple(tensor.shape)} != {expected[name]}")
-        out[name] = tensor.contiguous().requires_grad_(name not in variant.frozen)
+    for leaf, shape in expected.items():
+        tensor = leaves[leaf].detach().to(device=device, dtype=cfg.dtype)
+        if tuple(tensor.shape) != tuple(shape):
+            raise RuntimeError(f"variant {variant.name!r} leaf {name}.{leaf}: shape {tuple(tensor.shape)} != {shape}")
+        out[leaf] = tensor.contiguous().requires_grad_(leaf not in variant.frozen)
     return out
 
 
@@ -49,25 +56,43 @@ def init(
     *,
     calibration_data: Any = None,
     seed: int | None = None,
+    progress: bool = True,
 ) -> Params:
     """Build the adapter pytree for every target `cfg` selects. `model` is not modified.
 
     `seed` makes random leaves reproducible (else torch's global RNG is used). `calibration_data` is an
-    iterable of whole-model batches, for the data-driven variants.
+    iterable of whole-model batches (same convention as `apply`'s `batch`), required by the data-driven
+    variants (EVA, AntiPaSTO) and refused by the others; `progress` shows a bar over it.
 
     >>> params = lf.init(model, lf.LoRAConfig(r=8, alpha=16), seed=0)
     """
     variant = variant_for(cfg, caller="init")
-    if calibration_data is not None:
-        raise ValueError(f"init: {type(cfg).__name__} takes no `calibration_data`")
-    found = find_targets(model, cfg, caller="init")
+    found = tuple(find_targets(model, cfg, caller="init"))
+    shapes = {t.path: variant.shapes(t, cfg) for t in found}  # validates ranks before any work
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    stats = {}
+    if variant.calibrated:
+        if calibration_data is None:
+            raise ValueError(f"init: {type(cfg).__name__} needs `calibration_data` (an iterable of batches)")
+        stats = collect_input_stats(model, found, calibration_data, caller="init", progress=progress)
+        for target in found:
+            seen = stats[target.path].count if target.path in stats else 0
+            if seen < cfg.r:
+                raise ValueError(f"init: calibration gave {seen} tokens to {target.path!r}, fewer than r={cfg.r}")
+    elif calibration_data is not None:
+        raise ValueError(f"init: {type(cfg).__name__} takes no `calibration_data`")
+
     entries: dict[str, dict[str, torch.Tensor]] = {}
+    device = torch.device("cpu")
     with torch.no_grad():
         for target in found:
             module = model.get_submodule(target.path)
-            variant.shapes(target, cfg)  # validates the rank before any work
-            leaves = variant.create(target, cfg, lambda m=module: dense_weight(m), generator)
-            entries[target.path] = finish_leaves(variant, target, cfg, leaves, module.weight.device)
-    assert SHARED not in entries
-    return Params(entries, cfg, tuple(found))
+            device = module.weight.device
+            ctx = Init(lambda m=module: dense_weight(m), generator, stats.get(target.path))
+            leaves = variant.create(target, cfg, ctx)
+            entries[target.path] = finish_leaves(variant, target.path, cfg, leaves, shapes[target.path], device)
+        if variant.create_shared is not None:
+            leaves = variant.create_shared(found, cfg, Init(lambda: None, generator))
+            entries[SHARED] = finish_leaves(variant, SHARED, cfg, leaves, variant.shared_shapes(found, cfg), device)
+    return Params(entries, cfg, found)

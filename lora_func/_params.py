@@ -104,12 +104,11 @@ def split(params: Params) -> tuple[Params, Params]:
     """
     from .variants import variant_for
 
-    frozen_names = variant_for(params.config).frozen
+    frozen_names = variant_for(params.config, caller="split").frozen
     trainable, frozen = {}, {}
     for path, entry in params.items():
-        frozen_here = frozen_names if path != SHARED else tuple(entry)
-        trainable[path] = {k: v for k, v in entry.items() if k not in frozen_here}
-        frozen[path] = {k: v for k, v in entry.items() if k in frozen_here}
+        trainable[path] = {k: v for k, v in entry.items() if k not in frozen_names}
+        frozen[path] = {k: v for k, v in entry.items() if k in frozen_names}
     return params.replace(trainable), params.replace(frozen)
 
 
@@ -119,8 +118,7 @@ def combine(trainable: Params, frozen: Params) -> Params:
         raise TypeError("combine: `trainable` and `frozen` must be Params from `lf.split`")
     if list(trainable) != list(frozen):
         raise ValueError(
-            f"combine: `trainable` and `frozen` cover different paths: "
-            f"{sorted(set(trainable) ^ set(frozen))[:5]}"
+            f"combine: `trainable` and `frozen` cover different paths: {sorted(set(trainable) ^ set(frozen))[:5]}"
         )
     if trainable.config != frozen.config:
         raise ValueError("combine: `trainable` and `frozen` come from different configs")

@@ -69,6 +69,9 @@ def expected_shapes(params_config: AdapterConfig, found: tuple[Target, ...]) -> 
     for target in found:
         for leaf, shape in variant.shapes(target, params_config).items():
             shapes[f"{target.path}.{leaf}"] = tuple(shape)
+    if variant.shared_shapes is not None:
+        for leaf, shape in variant.shared_shapes(found, params_config).items():
+            shapes[f"{SHARED}.{leaf}"] = tuple(shape)
     return shapes
 
 
@@ -133,11 +136,16 @@ def load(
             raise ValueError(f"load: {path!r} key {key!r} has dtype {tensor.dtype}, the config says {cfg.dtype}")
 
     entries: dict[str, dict[str, torch.Tensor]] = {}
-    for target in found:
-        device = model.get_submodule(target.path).weight.device if model is not None else torch.device("cpu")
-        entries[target.path] = {
-            leaf: tensors[f"{target.path}.{leaf}"].to(device).requires_grad_(leaf not in variant.frozen)
-            for leaf in variant.shapes(target, cfg)
-        }
-    assert SHARED not in entries
+    device = torch.device("cpu")
+    for key, tensor in tensors.items():
+        path, leaf = key.rsplit(".", 1)
+        if model is not None and path != SHARED:
+            device = model.get_submodule(path).weight.device
+        entries.setdefault(path, {})[leaf] = tensor.to(device).requires_grad_(leaf not in variant.frozen)
+    # Leaf order as `init` makes it: targets in order, each in its variant's order, shared last.
+    order = [t.path for t in found] + ([SHARED] if SHARED in entries else [])
+    shapes_of = {t.path: variant.shapes(t, cfg) for t in found}
+    if SHARED in entries:
+        shapes_of[SHARED] = variant.shared_shapes(found, cfg)
+    entries = {p: {leaf: entries[p][leaf] for leaf in shapes_of[p]} for p in order}
     return Params(entries, cfg, found)

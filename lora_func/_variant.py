@@ -26,32 +26,52 @@ class Site(NamedTuple):
     module: nn.Module
 
 
+class InputStats(NamedTuple):
+    """What calibration keeps of a target's inputs X (n, d_in): enough for their SVD, not X itself."""
+
+    gram: torch.Tensor  # Xᵀ X, (d_in, d_in), float64
+    count: int  # n, the number of calibration tokens seen
+
+
+class Init(NamedTuple):
+    """What `create` may read besides the target and config."""
+
+    weight: Callable[[], torch.Tensor]  # the dense base weight (dequantized, float32), computed on call
+    generator: torch.Generator | None  # for random leaves; None = torch's global RNG
+    inputs: InputStats | None = None  # calibration statistics, for variants with `calibrated=True`
+
+
 class Variant(NamedTuple):
     """The pure functions that make up one adapter method.
 
-    shapes(target, cfg) -> {leaf: shape}             per-target leaf shapes (validates rank)
-    create(target, cfg, weight, generator) -> leaves initial values; `weight()` is the dense base
-                                                     weight (dequantized), computed only if called
-    forward(x, y, leaves, site) -> y'                output form: adapted output from input and base output
-    forward_input(x, leaves, site) -> x'             input form: the base layer then runs on x'
-    merge(weight, bias, leaves, site) -> (W', b')    the adapter folded into a dense weight
-    frozen                                           leaf names that do not train
+    shapes(target, cfg) -> {leaf: shape}            per-target leaf shapes (validates rank)
+    create(target, cfg, init) -> leaves             initial values (see `Init`)
+    forward(x, y, leaves, site) -> y'               output form: adapted output from input and base output
+    forward_input(x, leaves, site) -> x'            input form: the base layer then runs on x'
+    merge(weight, bias, leaves, site) -> (W', b')   the adapter folded into a dense float weight
+    frozen                                          leaf names that do not train
+    shared_shapes(targets, cfg) -> {leaf: shape}    leaves stored once for all targets (VeRA), or None
+    create_shared(targets, cfg, init) -> leaves     their initial values
+    calibrated                                      `init` needs `calibration_data` (EVA, AntiPaSTO)
+
+    Forward and merge see a target's own leaves merged with the shared ones.
     """
 
     name: str
     config: type[AdapterConfig]
     shapes: Callable[[Target, AdapterConfig], dict[str, tuple[int, ...]]]
-    create: Callable[..., Leaves]
+    create: Callable[[Target, AdapterConfig, Init], Leaves]
     merge: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
     forward: Callable[..., torch.Tensor] | None = None
     forward_input: Callable[..., torch.Tensor] | None = None
     frozen: tuple[str, ...] = ()
+    shared_shapes: Callable[[tuple[Target, ...], AdapterConfig], dict[str, tuple[int, ...]]] | None = None
+    create_shared: Callable[[tuple[Target, ...], AdapterConfig, Init], Leaves] | None = None
+    calibrated: bool = False
 
 
 def require_rank(target: Target, cfg: AdapterConfig) -> None:
     """`r` must fit the layer: 0 < r <= min(d_in, d_out)."""
     limit = min(target.d_in, target.d_out)
     if cfg.r > limit:
-        raise ValueError(
-            f"{type(cfg).__name__}: `r`={cfg.r} exceeds min(d_in, d_out)={limit} of {target.path!r}"
-        )
+        raise ValueError(f"{type(cfg).__name__}: `r`={cfg.r} exceeds min(d_in, d_out)={limit} of {target.path!r}")

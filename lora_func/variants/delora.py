@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .._config import AdapterConfig
-from .._variant import Leaves, Site, Variant
+from .._variant import Init, Leaves, Site, Variant
 from . import lora
 
 
@@ -31,14 +31,14 @@ def shapes(target, cfg) -> dict[str, tuple[int, ...]]:
     return {**lora.shapes(target, cfg), "lambda": (1,), "w_norm": (target.d_in,)}
 
 
-def create(target, cfg: DeLoRAConfig, weight, generator) -> Leaves:
+def create(target, cfg: DeLoRAConfig, init: Init) -> Leaves:
     A = torch.empty(cfg.r, target.d_in)
-    torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+    torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=init.generator)
     return {
         "A": A,
         "B": torch.zeros(target.d_out, cfg.r),
         "lambda": torch.full((1,), cfg.alpha),
-        "w_norm": torch.linalg.vector_norm(weight(), dim=0),
+        "w_norm": torch.linalg.vector_norm(init.weight(), dim=0),
     }
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .._config import AdapterConfig
 from .._targets import Target
-from .._variant import Leaves, Site, Variant, require_rank
+from .._variant import Init, Leaves, Site, Variant, require_rank
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,9 @@ def shapes(target: Target, cfg: AdapterConfig) -> dict[str, tuple[int, ...]]:
     return {"A": (cfg.r, target.d_in), "B": (target.d_out, cfg.r)}
 
 
-def create(target: Target, cfg: AdapterConfig, weight, generator) -> Leaves:
+def create(target: Target, cfg: AdapterConfig, init: Init) -> Leaves:
     A = torch.empty(cfg.r, target.d_in)
-    torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+    torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=init.generator)
     return {"A": A, "B": torch.zeros(target.d_out, cfg.r)}
 
 

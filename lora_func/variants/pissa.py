@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .._config import AdapterConfig
-from .._variant import Leaves, Site, Variant
+from .._variant import Init, Leaves, Site, Variant
 from . import lora
 
 
@@ -28,7 +28,9 @@ class PiSSAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.niter is not None and (isinstance(self.niter, bool) or not isinstance(self.niter, int) or self.niter < 0):
+        if self.niter is not None and (
+            isinstance(self.niter, bool) or not isinstance(self.niter, int) or self.niter < 0
+        ):
             raise ValueError(f"PiSSAConfig: `niter` must be None or an int >= 0, got {self.niter!r}")
 
 
@@ -49,8 +51,8 @@ def principal_factors(weight: torch.Tensor, cfg: PiSSAConfig) -> tuple[torch.Ten
     return root[:, None] * Vh, U * root[None, :]
 
 
-def create(target, cfg: PiSSAConfig, weight, generator) -> Leaves:
-    A0, B0 = principal_factors(weight(), cfg)
+def create(target, cfg: PiSSAConfig, init: Init) -> Leaves:
+    A0, B0 = principal_factors(init.weight(), cfg)
     return {"A": A0.clone(), "B": B0.clone(), "A0": A0, "B0": B0}
 
 
