@@ -109,7 +109,8 @@ def load(
         raise ValueError(f"load: {path!r} is a safetensors file but not a lora_func adapter (no lora_func metadata)")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ValueError(
-            f"load: {path!r} has format_version {metadata.get('format_version')!r}; this library reads {FORMAT_VERSION!r}"
+            f"load: {path!r} has format_version {metadata.get('format_version')!r}; "
+            f"this library reads {FORMAT_VERSION!r}"
         )
     name = metadata.get("variant")
     if name not in REGISTRY:

@@ -114,7 +114,7 @@ def quantize(model: nn.Module, bits: int) -> nn.Module:
     """Replace every nn.Linear inside `model.model` (not lm_head) by a bnb Linear4bit (nf4) or Linear8bitLt."""
     import bitsandbytes as bnb
 
-    for path, module in list(model.model.named_modules()):
+    for module in list(model.model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is not nn.Linear:
                 continue
