@@ -29,6 +29,7 @@ from torch import nn
 from torch.autograd import Variable
 
 from ._base import QuantizedLinear, quantization
+from ._config import config_for
 from ._params import SHARED, Params
 from ._targets import is_linear_like
 from ._variant import Site, Variant
@@ -238,7 +239,7 @@ def resolve_sites(model: nn.Module, params: Params, caller: str) -> list[tuple[n
                 f"{caller}: target {target.path!r} is {module.in_features} -> {module.out_features} in the model, "
                 f"but the adapter was built for {target.d_in} -> {target.d_out}"
             )
-        sites.append((module, Site(target, params.config, module)))
+        sites.append((module, Site(target, config_for(params.config, target.path), module)))
     return sites
 
 

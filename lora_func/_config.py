@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ class AdapterConfig:
     target_names: regexes; a target's path must match at least one (re.search). None keeps all.
     exclude_names: regexes; a target whose path matches any is dropped.
     layers: keep only targets inside `.layers.<i>.` (or `.layer.<i>.`, `.h.<i>.`, `.blocks.<i>.`) for these i.
+    rank_pattern, alpha_pattern: per-target `r` / `alpha` overrides, `{pattern: value}` matched as PEFT does
+        (the path ends with a match of the pattern, starting at a dot boundary, as PEFT's `get_pattern_key`);
+        variants see each target's resolved config (`config_for`).
     """
 
     r: int = 8
@@ -54,6 +58,8 @@ class AdapterConfig:
     target_names: tuple[str, ...] | None = None
     exclude_names: tuple[str, ...] = ("lm_head", "embed_tokens")
     layers: tuple[int, ...] | None = None
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -82,6 +88,46 @@ class AdapterConfig:
         for index in self.layers or ():
             if isinstance(index, bool) or not isinstance(index, int):
                 raise ValueError(f"{name}: `layers` must hold ints, got {index!r}")
+        for field, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+            pairs = _as_pairs(getattr(self, field), field, name)
+            for pattern, value in pairs:
+                if isinstance(value, bool) or not isinstance(value, kind) or (field == "rank_pattern" and value <= 0):
+                    raise ValueError(f"{name}: `{field}` value for {pattern!r} is invalid: {value!r}")
+            if field == "alpha_pattern":
+                pairs = tuple((p, float(v)) for p, v in pairs)
+            object.__setattr__(self, field, pairs)
+
+
+def _as_pairs(value: Any, field: str, name: str) -> tuple[tuple[str, Any], ...]:
+    """`{pattern: value}` or pairs, as a hashable tuple of pairs."""
+    items = value.items() if isinstance(value, dict) else value or ()
+    pairs = []
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise ValueError(f"{name}: `{field}` must map regex strings to values, got {item!r}")
+        try:
+            re.compile(item[0])
+        except re.error as e:
+            raise ValueError(f"{name}: `{field}` pattern {item[0]!r} is not a regex: {e}") from None
+        pairs.append((item[0], item[1]))
+    return tuple(pairs)
+
+
+def _pattern_value(pairs: tuple[tuple[str, Any], ...], path: str, default: Any) -> Any:
+    for pattern, value in pairs:
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return default
+
+
+@functools.lru_cache(maxsize=4096)
+def config_for(cfg: AdapterConfig, path: str) -> AdapterConfig:
+    """The config a variant sees for one target: `r` and `alpha` resolved from the patterns."""
+    if not cfg.rank_pattern and not cfg.alpha_pattern:
+        return cfg
+    r = _pattern_value(cfg.rank_pattern, path, cfg.r)
+    alpha = _pattern_value(cfg.alpha_pattern, path, cfg.alpha)
+    return dataclasses.replace(cfg, r=r, alpha=alpha, rank_pattern=(), alpha_pattern=())
 
 
 def config_to_json(cfg: AdapterConfig) -> str:
@@ -89,7 +135,9 @@ def config_to_json(cfg: AdapterConfig) -> str:
     fields = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        fields[f.name] = str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
+        if isinstance(value, torch.dtype):
+            value = str(value).removeprefix("torch.")
+        fields[f.name] = value
     return json.dumps(fields, sort_keys=True)
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from ._base import dense_weight
 from ._calibration import collect_input_stats
-from ._config import AdapterConfig
+from ._config import AdapterConfig, config_for
 from ._params import SHARED, Params
 from ._targets import Target, find_targets
 from ._variant import Init, Variant
@@ -24,7 +24,7 @@ def targets(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
     variant = variant_for(cfg, caller="targets")
     found = find_targets(model, cfg, caller="targets")
     for target in found:
-        variant.shapes(target, cfg)  # rank limits are part of "would adapt"
+        variant.shapes(target, config_for(cfg, target.path))  # rank limits are part of "would adapt"
     return found
 
 
@@ -68,7 +68,7 @@ def init(
     """
     variant = variant_for(cfg, caller="init")
     found = tuple(find_targets(model, cfg, caller="init"))
-    shapes = {t.path: variant.shapes(t, cfg) for t in found}  # validates ranks before any work
+    shapes = {t.path: variant.shapes(t, config_for(cfg, t.path)) for t in found}  # validates ranks first
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     stats = {}
@@ -90,7 +90,7 @@ def init(
             module = model.get_submodule(target.path)
             device = module.weight.device
             ctx = Init(lambda m=module: dense_weight(m), generator, stats.get(target.path))
-            leaves = variant.create(target, cfg, ctx)
+            leaves = variant.create(target, config_for(cfg, target.path), ctx)
             entries[target.path] = finish_leaves(variant, target.path, cfg, leaves, shapes[target.path], device)
         if variant.create_shared is not None:
             leaves = variant.create_shared(found, cfg, Init(lambda: None, generator))

@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ._config import AdapterConfig, config_from_json, config_to_json
+from ._config import AdapterConfig, config_for, config_from_json, config_to_json
 from ._params import SHARED, Params
 from ._targets import Target, is_linear_like
 from ._version import __version__
@@ -67,7 +67,7 @@ def expected_shapes(params_config: AdapterConfig, found: tuple[Target, ...]) -> 
     variant = variant_for(params_config, caller="load")
     shapes = {}
     for target in found:
-        for leaf, shape in variant.shapes(target, params_config).items():
+        for leaf, shape in variant.shapes(target, config_for(params_config, target.path)).items():
             shapes[f"{target.path}.{leaf}"] = tuple(shape)
     if variant.shared_shapes is not None:
         for leaf, shape in variant.shared_shapes(found, params_config).items():
@@ -145,7 +145,7 @@ def load(
         entries.setdefault(path, {})[leaf] = tensor.to(device).requires_grad_(leaf not in variant.frozen)
     # Leaf order as `init` makes it: targets in order, each in its variant's order, shared last.
     order = [t.path for t in found] + ([SHARED] if SHARED in entries else [])
-    shapes_of = {t.path: variant.shapes(t, cfg) for t in found}
+    shapes_of = {t.path: variant.shapes(t, config_for(cfg, t.path)) for t in found}
     if SHARED in entries:
         shapes_of[SHARED] = variant.shared_shapes(found, cfg)
     entries = {p: {leaf: entries[p][leaf] for leaf in shapes_of[p]} for p in order}
