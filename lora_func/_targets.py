@@ -73,9 +73,7 @@ def find_targets(model: nn.Module, cfg: AdapterConfig, *, caller: str = "targets
     width = model_width(model)
     selected: list[Target] = []
     name_hits: dict[str, list[str]] = {p: [] for p in cfg.target_names or ()}
-    for path, module in model.named_modules():
-        if not path:
-            continue
+    for path, module in model.named_modules():  # the root too: a bare nn.Linear is a model with one target
         if cfg.target_names is not None:
             matched = [p for p in cfg.target_names if re.search(p, path)]
             if not matched:

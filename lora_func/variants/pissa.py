@@ -39,20 +39,26 @@ def shapes(target, cfg) -> dict[str, tuple[int, ...]]:
     return {**low, "A0": low["A"], "B0": low["B"]}
 
 
-def principal_factors(weight: torch.Tensor, cfg: PiSSAConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A0, B0) with s · B0 A0 = the rank-r truncated SVD of `weight`."""
+def principal_factors(
+    weight: torch.Tensor, cfg: PiSSAConfig, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0, B0) with s · B0 A0 = the rank-r truncated SVD of `weight` (randomized when `cfg.niter` is set)."""
     if cfg.niter is None:
         U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
         U, S, Vh = U[:, : cfg.r], S[: cfg.r], Vh[: cfg.r]
     else:
-        U, S, V = torch.svd_lowrank(weight, cfg.r, niter=cfg.niter)
+        # svd_lowrank draws from the global RNG: seed it from `generator` (if any) without disturbing it.
+        with torch.random.fork_rng(devices=[]):
+            if generator is not None:
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+            U, S, V = torch.svd_lowrank(weight, cfg.r, niter=cfg.niter)
         Vh = V.t()
     root = torch.sqrt(S / lora.scale(cfg))
     return root[:, None] * Vh, U * root[None, :]
 
 
 def create(target, cfg: PiSSAConfig, init: Init) -> Leaves:
-    A0, B0 = principal_factors(init.weight(), cfg)
+    A0, B0 = principal_factors(init.weight(), cfg, init.generator)
     return {"A": A0.clone(), "B": B0.clone(), "A0": A0, "B0": B0}
 
 
