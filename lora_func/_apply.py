@@ -259,12 +259,20 @@ def apply(model: nn.Module, params: Params, batch: Any, *, adapter_ids: torch.Te
     if adapter_ids is not None:
         raise NotImplementedError("apply: `adapter_ids` (mixed-adapter batches) is not available yet")
     variant = variant_for(params.config, caller="apply")
-    injection = Injection(model, "apply")
-    for module, site in resolve_sites(model, params, "apply"):
-        injection.add_target(module, variant, with_shared(params, site.target.path), site)
-    if _in_transform():
-        injection.route_quantized_layers()
+    sites = resolve_sites(model, params, "apply")
     layers = _checkpointed_layers(model)
+    in_transform = _in_transform()
+    if in_transform and layers and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "apply: gradient checkpointing is on, and torch.utils.checkpoint cannot run under torch.func "
+            "transforms (grad, vmap, ...); call model.gradient_checkpointing_disable() for torch.func, "
+            "or keep checkpointing and train with loss.backward()"
+        )
+    injection = Injection(model, "apply")
+    for module, site in sites:
+        injection.add_target(module, variant, with_shared(params, site.target.path), site)
+    if in_transform:
+        injection.route_quantized_layers()
     input_grad_handles = injection.require_input_grad(layers) if layers else []
     overrides = _trainable_base(model) if torch.is_grad_enabled() else None
     injection.running = True

@@ -216,3 +216,20 @@ def test_gradient_checkpointing_gives_same_gradients(name, subject, reentrant):
     for key, g in trainable_grads(params).items():
         assert g is not None, f"{key} got no gradient under checkpointing"
         torch.testing.assert_close(g, reference[key], rtol=1e-5, atol=1e-7, msg=str(key))
+
+
+def test_checkpointing_under_torch_func_is_a_clear_error():
+    """Invariant 10's other branch: torch.utils.checkpoint cannot run under torch.func, so say so up front."""
+    from conftest import qwen3_batch, tiny_qwen3
+
+    model = tiny_qwen3()
+    params = lf.init(model, lf.LoRAConfig(r=4), seed=0)
+    trainable, frozen = lf.split(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.gradient_checkpointing_enable()
+    model.disable_input_require_grads()  # HF's own hook would fail first, less clearly
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="gradient checkpointing is on.*gradient_checkpointing_disable"):
+        torch.func.grad(lambda t: lf.apply(model, lf.combine(t, frozen), qwen3_batch()).loss)(trainable)
+    assert_untouched(model, before)
