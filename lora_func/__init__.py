@@ -14,6 +14,8 @@ from ._params import Params as Params
 from ._params import combine as combine
 from ._params import split as split
 from ._params import trainable_leaves as trainable_leaves
+from ._peft import from_peft as from_peft
+from ._peft import to_peft as to_peft
 from ._serialize import load as load
 from ._serialize import save as save
 from ._targets import Target as Target

@@ -1,0 +1,683 @@
+"""`to_peft` / `from_peft`: exchange with Hugging Face PEFT's `adapter_model.safetensors` + `adapter_config.json`.
+
+PEFT is not imported: both files are written and read directly, in the layout `PeftModel.save_pretrained`
+produces (tensor keys `base_model.model.<module path>.<PEFT name>`, config JSON with `indent=2, sort_keys=True`).
+
+One entry of `METHODS` per method: the lora_func variant, PEFT's `peft_type`, leaf <-> tensor names, the
+PEFT config fields and what each may hold, and the translations both ways. Adding a method is one entry.
+
+Reading is as strict as `lf.load` (PEFT itself loads leniently): every config field is either translated,
+inert (no effect on the adapted function, e.g. `lora_dropout`), or must hold its default; a field lora_func
+does not know is refused unless it is unset (null, false, empty). The modules PEFT would adapt are computed
+with PEFT's own matching rules, must all be linear-like, and must be exactly the modules the tensor file
+holds; shapes and dtypes are checked against the model.
+
+PiSSA. PEFT rewrites the base weight to W − s·B0A0 and saves A, B. lora_func keeps W and computes
+y + s·(BA − B0A0)x, which is exactly a rank-2r LoRA with A' = [A; A0], B' = [B, −B0]. `to_peft` writes
+that LoRA (r and alpha doubled, rsLoRA alpha times √2, patterns likewise): PEFT's own export convention
+(`save_pretrained(path_initial_model_for_weight_conversion=...)`), loadable on the original base model.
+`from_peft` reads a PEFT checkpoint saved with `init_lora_weights="pissa"` (unconverted, to be loaded on
+the original base model) as lora_func PiSSA, rebuilding A0, B0 from the model's weight as PEFT does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ._base import dense_weight
+from ._config import AdapterConfig, config_for
+from ._init import finish_leaves
+from ._params import SHARED, Params
+from ._serialize import check_model
+from ._targets import find_targets, is_linear_like
+from .variants import REGISTRY, variant_for
+from .variants import pissa as pissa_variant
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+KEY_PREFIX = "base_model.model."  # PEFT's prefix for the base model's module paths in the tensor file
+
+# PeftConfig's own fields: descriptive, no effect on the adapted function.
+METADATA = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision")
+METADATA_INERT = ("inference_mode", "runtime_config")
+# Fields of every PEFT method here that select modules: translated to `target_names`/`exclude_names`/`layers`.
+TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+# Fields every method here requires at their default, with the reason.
+SHARED_REQUIRED = {"bias": "none", "modules_to_save": None}
+REASONS = {
+    "bias": "lora_func adapters hold no bias terms",
+    "modules_to_save": "lora_func adapts linear layers only; it neither trains nor stores whole modules",
+    "fan_in_fan_out": "transposed (Conv1D-style) weights are not linear-like targets",
+    "use_dora": "DoRA has no lora_func variant yet",
+    "lora_bias": "lora_func adapters hold no bias terms",
+    "layer_replication": "lora_func does not duplicate layers",
+    "target_parameters": "lora_func adapts modules, not bare parameters",
+    "trainable_token_indices": "lora_func does not train embedding rows",
+    "ensure_weight_tying": "lora_func does not tie adapters across modules",
+    "init_lora_weights": "that initialisation rewrites the base weights, which the checkpoint does not hold; "
+    "convert it to a plain LoRA with PEFT's `path_initial_model_for_weight_conversion` first",
+}
+ALL_LINEAR = "all-linear"
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")  # PEFT's heads left out of "all-linear" for SEQ_CLS models
+
+
+@dataclass(frozen=True)
+class PeftMethod:
+    """How one lora_func variant reads and writes as one PEFT method.
+
+    variant, peft_type: the lora_func variant name and PEFT's `peft_type`.
+    keys: lora_func leaf -> PEFT tensor name after the module path ("A" -> "lora_A.weight").
+    alpha_field, alpha_pattern_field: the PEFT fields holding `alpha` and `alpha_pattern`.
+    required: PEFT fields lora_func can express only at this value (written on export, checked on import).
+    inert: PEFT fields accepted with any value on import (no effect on the adapted function at inference),
+        with the value written on export.
+    fields_out(cfg) -> {field: value}: method-specific fields written on export.
+    fields_in(fields, where) -> {config kwarg: value}: method-specific config kwargs on import; may raise.
+    handled: the PEFT fields that `fields_in` reads.
+    claims(fields): whether this entry reads a PEFT config of this `peft_type` (several entries may share one).
+    export_as(params) -> params: rewrite as another variant's params before writing (PiSSA -> LoRA).
+    rebuild(module, cfg) -> leaves: leaves the PEFT file does not hold, rebuilt from the base layer.
+    """
+
+    variant: str
+    peft_type: str
+    keys: Mapping[str, str]
+    alpha_field: str
+    alpha_pattern_field: str
+    required: Mapping[str, Any] = field(default_factory=dict)
+    inert: Mapping[str, Any] = field(default_factory=dict)
+    fields_out: Callable[[AdapterConfig], dict[str, Any]] = lambda cfg: {}
+    fields_in: Callable[[Mapping[str, Any], str], dict[str, Any]] = lambda fields, where: {}
+    handled: tuple[str, ...] = ()
+    claims: Callable[[Mapping[str, Any]], bool] = lambda fields: True
+    export_as: Callable[[Params], Params] | None = None
+    rebuild: Callable[[nn.Module, AdapterConfig], dict[str, torch.Tensor]] | None = None
+
+
+# ---- LoRA and PiSSA (PEFT type LORA) --------------------------------------------------------------------------
+
+LORA_KEYS = {"A": "lora_A.weight", "B": "lora_B.weight"}
+LORA_REQUIRED = {
+    "fan_in_fan_out": False,
+    "use_dora": False,
+    "lora_bias": False,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "ensure_weight_tying": False,
+    "use_qalora": False,
+    "megatron_config": None,
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "use_bdlora": None,
+    "velora_config": None,
+    "monteclora_config": None,
+    "kasa_config": None,
+}
+LORA_INERT = {
+    "lora_dropout": 0.0,  # dropout is off at inference; lora_func trains without it
+    "megatron_core": "megatron.core",
+    "qalora_group_size": 16,  # read only with use_qalora
+    "loftq_config": {},  # read only with init_lora_weights="loftq" (refused)
+    "eva_config": None,  # init-time only: EVA leaves the base weights alone
+    "corda_config": None,
+    "lora_ga_config": None,
+}
+# Initialisations that only choose the starting A, B: the saved A, B are all there is.
+LORA_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+def _lora_fields_out(cfg: AdapterConfig) -> dict[str, Any]:
+    return {"use_rslora": bool(getattr(cfg, "use_rslora", False)), "init_lora_weights": True}
+
+
+def _lora_fields_in(fields: Mapping[str, Any], where: str) -> dict[str, Any]:
+    init = fields.get("init_lora_weights", True)
+    if not any(init is plain or (isinstance(init, str) and init == plain) for plain in LORA_PLAIN_INITS):
+        _refuse(where, "init_lora_weights", init, REASONS["init_lora_weights"])
+    return {"use_rslora": _flag(fields, "use_rslora", where)}
+
+
+def _is_pissa(fields: Mapping[str, Any]) -> bool:
+    init = fields.get("init_lora_weights")
+    return isinstance(init, str) and init.startswith("pissa")
+
+
+def _pissa_fields_in(fields: Mapping[str, Any], where: str) -> dict[str, Any]:
+    init = fields["init_lora_weights"]
+    niter = None
+    if init != "pissa":
+        match = re.fullmatch(r"pissa_niter_(\d+)", init)
+        if match is None:
+            _refuse(where, "init_lora_weights", init, "PiSSA inits are 'pissa' and 'pissa_niter_<n>'")
+        niter = int(match.group(1))
+    return {"use_rslora": _flag(fields, "use_rslora", where), "niter": niter}
+
+
+def _pissa_rebuild(module: nn.Module, cfg: AdapterConfig) -> dict[str, torch.Tensor]:
+    # PEFT's `pissa_init` on the original weight, as PEFT runs it again when it loads the checkpoint.
+    A0, B0 = pissa_variant.principal_factors(dense_weight(module), cfg)
+    return {"A0": A0, "B0": B0}
+
+
+def _pissa_as_lora(params: Params) -> Params:
+    """PiSSA's y + s·(BA − B0A0)x as the rank-2r LoRA A' = [A; A0], B' = [B, −B0] with the same scale."""
+    from .variants.lora import LoRAConfig
+
+    cfg = params.config
+    factor = math.sqrt(2.0) if cfg.use_rslora else 2.0  # keeps alpha / r (or alpha / √r) at twice the rank
+    lora_cfg = LoRAConfig(
+        r=2 * cfg.r,
+        alpha=cfg.alpha * factor,
+        dtype=cfg.dtype,
+        target_roles=cfg.target_roles,
+        target_names=cfg.target_names,
+        exclude_names=cfg.exclude_names,
+        layers=cfg.layers,
+        rank_pattern=tuple((p, 2 * r) for p, r in cfg.rank_pattern),
+        alpha_pattern=tuple((p, a * factor) for p, a in cfg.alpha_pattern),
+        use_rslora=cfg.use_rslora,
+    )
+    entries = {}
+    for path, leaves in params.items():
+        A = torch.cat([leaves["A"].detach(), leaves["A0"].detach()], dim=0)  # (2r, d_in)
+        B = torch.cat([leaves["B"].detach(), -leaves["B0"].detach()], dim=1)  # (d_out, 2r)
+        entries[path] = {"A": A, "B": B}
+    return Params(entries, lora_cfg, params.targets)
+
+
+# ---- DeLoRA (PEFT type DELORA) --------------------------------------------------------------------------------
+
+DELORA_KEYS = {"A": "delora_A", "B": "delora_B", "lambda": "delora_lambda", "w_norm": "delora_w_norm"}
+DELORA_INERT = {
+    "module_dropout": 0.0,  # drops whole modules in training only
+    "init_weights": True,  # init-time only
+}
+
+
+METHODS: tuple[PeftMethod, ...] = (
+    # Entries sharing a peft_type are tried in order: the more specific claim first.
+    PeftMethod(
+        variant="pissa",
+        peft_type="LORA",
+        keys=LORA_KEYS,
+        alpha_field="lora_alpha",
+        alpha_pattern_field="alpha_pattern",
+        required=LORA_REQUIRED,
+        inert=LORA_INERT,
+        fields_in=_pissa_fields_in,
+        handled=("use_rslora", "init_lora_weights"),
+        claims=_is_pissa,
+        export_as=_pissa_as_lora,
+        rebuild=_pissa_rebuild,
+    ),
+    PeftMethod(
+        variant="lora",
+        peft_type="LORA",
+        keys=LORA_KEYS,
+        alpha_field="lora_alpha",
+        alpha_pattern_field="alpha_pattern",
+        required=LORA_REQUIRED,
+        inert=LORA_INERT,
+        fields_out=_lora_fields_out,
+        fields_in=_lora_fields_in,
+        handled=("use_rslora", "init_lora_weights"),
+    ),
+    PeftMethod(
+        variant="delora",
+        peft_type="DELORA",
+        keys=DELORA_KEYS,
+        alpha_field="delora_lambda",
+        alpha_pattern_field="lambda_pattern",
+        inert=DELORA_INERT,
+    ),
+)
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------
+
+
+def _refuse(where: str, name: str, value: Any, why: str) -> None:
+    raise ValueError(f"{where}: `{name}`={json.dumps(value)} is not supported: {why}")
+
+
+def _flag(fields: Mapping[str, Any], name: str, where: str) -> bool:
+    value = fields.get(name, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: `{name}` must be true or false, got {json.dumps(value)}")
+    return value
+
+
+def _unset(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, (dict, list, str)) and len(value) == 0)
+
+
+def _number(value: float) -> int | float:
+    """An integral float as an int, as PEFT's configs write `lora_alpha=16`."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _method_for_variant(name: str, caller: str) -> PeftMethod:
+    for method in METHODS:
+        if method.variant == name:
+            return method
+    known = sorted({m.variant for m in METHODS})
+    raise ValueError(f"{caller}: variant {name!r} has no PEFT counterpart in lora_func's exchange (it maps {known})")
+
+
+def _layer_index(key: str, layers_pattern: Any) -> int | None:
+    """The layer index PEFT reads from a module path (`check_target_module_exists`): the first numbered segment."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def _all_linear(model: nn.Module, task_type: Any) -> list[str]:
+    """PEFT's "all-linear": every nn.Linear but the output layer (or the SEQ_CLS head)."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    excluded: set[str] = set()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None and task_type == "SEQ_CLS":
+        head = next((getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if getattr(model, n, None) is not None), None)
+    if head is not None:
+        excluded |= {name for name, m in model.named_modules() if m is head}
+    return [n for n in names if n not in excluded]
+
+
+def peft_selection(model: nn.Module, fields: Mapping[str, Any], where: str) -> list[str]:
+    """The module paths PEFT adapts for these config fields (`BaseTuner.inject_adapter`), in `named_modules` order."""
+    target_modules = fields.get("target_modules")
+    exclude = fields.get("exclude_modules")
+    layers = fields.get("layers_to_transform")
+    layers_pattern = fields.get("layers_pattern")
+    if target_modules is None:
+        raise ValueError(f"{where}: `target_modules` is null; lora_func needs the adapted modules named")
+    if not isinstance(target_modules, (str, list)) or (
+        isinstance(target_modules, list) and not all(isinstance(t, str) for t in target_modules)
+    ):
+        raise ValueError(f"{where}: `target_modules` must be a regex string or a list of names")
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        target_modules = _all_linear(model, fields.get("task_type"))
+    if isinstance(target_modules, str) and layers is not None:
+        raise ValueError(f"{where}: `layers_to_transform` needs a list `target_modules`, not a regex (as in PEFT)")
+    if layers_pattern and layers is None:
+        raise ValueError(f"{where}: `layers_pattern` needs `layers_to_transform` (as in PEFT)")
+    if layers is not None and not (
+        isinstance(layers, int) or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))
+    ):
+        raise ValueError(f"{where}: `layers_to_transform` must be an int or a list of ints, got {json.dumps(layers)}")
+    use_layers = layers is not None and (layers != [] if isinstance(layers, list) else True)
+
+    def excluded(key: str) -> bool:
+        if not exclude:
+            return False
+        if isinstance(exclude, str):
+            return re.fullmatch(exclude, key) is not None
+        return key in exclude or any(key.endswith(f".{e}") for e in exclude)
+
+    selected = []
+    for key, _ in model.named_modules():
+        if not key or excluded(key):
+            continue
+        if isinstance(target_modules, str):
+            hit = re.fullmatch(target_modules, key) is not None
+        else:
+            hit = key in target_modules or any(key.endswith(f".{t}") for t in target_modules)
+            if hit and use_layers:
+                index = _layer_index(key, layers_pattern)
+                hit = index is not None and (index == layers if isinstance(layers, int) else index in layers)
+        if hit:
+            selected.append(key)
+    return selected
+
+
+def _alternation(items: list[str]) -> str:
+    escaped = [re.escape(i) for i in items]
+    return escaped[0] if len(escaped) == 1 else "(?:" + "|".join(escaped) + ")"
+
+
+def exact_regex(paths: list[str]) -> str:
+    """A regex that fully matches exactly `paths`, compact where they repeat across layers:
+    `model\\.layers\\.(?:0|1)\\.(?:mlp\\.up_proj|self_attn\\.q_proj)`."""
+    by_template: dict[tuple[str, str], set[str]] = {}
+    plain: list[str] = []
+    for path in paths:
+        match = re.search(r"\.(\d+)\.", path)
+        if match is None:
+            plain.append(path)
+            continue
+        prefix, index, suffix = path[: match.start()], match.group(1), path[match.end() :]
+        by_template.setdefault((prefix, suffix), set()).add(index)
+    grouped: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for (prefix, suffix), indices in by_template.items():
+        grouped.setdefault((prefix, tuple(sorted(indices, key=int))), []).append(suffix)
+    parts = [
+        rf"{re.escape(prefix)}\.{_alternation(list(indices))}\.{_alternation(sorted(suffixes))}"
+        for (prefix, indices), suffixes in sorted(grouped.items())
+    ]
+    parts += [re.escape(p) for p in sorted(plain)]
+    return parts[0] if len(parts) == 1 else "|".join(parts)
+
+
+def _pattern_pairs(pairs: tuple[tuple[str, Any], ...], sort: bool) -> tuple[tuple[str, Any], ...]:
+    first: dict[str, Any] = {}
+    for pattern, value in pairs:
+        first.setdefault(pattern, value)  # a repeated pattern never wins after its first occurrence
+    items = sorted(first.items()) if sort else list(first.items())
+    return tuple(items)
+
+
+def _resolved(pairs: tuple[tuple[str, Any], ...], path: str, default: Any) -> Any:
+    for pattern, value in pairs:
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return default
+
+
+def _patterns_out(
+    pairs: tuple[tuple[str, Any], ...], default: Any, paths: list[str], name: str, caller: str
+) -> dict[str, Any]:
+    """`pairs` as PEFT's JSON dict. PEFT writes it with sorted keys and takes the first match in that order, so
+    where sorting would change which pattern wins for some target, write one exact pattern per target instead."""
+    want = {p: _resolved(pairs, p, default) for p in paths}
+    out = _pattern_pairs(pairs, sort=True)
+    if any(_resolved(out, p, default) != want[p] for p in paths):
+        out = tuple(sorted((re.escape(p), v) for p, v in want.items() if v != default))
+        if any(_resolved(out, p, default) != want[p] for p in paths):
+            raise ValueError(f"{caller}: `{name}` cannot be written so that PEFT resolves it as lora_func does")
+    return {pattern: value for pattern, value in out}
+
+
+# ---- to_peft --------------------------------------------------------------------------------------------------
+
+
+def _target_modules_out(paths: list[str], model: nn.Module | None) -> str | list[str]:
+    if model is not None:
+        names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+        if peft_selection(model, {"target_modules": names}, "to_peft") == paths:
+            return names
+    return exact_regex(paths)
+
+
+def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | None = None) -> None:
+    """Write `params` as a PEFT checkpoint: `adapter_model.safetensors` + `adapter_config.json` in `directory`.
+
+    `PeftModel.from_pretrained(base_model, directory)` then computes what `lf.apply(base_model, params, ...)`
+    does. `target_modules` is a regex that selects exactly the adapted modules; with `model` (the base model,
+    only read) it is the short list of module names PEFT users write (`["q_proj", "v_proj"]`) where that
+    selects exactly the same modules, and `base_model_name_or_path`/`auto_mapping` are filled in as PEFT does.
+
+    Methods: LoRA (rsLoRA, rank/alpha patterns), PiSSA (written as the equivalent rank-2r LoRA, see the module
+    docstring), DeLoRA.
+
+    >>> lf.to_peft(params, "out/peft-adapter", model=model)
+    >>> peft_model = peft.PeftModel.from_pretrained(model, "out/peft-adapter")
+    """
+    if not isinstance(params, Params):
+        raise TypeError(f"to_peft: `params` must be lora_func Params, got {type(params).__name__}")
+    directory = os.fspath(directory)
+    if os.path.isfile(directory):
+        raise ValueError(f"to_peft: `directory` {directory!r} is a file, not a directory")
+    method = _method_for_variant(variant_for(params.config, caller="to_peft").name, "to_peft")
+    if model is not None:
+        check_model(model, params.targets, "to_peft")
+    if method.export_as is not None:
+        params = method.export_as(params)
+        method = _method_for_variant(variant_for(params.config, caller="to_peft").name, "to_peft")
+    if SHARED in params:
+        raise ValueError(f"to_peft: {method.variant!r} params hold shared leaves, which its PEFT entry cannot write")
+
+    cfg = params.config
+    paths = [t.path for t in params.targets]
+    tensors = {}
+    for path, leaf, tensor in params.leaves():
+        if leaf not in method.keys:
+            raise ValueError(f"to_peft: leaf {path}.{leaf} has no PEFT name in the {method.variant!r} entry")
+        tensors[f"{KEY_PREFIX}{path}.{method.keys[leaf]}"] = tensor.detach().to("cpu").contiguous()
+
+    fields: dict[str, Any] = {
+        "peft_type": method.peft_type,
+        "task_type": None,
+        "base_model_name_or_path": (getattr(model, "name_or_path", None) or None) if model is not None else None,
+        "revision": None,
+        "inference_mode": True,
+        "r": cfg.r,
+        method.alpha_field: _number(cfg.alpha),
+        "target_modules": _target_modules_out(paths, model),
+        "exclude_modules": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": _patterns_out(cfg.rank_pattern, cfg.r, paths, "rank_pattern", "to_peft"),
+        method.alpha_pattern_field: {
+            k: _number(v)
+            for k, v in _patterns_out(cfg.alpha_pattern, cfg.alpha, paths, "alpha_pattern", "to_peft").items()
+        },
+        **SHARED_REQUIRED,
+        **method.required,
+        **method.inert,
+        **method.fields_out(cfg),
+    }
+    if model is not None:
+        fields["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        f.write(json.dumps(fields, indent=2, sort_keys=True))
+
+
+# ---- from_peft ------------------------------------------------------------------------------------------------
+
+
+def _read_config(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(f"from_peft: {directory!r} has no {CONFIG_NAME}")
+    try:
+        with open(path) as f:
+            fields = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"from_peft: {path!r} is not JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"from_peft: {path!r} is not a JSON object")
+    return fields
+
+
+def _read_tensors(directory: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        pickled = os.path.isfile(os.path.join(directory, "adapter_model.bin"))
+        extra = " (adapter_model.bin is a pickle, which lora_func does not read)" if pickled else ""
+        raise ValueError(f"from_peft: {directory!r} has no {WEIGHTS_NAME}{extra}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"from_peft: {path!r} is not a valid safetensors file ({e})") from None
+
+
+def _method_for_config(fields: Mapping[str, Any], where: str) -> PeftMethod:
+    peft_type = fields.get("peft_type")
+    candidates = [m for m in METHODS if m.peft_type == peft_type]
+    if not candidates:
+        known = sorted({m.peft_type for m in METHODS})
+        raise ValueError(f"{where}: `peft_type`={json.dumps(peft_type)} is not one lora_func reads ({known})")
+    return next(m for m in candidates if m.claims(fields))
+
+
+def _check_fields(fields: Mapping[str, Any], method: PeftMethod, where: str) -> None:
+    """Every field translated, inert, or at the only value lora_func can express; unknown ones must be unset."""
+    translated = {"r", "rank_pattern", method.alpha_field, method.alpha_pattern_field, *TARGETING, *method.handled}
+    required = {**SHARED_REQUIRED, **method.required}
+    for name, value in fields.items():
+        if name in translated or name in METADATA or name in METADATA_INERT or name in method.inert:
+            continue
+        if name in required:
+            default = required[name]
+            if value != default and not (_unset(default) and _unset(value)):
+                _refuse(where, name, value, REASONS.get(name, f"lora_func reads only {json.dumps(default)}"))
+        elif not _unset(value):
+            _refuse(where, name, value, f"lora_func does not know this {method.peft_type} field, so cannot honour it")
+
+
+def _patterns_in(fields: Mapping[str, Any], name: str, where: str) -> tuple[tuple[str, Any], ...]:
+    value = fields.get(name) or {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: `{name}` must be an object mapping patterns to values")
+    return tuple(value.items())
+
+
+def _targeting_config(fields: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """PEFT's targeting fields as lora_func `target_names`/`exclude_names`/`layers` (regex, re.search)."""
+    target_modules = fields["target_modules"]
+    exclude = fields.get("exclude_modules")
+    layers = fields.get("layers_to_transform")
+
+    def suffixes(names: list[str]) -> str:
+        return rf"(?:^|\.)(?:{exact_regex(sorted(set(names)))})$"
+
+    out: dict[str, Any] = {"target_names": None, "exclude_names": (), "layers": None}
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        chosen = set(_all_linear(model, fields.get("task_type")))
+        left_out = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in chosen]
+        out["exclude_names"] = tuple(f"^{re.escape(n)}$" for n in left_out)
+    elif isinstance(target_modules, str):
+        out["target_names"] = (f"^(?:{target_modules})$",)
+    else:
+        out["target_names"] = (suffixes(target_modules),)
+    if isinstance(exclude, str) and exclude:
+        out["exclude_names"] += (f"^(?:{exclude})$",)
+    elif exclude:
+        out["exclude_names"] += (suffixes(exclude),)
+    if layers is not None and layers != []:
+        out["layers"] = (layers,) if isinstance(layers, int) else tuple(layers)
+    return out
+
+
+def config_from_peft(
+    fields: Mapping[str, Any], model: nn.Module, *, where: str = "from_peft"
+) -> tuple[PeftMethod, AdapterConfig, list[str]]:
+    """The method entry, the lora_func config (dtype float32) and the module paths PEFT would adapt in `model`,
+    for the fields of an `adapter_config.json`; every field checked."""
+    method = _method_for_config(fields, where)
+    _check_fields(fields, method, where)
+    selection = peft_selection(model, fields, where)
+    if not selection:
+        raise ValueError(f"{where}: `target_modules`={json.dumps(fields['target_modules'])} selects no module")
+    modules = dict(model.named_modules())
+    for path in selection:
+        if not is_linear_like(modules[path]):
+            kind = type(modules[path]).__name__
+            raise ValueError(
+                f"{where}: `target_modules` selects {path!r} ({kind}), which is not linear-like; "
+                "lora_func adapts modules with `in_features`, `out_features` and `weight` only"
+            )
+    for name in ("r", method.alpha_field):
+        if name not in fields:
+            raise ValueError(f"{where}: `{name}` is missing")
+    try:
+        cfg = REGISTRY[method.variant].config(
+            r=fields["r"],
+            alpha=fields[method.alpha_field],
+            rank_pattern=_patterns_in(fields, "rank_pattern", where),
+            alpha_pattern=_patterns_in(fields, method.alpha_pattern_field, where),
+            **_targeting_config(fields, model),
+            **method.fields_in(fields, where),
+        )
+    except (TypeError, ValueError) as e:
+        if str(e).startswith(where):
+            raise
+        raise ValueError(f"{where}: the config cannot be expressed in lora_func: {e}") from None
+    return method, _exact_targets(cfg, model, selection), selection
+
+
+def from_peft(directory: str | os.PathLike, model: nn.Module) -> Params:
+    """Read a PEFT checkpoint directory (`adapter_model.safetensors` + `adapter_config.json`) as lora_func Params.
+
+    `lf.apply(model, params, batch)` then computes what PEFT's `PeftModel.from_pretrained(model, directory)`
+    does. Validated as strictly as `lf.load`: a config field lora_func cannot honour, a module PEFT would
+    adapt that is not linear-like, missing or unexpected tensors, and wrong shapes are errors naming the
+    field, key or module. `model` is only read.
+
+    The config's `target_names` select exactly the modules PEFT's `target_modules` (and `exclude_modules`,
+    `layers_to_transform`) select in `model`. `lora_dropout`/`module_dropout` are accepted and dropped: they do
+    nothing at inference, and lora_func has no adapter dropout. The leaves' dtype is the file's; they train
+    as after `lf.init`.
+
+    >>> params = lf.from_peft("peft-adapter/", model)
+    """
+    directory = os.fspath(directory)
+    where = f"from_peft: {os.path.join(directory, CONFIG_NAME)!r}"
+    if not os.path.isdir(directory):
+        raise ValueError(f"from_peft: `directory` {directory!r} is not a directory")
+    method, cfg, selection = config_from_peft(_read_config(directory), model, where=where)
+    variant = REGISTRY[method.variant]
+
+    tensors = _read_tensors(directory)
+    where_weights = f"from_peft: {os.path.join(directory, WEIGHTS_NAME)!r}"
+    expected = {f"{KEY_PREFIX}{path}.{name}" for path in selection for name in method.keys.values()}
+    missing = sorted(expected - set(tensors))
+    unexpected = sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{where_weights} has missing keys {missing[:5]} and unexpected keys {unexpected[:5]}")
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise ValueError(f"{where_weights}: tensors must share one floating dtype, found {sorted(map(str, dtypes))}")
+    cfg = dataclasses.replace(cfg, dtype=next(iter(dtypes)))
+    found = tuple(find_targets(model, cfg, caller="from_peft"))
+
+    entries: dict[str, dict[str, torch.Tensor]] = {}
+    for target in found:
+        target_cfg = config_for(cfg, target.path)
+        try:
+            shapes = variant.shapes(target, target_cfg)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        leaves = {}
+        for leaf, name in method.keys.items():
+            key = f"{KEY_PREFIX}{target.path}.{name}"
+            if tuple(tensors[key].shape) != tuple(shapes[leaf]):
+                raise ValueError(
+                    f"{where_weights} key {key!r} has shape {tuple(tensors[key].shape)}, "
+                    f"expected {tuple(shapes[leaf])} (r={target_cfg.r}, {target.d_in} -> {target.d_out})"
+                )
+            leaves[leaf] = tensors[key]
+        module = model.get_submodule(target.path)
+        if method.rebuild is not None:
+            with torch.no_grad():
+                leaves.update(method.rebuild(module, target_cfg))
+        entries[target.path] = finish_leaves(variant, target.path, cfg, leaves, shapes, module.weight.device)
+    return Params(entries, cfg, found)
+
+
+def _exact_targets(cfg: AdapterConfig, model: nn.Module, selection: list[str]) -> AdapterConfig:
+    """`cfg` if it selects exactly `selection` in `model`, else the same config with one exact-path regex."""
+    try:
+        if [t.path for t in find_targets(model, cfg, caller="from_peft")] == selection:
+            return cfg
+    except ValueError:
+        pass
+    exact = dataclasses.replace(
+        cfg, target_names=(f"^(?:{exact_regex(selection)})$",), exclude_names=(), layers=None, target_roles=None
+    )
+    if [t.path for t in find_targets(model, exact, caller="from_peft")] != selection:
+        raise RuntimeError(f"from_peft: internal error: no lora_func config selects exactly {selection[:3]}...")
+    return exact

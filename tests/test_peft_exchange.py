@@ -1,0 +1,491 @@
+"""`lf.to_peft` / `lf.from_peft` against Hugging Face PEFT itself, on the tiny Qwen3 (fp32) and the MiniLM.
+
+Both directions compare logits with PEFT's own model; round trips compare leaves bitwise; every refused
+PEFT field is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import assert_untouched, minilm, qwen3_batch, snapshot, tiny_qwen3
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import lora_func as lf
+from lora_func import _peft
+from lora_func.variants import REGISTRY, variant_for
+
+peft = pytest.importorskip("peft")
+
+pytestmark = pytest.mark.filterwarnings(
+    # peft 0.21 reads `model.is_gradient_checkpointing`, which transformers 5 deprecated; not ours to fix.
+    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
+)
+
+ATOL = 1e-5  # logits are O(1); float32 reassociation (scale before/after B, W_res vs W − s·B0A0) stays < 1e-6
+
+
+def perturbed(params: lf.Params, scale: float = 0.1, seed: int = 3) -> lf.Params:
+    """Every trainable leaf moved off its init (B ≠ 0, λ changed), so the adapter changes the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    trainable, frozen = lf.split(params)
+    moved = {
+        path: {
+            k: (v.detach() + scale * torch.randn(v.shape, generator=gen)).to(v.dtype).requires_grad_()
+            for k, v in e.items()
+        }
+        for path, e in trainable.items()
+    }
+    return lf.combine(trainable.replace(moved), frozen)
+
+
+def logits(model, params=None, batch=None):
+    batch = qwen3_batch() if batch is None else batch
+    with torch.no_grad():
+        return (lf.apply(model, params, batch) if params is not None else model(**batch)).logits
+
+
+def read_json(directory) -> dict:
+    with open(os.path.join(directory, _peft.CONFIG_NAME)) as f:
+        return json.load(f)
+
+
+def write_json(directory, fields: dict) -> None:
+    with open(os.path.join(directory, _peft.CONFIG_NAME), "w") as f:
+        json.dump(fields, f)
+
+
+# ---- lora_func -> PEFT ------------------------------------------------------------------------------------------
+
+EXPORT_CASES = {
+    "lora": lambda: lf.LoRAConfig(r=4, alpha=8, target_names=(r"q_proj$", r"v_proj$")),
+    "lora-rslora-patterns": lambda: lf.LoRAConfig(
+        r=4,
+        alpha=8,
+        use_rslora=True,
+        rank_pattern={"layers.0.self_attn.q_proj": 2, "up_proj": 6},
+        alpha_pattern={"v_proj": 3, r"layers\.1\..*_proj": 5.5},
+    ),
+    "pissa": lambda: lf.PiSSAConfig(r=4, alpha=8, target_names=(r"proj$",)),
+    "pissa-rslora-patterns": lambda: lf.PiSSAConfig(
+        r=4, alpha=6, use_rslora=True, target_roles=("reader",), rank_pattern={"q_proj": 2}, alpha_pattern={"k_proj": 3}
+    ),
+    "delora": lambda: lf.DeLoRAConfig(r=4, target_names=(r"mlp",), layers=(1,), rank_pattern={"up_proj": 2}),
+    "delora-patterns": lambda: lf.DeLoRAConfig(r=4, alpha=12, alpha_pattern={"o_proj": 3}, exclude_names=("lm_head",)),
+}
+
+
+@pytest.mark.parametrize("with_model", [False, True], ids=["no-model", "model"])
+@pytest.mark.parametrize("case", sorted(EXPORT_CASES))
+def test_to_peft_loads_in_peft_with_same_logits(case, with_model, tmp_path):
+    model = tiny_qwen3().eval()
+    params = perturbed(lf.init(model, EXPORT_CASES[case](), seed=0))
+    before = snapshot(model)
+    lf.to_peft(params, tmp_path, model=model if with_model else None)
+    assert_untouched(model, before)
+    ours = logits(model, params)
+
+    peft_model = peft.PeftModel.from_pretrained(tiny_qwen3().eval(), tmp_path)
+    theirs = logits(peft_model)
+    assert (theirs - logits(model)).abs().max() > 1e-2  # the adapter matters, so equality means something
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=ATOL)
+    assert sorted(peft_model.base_model.targeted_module_names) == sorted(t.path for t in params.targets)
+
+
+def test_to_peft_writes_what_peft_save_pretrained_writes(tmp_path):
+    """Same tensor keys, shapes and metadata; same config JSON field for field (PEFT adds its version)."""
+    for name, peft_cfg, ours_cfg in [
+        (
+            "lora",
+            peft.LoraConfig(
+                r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}
+            ),
+            lf.LoRAConfig(r=4, alpha=8, use_rslora=True, target_names=(r"\.[qv]_proj$",), rank_pattern={"v_proj": 2}),
+        ),
+        (
+            "delora",
+            peft.DeloraConfig(r=4, delora_lambda=12, target_modules=["up_proj"], lambda_pattern={"up_proj": 3}),
+            lf.DeLoRAConfig(r=4, alpha=12, target_names=("up_proj",), alpha_pattern={"up_proj": 3}),
+        ),
+    ]:
+        theirs_dir, ours_dir = tmp_path / f"{name}-peft", tmp_path / f"{name}-ours"
+        peft.get_peft_model(tiny_qwen3(), peft_cfg).save_pretrained(theirs_dir)
+        model = tiny_qwen3()
+        lf.to_peft(lf.init(model, ours_cfg, seed=0), ours_dir, model=model)
+
+        theirs, ours = read_json(theirs_dir), read_json(ours_dir)
+        theirs.pop("peft_version")
+        theirs["target_modules"] = sorted(theirs["target_modules"])
+        assert ours == theirs, name
+        with (
+            safe_open(theirs_dir / _peft.WEIGHTS_NAME, "pt") as a,
+            safe_open(ours_dir / _peft.WEIGHTS_NAME, "pt") as b,
+        ):
+            assert a.metadata() == b.metadata()
+            assert {k: a.get_slice(k).get_shape() for k in a.keys()} == {
+                k: b.get_slice(k).get_shape() for k in b.keys()
+            }
+
+
+def test_to_peft_target_modules_select_exactly_the_targets(tmp_path):
+    """Without the model, an exact regex; with it, PEFT's usual short list where that selects the same modules."""
+    model = tiny_qwen3()
+    params = lf.init(model, lf.LoRAConfig(r=2, target_names=(r"q_proj$", r"up_proj$"), layers=(1,)), seed=0)
+    lf.to_peft(params, tmp_path / "a")
+    assert read_json(tmp_path / "a")["target_modules"] == r"model\.layers\.1\.(?:mlp\.up_proj|self_attn\.q_proj)"
+    lf.to_peft(params, tmp_path / "b", model=model)  # layer 1 only: a name list would also hit layer 0
+    assert read_json(tmp_path / "b")["target_modules"] == read_json(tmp_path / "a")["target_modules"]
+
+    params = lf.init(model, lf.LoRAConfig(r=2, target_names=(r"q_proj$", r"up_proj$")), seed=0)
+    lf.to_peft(params, tmp_path / "c", model=model)
+    assert read_json(tmp_path / "c")["target_modules"] == ["q_proj", "up_proj"]
+
+
+def test_to_peft_rewrites_patterns_that_sorting_would_reorder(tmp_path):
+    """PEFT sorts pattern keys and takes the first match: an order-dependent pattern set becomes exact paths."""
+    model = tiny_qwen3().eval()
+    cfg = lf.LoRAConfig(
+        r=4, target_names=("q_proj$",), rank_pattern=((r"q_proj", 2), (r"layers\.0\.self_attn\.q_proj", 3))
+    )
+    params = perturbed(lf.init(model, cfg, seed=0))
+    lf.to_peft(params, tmp_path)
+    assert read_json(tmp_path)["rank_pattern"] == {
+        r"model\.layers\.0\.self_attn\.q_proj": 2,
+        r"model\.layers\.1\.self_attn\.q_proj": 2,
+    }
+    peft_model = peft.PeftModel.from_pretrained(tiny_qwen3().eval(), tmp_path)
+    torch.testing.assert_close(logits(peft_model), logits(model, params), rtol=0, atol=ATOL)
+
+
+def test_to_peft_refuses(tmp_path):
+    params = lf.init(tiny_qwen3(), lf.LoRAConfig(r=2), seed=0)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="`directory`.*is a file"):
+        lf.to_peft(params, tmp_path / "file")
+    with pytest.raises(TypeError, match="`params` must be lora_func Params"):
+        lf.to_peft({"a": {}}, tmp_path)
+    with pytest.raises(
+        ValueError,
+        match="target 'model.layers.0.self_attn.q_proj' is 32 -> 32 in the model, the adapter holds 64 -> 64",
+    ):
+        lf.to_peft(params, tmp_path / "x", model=tiny_qwen3(hidden_size=32, head_dim=8))
+
+
+# ---- PEFT -> lora_func ------------------------------------------------------------------------------------------
+
+IMPORT_CASES = {
+    "lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    "lora-rslora-patterns": lambda: peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules="all-linear",
+        rank_pattern={"q_proj": 2, "layers.1.mlp.up_proj": 6},
+        alpha_pattern={"^model.layers.0.self_attn.v_proj": 5, "down_proj": 3.5},
+    ),
+    "lora-regex-exclude": lambda: peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=r".*(self_attn|mlp)\.(k|gate)_proj",
+        exclude_modules=["layers.0.mlp.gate_proj"],
+    ),
+    "pissa": lambda: peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"], init_lora_weights="pissa"
+    ),
+    "delora": lambda: peft.DeloraConfig(
+        r=4,
+        target_modules=["k_proj", "up_proj"],
+        layers_to_transform=[1],
+        rank_pattern={"up_proj": 2},
+        lambda_pattern={"k_proj": 7},
+    ),
+}
+
+
+def peft_trained(peft_config, directory, steps: int = 3) -> torch.Tensor:
+    """A PEFT adapter trained a few AdamW steps and saved by PEFT; returns PEFT's logits after training."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(tiny_qwen3(), peft_config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        model(**qwen3_batch()).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(directory)
+    return logits(model)
+
+
+@pytest.mark.parametrize("case", sorted(IMPORT_CASES))
+def test_from_peft_gives_peft_logits(case, tmp_path):
+    theirs = peft_trained(IMPORT_CASES[case](), tmp_path)
+    model = tiny_qwen3().eval()
+    before = snapshot(model)
+    params = lf.from_peft(tmp_path, model)
+    assert_untouched(model, before)
+    assert (theirs - logits(model)).abs().max() > 1e-2
+    torch.testing.assert_close(logits(model, params), theirs, rtol=0, atol=ATOL)
+
+    variant = "pissa" if case == "pissa" else case.split("-")[0]
+    assert variant_for(params.config).name == variant
+    trainable, frozen = lf.split(params)
+    assert all(t.requires_grad for _, _, t in trainable.leaves())
+    assert not any(t.requires_grad for _, _, t in frozen.leaves())
+
+
+def test_from_peft_pissa_rebuilds_the_initial_factors_as_peft_does(tmp_path):
+    """A PEFT PiSSA checkpoint holds the trained A, B only; A0, B0 are the SVD factors lf.init would make."""
+    peft_trained(IMPORT_CASES["pissa"](), tmp_path, steps=1)
+    model = tiny_qwen3()
+    params = lf.from_peft(tmp_path, model)
+    fresh = lf.init(model, params.config)
+    for path in params:
+        assert torch.equal(params[path]["A0"], fresh[path]["A0"])
+        assert torch.equal(params[path]["B0"], fresh[path]["B0"])
+        assert not torch.equal(params[path]["A"], fresh[path]["A"])
+
+
+def test_from_peft_trains_on(tmp_path):
+    """The imported leaves are ordinary trainable leaves: a plain optimizer loop lowers the loss."""
+    peft_trained(IMPORT_CASES["lora"](), tmp_path, steps=1)
+    model = tiny_qwen3()
+    params = lf.from_peft(tmp_path, model)
+    optimizer = torch.optim.AdamW(lf.trainable_leaves(params), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = lf.apply(model, params, qwen3_batch()).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+# ---- round trips ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["lora", "lora-rslora-patterns", "delora", "delora-patterns"])
+def test_round_trip_is_bitwise(case, tmp_path):
+    model = tiny_qwen3()
+    params = perturbed(lf.init(model, EXPORT_CASES[case](), seed=0))
+    lf.to_peft(params, tmp_path / "a")
+    back = lf.from_peft(tmp_path / "a", model)
+    assert type(back.config) is type(params.config)
+    assert back.targets == params.targets
+    assert [(p, k) for p, k, _ in back.leaves()] == [(p, k) for p, k, _ in params.leaves()]
+    for (_, _, a), (_, _, b) in zip(back.leaves(), params.leaves()):
+        assert torch.equal(a, b) and a.dtype == b.dtype and a.requires_grad == b.requires_grad
+    for f in ("r", "alpha", "dtype", "use_rslora"):
+        assert getattr(back.config, f, None) == getattr(params.config, f, None)
+    # Writing the imported adapter again gives the same files, byte for byte.
+    lf.to_peft(back, tmp_path / "b")
+    for name in (_peft.WEIGHTS_NAME, _peft.CONFIG_NAME):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_round_trip_pissa_gives_the_equivalent_lora(tmp_path):
+    """PiSSA exports as the rank-2r LoRA A' = [A; A0], B' = [B, −B0]; that is what comes back, bitwise."""
+    model = tiny_qwen3().eval()
+    params = perturbed(lf.init(model, EXPORT_CASES["pissa"](), seed=0))
+    lf.to_peft(params, tmp_path)
+    back = lf.from_peft(tmp_path, model)
+    assert isinstance(back.config, lf.LoRAConfig) and (back.config.r, back.config.alpha) == (8, 16.0)
+    for path in params:
+        assert torch.equal(back[path]["A"], torch.cat([params[path]["A"], params[path]["A0"]]))
+        assert torch.equal(back[path]["B"], torch.cat([params[path]["B"], -params[path]["B0"]], dim=1))
+    torch.testing.assert_close(logits(model, back), logits(model, params), rtol=0, atol=ATOL)
+
+
+def test_round_trip_keeps_bfloat16(tmp_path):
+    model = tiny_qwen3()
+    params = perturbed(lf.init(model, lf.LoRAConfig(r=2, dtype=torch.bfloat16), seed=0))
+    lf.to_peft(params, tmp_path)
+    back = lf.from_peft(tmp_path, model)
+    assert back.config.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(back.leaves(), params.leaves()))
+
+
+# ---- target selection -------------------------------------------------------------------------------------------
+
+SELECTION_CASES = [
+    ("qwen3", dict(target_modules=["q_proj", "v_proj"])),
+    ("qwen3", dict(target_modules="all-linear")),
+    ("qwen3", dict(target_modules=r".*self_attn\.(q|k)_proj")),
+    ("qwen3", dict(target_modules=["q_proj", "up_proj"], exclude_modules=["layers.0.self_attn.q_proj"])),
+    ("qwen3", dict(target_modules=["mlp.gate_proj", "o_proj"], exclude_modules=r".*\.1\.mlp\..*")),
+    ("qwen3", dict(target_modules=["q_proj", "down_proj"], layers_to_transform=[1])),
+    ("qwen3", dict(target_modules=["o_proj"], layers_to_transform=0, layers_pattern="layers")),
+    ("qwen3", dict(target_modules=["model.layers.1.mlp.up_proj", "k_proj"])),
+    ("minilm", dict(target_modules=["query", "value"])),
+    ("minilm", dict(target_modules="all-linear")),
+    ("minilm", dict(target_modules=["dense"])),
+    ("minilm", dict(target_modules=["query", "key"], layers_to_transform=[0, 5], layers_pattern="layer")),
+    (
+        "minilm",
+        dict(target_modules=r".*attention\.self\.(query|key)", exclude_modules=["encoder.layer.3.attention.self.key"]),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "subject,targeting", SELECTION_CASES, ids=[f"{s}-{i}" for i, (s, _) in enumerate(SELECTION_CASES)]
+)
+def test_target_translation_selects_what_peft_selects(subject, targeting):
+    build = {"qwen3": tiny_qwen3, "minilm": minilm}[subject]
+    expected = peft.get_peft_model(build(), peft.LoraConfig(r=2, **targeting)).base_model.targeted_module_names
+    model = build()
+    fields = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, **targeting}
+    _, cfg, selection = _peft.config_from_peft(fields, model)
+    assert selection == expected
+    assert [t.path for t in lf.targets(model, cfg)] == expected
+    # A readable translation (PEFT's patterns and `layers`), not the exact-path fallback.
+    assert cfg.target_names != (f"^(?:{_peft.exact_regex(expected)})$",)
+    layers = targeting.get("layers_to_transform")
+    assert cfg.layers == (None if layers is None else tuple(layers) if isinstance(layers, list) else (layers,))
+
+
+def test_exact_fallback_selects_exactly_the_given_modules():
+    model = tiny_qwen3()
+    wanted = ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj", "lm_head"]
+    cfg = _peft._exact_targets(lf.LoRAConfig(r=2, target_names=("q_proj",)), model, wanted)
+    assert [t.path for t in lf.targets(model, cfg)] == wanted
+
+
+# ---- refusals ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def good_dir(tmp_path):
+    model = tiny_qwen3()
+    lf.to_peft(lf.init(model, lf.LoRAConfig(r=4, target_names=(r"q_proj$",)), seed=0), tmp_path, model=model)
+    return tmp_path
+
+
+REFUSED_FIELDS = [
+    ("peft_type", "LOHA", r"`peft_type`=\"LOHA\" is not one lora_func reads"),
+    ("modules_to_save", ["lm_head"], r"`modules_to_save`=\[\"lm_head\"\] is not supported"),
+    ("bias", "all", r"`bias`=\"all\" is not supported: lora_func adapters hold no bias"),
+    ("fan_in_fan_out", True, r"`fan_in_fan_out`=true is not supported"),
+    ("lora_bias", True, r"`lora_bias`=true"),
+    ("layer_replication", [[0, 1]], r"`layer_replication`"),
+    ("trainable_token_indices", [1, 2], r"`trainable_token_indices`"),
+    ("use_qalora", True, r"`use_qalora`"),
+    ("target_parameters", ["mlp.experts.gate_up_proj"], r"`target_parameters`"),
+    ("init_lora_weights", "olora", r"`init_lora_weights`=\"olora\" is not supported: that initialisation rewrites"),
+    ("init_lora_weights", "loftq", r"`init_lora_weights`=\"loftq\""),
+    ("init_lora_weights", "pissa_fast", r"`init_lora_weights`=\"pissa_fast\""),
+    ("a_future_field", {"on": True}, r"`a_future_field`=\{\"on\": true\} is not supported: lora_func does not know"),
+    ("target_modules", ["embed_tokens"], r"`target_modules` selects 'model.embed_tokens' \(Embedding\), which is not"),
+    ("target_modules", ["mlp"], r"`target_modules` selects 'model.layers.0.mlp' \(Qwen3MLP\)"),
+    ("target_modules", ["nowhere"], r"`target_modules`=\[\"nowhere\"\] selects no module"),
+    ("target_modules", None, r"`target_modules` is null"),
+    ("layers_to_transform", [0], r"`layers_to_transform` needs a list `target_modules`"),
+    ("layers_pattern", "layers", r"`layers_pattern` needs `layers_to_transform`"),
+    ("rank_pattern", {"q_proj": 0}, r"`rank_pattern` value for 'q_proj' is invalid"),
+    ("r", 100, r"`r`=100 exceeds min\(d_in, d_out\)=64"),
+    ("use_rslora", "yes", r"`use_rslora` must be true or false"),
+]
+if "dora" not in REGISTRY:
+    REFUSED_FIELDS.append(("use_dora", True, r"`use_dora`=true is not supported: DoRA has no lora_func variant"))
+
+
+@pytest.mark.parametrize("name,value,message", REFUSED_FIELDS, ids=[f"{n}={v}" for n, v, _ in REFUSED_FIELDS])
+def test_from_peft_refuses_what_it_cannot_express(good_dir, name, value, message):
+    fields = read_json(good_dir)
+    fields[name] = value
+    if name == "layers_to_transform":
+        fields["target_modules"] = ".*q_proj"
+    write_json(good_dir, fields)
+    with pytest.raises(ValueError, match=message):
+        lf.from_peft(good_dir, tiny_qwen3())
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("lora_dropout", 0.1),
+        ("a_future_field", None),
+        ("task_type", "CAUSAL_LM"),
+        ("peft_version", "0.9.0"),
+        ("init_lora_weights", "gaussian"),
+        ("eva_config", {"rho": 2.0}),
+        ("inference_mode", False),
+    ],
+)
+def test_from_peft_accepts_fields_without_effect(good_dir, name, value):
+    reference = lf.from_peft(good_dir, tiny_qwen3())
+    fields = read_json(good_dir)
+    fields[name] = value
+    write_json(good_dir, fields)
+    params = lf.from_peft(good_dir, tiny_qwen3())
+    assert params.config == reference.config
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(params.leaves(), reference.leaves()))
+
+
+def test_from_peft_refuses_missing_key_config_absent_fields(good_dir):
+    fields = read_json(good_dir)
+    del fields["r"]
+    write_json(good_dir, fields)
+    with pytest.raises(ValueError, match="`r` is missing"):
+        lf.from_peft(good_dir, tiny_qwen3())
+
+
+def edit_tensors(directory, edit) -> None:
+    path = directory / _peft.WEIGHTS_NAME
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda t: t.pop(KEY), rf"missing keys \['{KEY}'\] and unexpected keys \[\]"),
+        (
+            lambda t: t.update({"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64)}),
+            r"missing keys \[\] and unexpected keys \['base_model.model.lm_head.lora_A.weight'\]",
+        ),
+        (
+            lambda t: t.update({"model.layers.0.self_attn.q_proj.lora_A.weight": t.pop(KEY.replace("_B", "_A"))}),
+            r"unexpected keys \['model.layers.0.self_attn.q_proj.lora_A.weight'\]",
+        ),
+        (lambda t: t.update({KEY: torch.zeros(64, 3)}), rf"key '{KEY}' has shape \(64, 3\), expected \(64, 4\)"),
+        (lambda t: t.update({KEY: t[KEY].bfloat16()}), r"tensors must share one floating dtype"),
+    ],
+    ids=["missing", "unexpected", "no-prefix", "shape", "mixed-dtype"],
+)
+def test_from_peft_refuses_bad_tensor_files(good_dir, edit, message):
+    edit_tensors(good_dir, edit)
+    with pytest.raises(ValueError, match=message):
+        lf.from_peft(good_dir, tiny_qwen3())
+
+
+def test_from_peft_refuses_bad_directories(good_dir, tmp_path):
+    with pytest.raises(ValueError, match="is not a directory"):
+        lf.from_peft(tmp_path / "absent", tiny_qwen3())
+    (good_dir / _peft.WEIGHTS_NAME).write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match="is not a valid safetensors file"):
+        lf.from_peft(good_dir, tiny_qwen3())
+    (good_dir / _peft.WEIGHTS_NAME).rename(good_dir / "adapter_model.bin")
+    with pytest.raises(ValueError, match="has no adapter_model.safetensors .adapter_model.bin is a pickle"):
+        lf.from_peft(good_dir, tiny_qwen3())
+    (good_dir / _peft.CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match="adapter_config.json' is not JSON"):
+        lf.from_peft(good_dir, tiny_qwen3())
+    (good_dir / _peft.CONFIG_NAME).unlink()
+    with pytest.raises(ValueError, match="has no adapter_config.json"):
+        lf.from_peft(good_dir, tiny_qwen3())
+
+
+def test_from_peft_refuses_a_real_peft_checkpoint_with_modules_to_save(tmp_path):
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    peft.get_peft_model(tiny_qwen3(), config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"`modules_to_save`=\[\"lm_head\"\] is not supported"):
+        lf.from_peft(tmp_path, tiny_qwen3())
