@@ -7,6 +7,7 @@
 
 from ._apply import apply as apply
 from ._config import AdapterConfig as AdapterConfig
+from ._distributed import all_reduce_grads as all_reduce_grads
 from ._init import init as init
 from ._init import targets as targets
 from ._merge import merge as merge

@@ -292,8 +292,8 @@ def _layer_index(key: str, layers_pattern: Any) -> int | None:
 
 
 def _all_linear(model: nn.Module, task_type: Any) -> list[str]:
-    """PEFT's "all-linear": every nn.Linear but the output layer (or the SEQ_CLS head)."""
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """PEFT's "all-linear": every nn.Linear and transformers Conv1D but the output layer (or the SEQ_CLS head)."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
     excluded: set[str] = set()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None and task_type == "SEQ_CLS":

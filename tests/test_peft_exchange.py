@@ -489,3 +489,25 @@ def test_from_peft_refuses_a_real_peft_checkpoint_with_modules_to_save(tmp_path)
     peft.get_peft_model(tiny_qwen3(), config).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"`modules_to_save`=\[\"lm_head\"\] is not supported"):
         lf.from_peft(tmp_path, tiny_qwen3())
+
+
+def test_from_peft_refuses_conv1d_targets_of_all_linear(good_dir):
+    """PEFT's "all-linear" includes transformers' Conv1D (GPT-2): not linear-like, so refused, never skipped."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
+    fields = read_json(good_dir)
+    fields["target_modules"] = "all-linear"
+    write_json(good_dir, fields)
+    with pytest.raises(ValueError, match=r"`target_modules` selects 'transformer.h.0.attn.c_attn' \(Conv1D\)"):
+        lf.from_peft(good_dir, model)
+
+
+def test_exact_regex_matches_exactly_its_paths():
+    import re
+
+    paths = ["0", "net.2", "a.1.b.3.c", "a.2.b.3.c", "a.2.b.4.c", "blocks.10.attn.qkv", "x.y"]
+    others = ["1", "net.20", "a.1.b.4.c", "a.3.b.3.c", "blocks.1.attn.qkv", "blocks.10.attn", "xzy", "a.1.b.3.cc"]
+    pattern = _peft.exact_regex(paths)
+    assert all(re.fullmatch(pattern, p) for p in paths)
+    assert not any(re.fullmatch(pattern, p) for p in others)
