@@ -79,7 +79,8 @@ class PeftMethod:
 
     variant, peft_type: the lora_func variant name and PEFT's `peft_type`.
     keys: lora_func leaf -> PEFT tensor name after the module path ("A" -> "lora_A.weight").
-    alpha_field, alpha_pattern_field: the PEFT fields holding `alpha` and `alpha_pattern`.
+    rank_fields: the PEFT fields holding `r` and `rank_pattern`; None for a method without a rank (IA3).
+    alpha_fields: the PEFT fields holding `alpha` and `alpha_pattern` (DeLoRA: its λ); None: no such field.
     required: PEFT fields lora_func can express only at this value (written on export, checked on import).
     inert: PEFT fields accepted with any value on import (no effect on the adapted function at inference),
         with the value written on export.
@@ -89,13 +90,16 @@ class PeftMethod:
     claims(fields): whether this entry reads a PEFT config of this `peft_type` (several entries may share one).
     export_as(params) -> params: rewrite as another variant's params before writing (PiSSA -> LoRA).
     rebuild(module, cfg) -> leaves: leaves the PEFT file does not hold, rebuilt from the base layer.
+    tensor_out(leaf, tensor) -> tensor, tensor_in(leaf, tensor, shape) -> tensor: layout changes between a
+        lora_func leaf and its PEFT tensor (e.g. IA3's (d,) vector stored as (d, 1)); identity by default.
+        `tensor_in` returns the tensor unchanged where it cannot reach `shape`, and the shape check reports it.
     """
 
     variant: str
     peft_type: str
     keys: Mapping[str, str]
-    alpha_field: str
-    alpha_pattern_field: str
+    rank_fields: tuple[str, str] | None = ("r", "rank_pattern")
+    alpha_fields: tuple[str, str] | None = ("lora_alpha", "alpha_pattern")
     required: Mapping[str, Any] = field(default_factory=dict)
     inert: Mapping[str, Any] = field(default_factory=dict)
     fields_out: Callable[[AdapterConfig], dict[str, Any]] = lambda cfg: {}
@@ -104,6 +108,8 @@ class PeftMethod:
     claims: Callable[[Mapping[str, Any]], bool] = lambda fields: True
     export_as: Callable[[Params], Params] | None = None
     rebuild: Callable[[nn.Module, AdapterConfig], dict[str, torch.Tensor]] | None = None
+    tensor_out: Callable[[str, torch.Tensor], torch.Tensor] = lambda leaf, tensor: tensor
+    tensor_in: Callable[[str, torch.Tensor, tuple[int, ...]], torch.Tensor] = lambda leaf, tensor, shape: tensor
 
 
 # ---- LoRA and PiSSA (PEFT type LORA) --------------------------------------------------------------------------
@@ -213,8 +219,6 @@ METHODS: tuple[PeftMethod, ...] = (
         variant="pissa",
         peft_type="LORA",
         keys=LORA_KEYS,
-        alpha_field="lora_alpha",
-        alpha_pattern_field="alpha_pattern",
         required=LORA_REQUIRED,
         inert=LORA_INERT,
         fields_in=_pissa_fields_in,
@@ -227,8 +231,6 @@ METHODS: tuple[PeftMethod, ...] = (
         variant="lora",
         peft_type="LORA",
         keys=LORA_KEYS,
-        alpha_field="lora_alpha",
-        alpha_pattern_field="alpha_pattern",
         required=LORA_REQUIRED,
         inert=LORA_INERT,
         fields_out=_lora_fields_out,
@@ -239,8 +241,7 @@ METHODS: tuple[PeftMethod, ...] = (
         variant="delora",
         peft_type="DELORA",
         keys=DELORA_KEYS,
-        alpha_field="delora_lambda",
-        alpha_pattern_field="lambda_pattern",
+        alpha_fields=("delora_lambda", "lambda_pattern"),
         inert=DELORA_INERT,
     ),
 )
@@ -452,7 +453,8 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
     for path, leaf, tensor in params.leaves():
         if leaf not in method.keys:
             raise ValueError(f"to_peft: leaf {path}.{leaf} has no PEFT name in the {method.variant!r} entry")
-        tensors[f"{KEY_PREFIX}{path}.{method.keys[leaf]}"] = tensor.detach().to("cpu").contiguous()
+        tensor = method.tensor_out(leaf, tensor.detach().to("cpu"))
+        tensors[f"{KEY_PREFIX}{path}.{method.keys[leaf]}"] = tensor.contiguous()
 
     fields: dict[str, Any] = {
         "peft_type": method.peft_type,
@@ -460,22 +462,24 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
         "base_model_name_or_path": (getattr(model, "name_or_path", None) or None) if model is not None else None,
         "revision": None,
         "inference_mode": True,
-        "r": cfg.r,
-        method.alpha_field: _number(cfg.alpha),
         "target_modules": _target_modules_out(paths, model),
         "exclude_modules": None,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "rank_pattern": _patterns_out(cfg.rank_pattern, cfg.r, paths, "rank_pattern", "to_peft"),
-        method.alpha_pattern_field: {
-            k: _number(v)
-            for k, v in _patterns_out(cfg.alpha_pattern, cfg.alpha, paths, "alpha_pattern", "to_peft").items()
-        },
         **SHARED_REQUIRED,
         **method.required,
         **method.inert,
         **method.fields_out(cfg),
     }
+    if method.rank_fields is not None:
+        rank, rank_pattern = method.rank_fields
+        fields[rank] = cfg.r
+        fields[rank_pattern] = _patterns_out(cfg.rank_pattern, cfg.r, paths, "rank_pattern", "to_peft")
+    if method.alpha_fields is not None:
+        alpha, alpha_pattern = method.alpha_fields
+        fields[alpha] = _number(cfg.alpha)
+        pattern = _patterns_out(cfg.alpha_pattern, cfg.alpha, paths, "alpha_pattern", "to_peft")
+        fields[alpha_pattern] = {k: _number(v) for k, v in pattern.items()}
     if model is not None:
         fields["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     os.makedirs(directory, exist_ok=True)
@@ -525,7 +529,7 @@ def _method_for_config(fields: Mapping[str, Any], where: str) -> PeftMethod:
 
 def _check_fields(fields: Mapping[str, Any], method: PeftMethod, where: str) -> None:
     """Every field translated, inert, or at the only value lora_func can express; unknown ones must be unset."""
-    translated = {"r", "rank_pattern", method.alpha_field, method.alpha_pattern_field, *TARGETING, *method.handled}
+    translated = {*(method.rank_fields or ()), *(method.alpha_fields or ()), *TARGETING, *method.handled}
     required = {**SHARED_REQUIRED, **method.required}
     for name, value in fields.items():
         if name in translated or name in METADATA or name in METADATA_INERT or name in method.inert:
@@ -590,15 +594,19 @@ def config_from_peft(
                 f"{where}: `target_modules` selects {path!r} ({kind}), which is not linear-like; "
                 "lora_func adapts modules with `in_features`, `out_features` and `weight` only"
             )
-    for name in ("r", method.alpha_field):
-        if name not in fields:
-            raise ValueError(f"{where}: `{name}` is missing")
+    kwargs: dict[str, Any] = {}
+    for names, value, pattern in (
+        (method.rank_fields, "r", "rank_pattern"),
+        (method.alpha_fields, "alpha", "alpha_pattern"),
+    ):
+        if names is not None:
+            if names[0] not in fields:
+                raise ValueError(f"{where}: `{names[0]}` is missing")
+            kwargs[value] = fields[names[0]]
+            kwargs[pattern] = _patterns_in(fields, names[1], where)
     try:
         cfg = REGISTRY[method.variant].config(
-            r=fields["r"],
-            alpha=fields[method.alpha_field],
-            rank_pattern=_patterns_in(fields, "rank_pattern", where),
-            alpha_pattern=_patterns_in(fields, method.alpha_pattern_field, where),
+            **kwargs,
             **_targeting_config(fields, model),
             **method.fields_in(fields, where),
         )
@@ -654,12 +662,14 @@ def from_peft(directory: str | os.PathLike, model: nn.Module) -> Params:
         leaves = {}
         for leaf, name in method.keys.items():
             key = f"{KEY_PREFIX}{target.path}.{name}"
-            if tuple(tensors[key].shape) != tuple(shapes[leaf]):
+            tensor = method.tensor_in(leaf, tensors[key], tuple(shapes[leaf]))
+            if tuple(tensor.shape) != tuple(shapes[leaf]):
+                stored = method.tensor_out(leaf, torch.empty(shapes[leaf], device="meta"))  # the PEFT layout
                 raise ValueError(
-                    f"{where_weights} key {key!r} has shape {tuple(tensors[key].shape)}, "
-                    f"expected {tuple(shapes[leaf])} (r={target_cfg.r}, {target.d_in} -> {target.d_out})"
+                    f"{where_weights} key {key!r} has shape {tuple(tensors[key].shape)}, expected "
+                    f"{tuple(stored.shape)} (r={target_cfg.r}, {target.d_in} -> {target.d_out})"
                 )
-            leaves[leaf] = tensors[key]
+            leaves[leaf] = tensor
         module = model.get_submodule(target.path)
         if method.rebuild is not None:
             with torch.no_grad():

@@ -21,10 +21,6 @@ from lora_func.variants import REGISTRY, variant_for
 
 peft = pytest.importorskip("peft")
 
-pytestmark = pytest.mark.filterwarnings(
-    # peft 0.21 reads `model.is_gradient_checkpointing`, which transformers 5 deprecated; not ours to fix.
-    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
-)
 
 ATOL = 1e-5  # logits are O(1); float32 reassociation (scale before/after B, W_res vs W − s·B0A0) stays < 1e-6
 
@@ -511,3 +507,26 @@ def test_exact_regex_matches_exactly_its_paths():
     pattern = _peft.exact_regex(paths)
     assert all(re.fullmatch(pattern, p) for p in paths)
     assert not any(re.fullmatch(pattern, p) for p in others)
+
+
+def test_an_entry_with_a_tensor_layout_change(monkeypatch, tmp_path):
+    """`tensor_out`/`tensor_in` of an entry (IA3 stores (d,) vectors as (d, 1)): written, read back, checked."""
+    import dataclasses
+
+    lora = next(m for m in _peft.METHODS if m.variant == "lora")
+    column = dataclasses.replace(
+        lora,
+        tensor_out=lambda leaf, t: t.reshape(-1, 1) if leaf == "A" else t,
+        tensor_in=lambda leaf, t, shape: t.reshape(shape) if leaf == "A" and t.numel() == shape[0] * shape[1] else t,
+    )
+    monkeypatch.setattr(_peft, "METHODS", tuple(column if m is lora else m for m in _peft.METHODS))
+    model = tiny_qwen3()
+    params = perturbed(lf.init(model, lf.LoRAConfig(r=2, target_names=("q_proj",)), seed=0))
+    lf.to_peft(params, tmp_path)
+    assert load_file(tmp_path / _peft.WEIGHTS_NAME)[KEY.replace("_B", "_A")].shape == (128, 1)
+    back = lf.from_peft(tmp_path, model)
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(back.leaves(), params.leaves()))
+
+    edit_tensors(tmp_path, lambda t: t.update({KEY.replace("_B", "_A"): torch.zeros(64, 1)}))
+    with pytest.raises(ValueError, match=r"lora_A.weight' has shape \(64, 1\), expected \(128, 1\)"):
+        lf.from_peft(tmp_path, model)
