@@ -44,6 +44,7 @@ from ._serialize import check_model
 from ._targets import find_targets, is_linear_like
 from .variants import REGISTRY, variant_for
 from .variants import pissa as pissa_variant
+from .variants.lora import LoRAConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -54,7 +55,7 @@ METADATA = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_mode
 METADATA_INERT = ("inference_mode", "runtime_config")
 # Fields of every PEFT method here that select modules: translated to `target_names`/`exclude_names`/`layers`.
 TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
-# Fields every method here requires at their default, with the reason.
+# Fields every method here requires at their default (REASONS says why).
 SHARED_REQUIRED = {"bias": "none", "modules_to_save": None}
 REASONS = {
     "bias": "lora_func adapters hold no bias terms",
@@ -180,8 +181,6 @@ def _pissa_rebuild(module: nn.Module, cfg: AdapterConfig) -> dict[str, torch.Ten
 
 def _pissa_as_lora(params: Params) -> Params:
     """PiSSA's y + s·(BA − B0A0)x as the rank-2r LoRA A' = [A; A0], B' = [B, −B0] with the same scale."""
-    from .variants.lora import LoRAConfig
-
     cfg = params.config
     factor = math.sqrt(2.0) if cfg.use_rslora else 2.0  # keeps alpha / r (or alpha / √r) at twice the rank
     lora_cfg = LoRAConfig(
@@ -449,6 +448,8 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
 
     cfg = params.config
     paths = [t.path for t in params.targets]
+    if "" in paths:
+        raise ValueError("to_peft: the root module is a target, and PEFT cannot adapt the root of a model")
     tensors = {}
     for path, leaf, tensor in params.leaves():
         if leaf not in method.keys:
