@@ -29,6 +29,9 @@ def save(params: Params, path: str | os.PathLike) -> None:
     if not isinstance(params, Params):
         raise TypeError(f"save: `params` must be lora_func Params, got {type(params).__name__}")
     variant = variant_for(params.config, caller="save")
+    for p, leaf, t in params.leaves():  # a file `load` would refuse is not written
+        if t.dtype != params.config.dtype:
+            raise ValueError(f"save: leaf {p}.{leaf} has dtype {t.dtype}, the config says {params.config.dtype}")
     tensors = {f"{p}.{leaf}": t.detach().to("cpu").contiguous() for p, leaf, t in params.leaves()}
     metadata = {
         "format": FORMAT,

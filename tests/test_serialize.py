@@ -159,3 +159,12 @@ def test_model_whose_target_has_another_shape(tmp_path):
 def test_save_refuses_non_params(tmp_path):
     with pytest.raises(TypeError, match="`params` must be lora_func Params"):
         lf.save({"a": {"A": torch.zeros(1)}}, tmp_path / "x.safetensors")
+
+
+def test_save_refuses_leaves_whose_dtype_is_not_the_configs(tmp_path):
+    _, params, _ = saved(tmp_path)
+    path = params.targets[0].path
+    entries = {p: dict(e) for p, e in params.items()}
+    entries[path]["A"] = entries[path]["A"].double()
+    with pytest.raises(ValueError, match=rf"leaf {path}.A has dtype torch.float64, the config says torch.float32"):
+        lf.save(params.replace(entries), tmp_path / "bad.safetensors")
