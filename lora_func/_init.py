@@ -84,7 +84,6 @@ def init(
         raise ValueError(f"init: {type(cfg).__name__} takes no `calibration_data`")
 
     entries: dict[str, dict[str, torch.Tensor]] = {}
-    device = torch.device("cpu")
     with torch.no_grad():
         for target in found:
             module = model.get_submodule(target.path)
@@ -94,5 +93,6 @@ def init(
             entries[target.path] = finish_leaves(variant, target.path, cfg, leaves, shapes[target.path], device)
         if variant.create_shared is not None:
             leaves = variant.create_shared(found, cfg, Init(lambda: None, generator))
+            device = model.get_submodule(found[0].path).weight.device  # shared leaves sit with the first target
             entries[SHARED] = finish_leaves(variant, SHARED, cfg, leaves, variant.shared_shapes(found, cfg), device)
     return Params(entries, cfg, found)

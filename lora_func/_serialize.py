@@ -140,12 +140,15 @@ def load(
             raise ValueError(f"load: {path!r} key {key!r} has dtype {tensor.dtype}, the config says {cfg.dtype}")
 
     entries: dict[str, dict[str, torch.Tensor]] = {}
-    device = torch.device("cpu")
     for key, tensor in tensors.items():
         path, leaf = key.rsplit(".", 1)
-        if model is not None and path != SHARED:
-            device = model.get_submodule(path).weight.device
-        entries.setdefault(path, {})[leaf] = tensor.to(device).requires_grad_(leaf not in variant.frozen)
+        device = torch.device("cpu")
+        if model is not None:  # shared leaves sit with the first target, as `init` puts them
+            device = model.get_submodule(found[0].path if path == SHARED else path).weight.device
+        # A copy, not a view into the file's buffer: CPU BLAS results depend on the data's alignment,
+        # and outputs must be bitwise those of the saved params.
+        tensor = tensor.to(device, copy=True)
+        entries.setdefault(path, {})[leaf] = tensor.requires_grad_(leaf not in variant.frozen)
     # Leaf order as `init` makes it: targets in order, each in its variant's order, shared last.
     order = [t.path for t in found] + ([SHARED] if SHARED in entries else [])
     shapes_of = {t.path: variant.shapes(t, config_for(cfg, t.path)) for t in found}

@@ -9,6 +9,7 @@ import torch
 from conftest import assert_untouched, snapshot
 
 import lora_func as lf
+from lora_func._params import SHARED
 from lora_func.variants import REGISTRY
 
 VARIANTS = sorted(REGISTRY)
@@ -143,12 +144,17 @@ def test_save_load_is_bitwise(name, subject, tmp_path):
     assert torch.equal(a, b)
 
 
+# Gain-only variants train a vector per target (~1e3 values here) that rescales a random tiny model, and
+# their usual learning rate is higher than LoRA's; at 1e-2 they lower the qwen3 loss by ~3% in 20 steps.
+PROBE_LR = {"ia3": 3e-2, "ia3ff": 3e-2}
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_adamw_probe_lowers_loss(name, subject):
     """Invariant 8: 20 AdamW steps on one batch lower the loss by more than 5%."""
     model = subject.build()
     params = make_params(name, subject, model)
-    opt = torch.optim.AdamW(lf.trainable_leaves(params), lr=1e-2)
+    opt = torch.optim.AdamW(lf.trainable_leaves(params), lr=PROBE_LR.get(name, 1e-2))
     losses = []
     for _ in range(20):
         loss = subject.loss(lf.apply(model, params, subject.batch))
@@ -185,10 +191,13 @@ def test_merge_equals_apply(name, subject):
 
 
 def _only(params, target):
-    """The adapter of one target, addressed from inside that layer (path "")."""
+    """The adapter of one target, addressed from inside that layer (path ""), with the shared leaves if any."""
     from dataclasses import replace
 
-    return lf.Params({"": params[target.path]}, params.config, (replace(target, path=""),))
+    entries = {"": params[target.path]}
+    if SHARED in params:
+        entries[SHARED] = params[SHARED]
+    return lf.Params(entries, params.config, (replace(target, path=""),))
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

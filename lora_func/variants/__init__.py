@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .._config import AdapterConfig
 from .._variant import Variant
-from . import delora, lora, pissa
+from . import delora, dora, hra, ia3, ia3ff, lora, pissa, vera
 
 REGISTRY: dict[str, Variant] = {
     v.name: v
@@ -12,6 +12,11 @@ REGISTRY: dict[str, Variant] = {
         lora.VARIANT,
         pissa.VARIANT,
         delora.VARIANT,
+        dora.VARIANT,
+        ia3.VARIANT,
+        ia3ff.VARIANT,
+        hra.VARIANT,
+        vera.VARIANT,
     )
 }
 

@@ -1,0 +1,42 @@
+"""IA3: a learned gain on each output feature of the base layer.
+
+    y' = l ⊙ y = l ⊙ (x Wᵀ + b),     W' = diag(l) W,  b' = l ⊙ b       (l: (d_out,))
+
+The bias is scaled too, as in PEFT. `r` and `alpha` are unused. Identity at init: l = 1.
+Liu et al. 2022, arXiv 2205.05638. Reference: peft/tuners/ia3/layer.py (`Linear`, `is_feedforward=False`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .._config import AdapterConfig
+from .._variant import Init, Leaves, Site, Variant
+
+
+@dataclass(frozen=True)
+class IA3Config(AdapterConfig):
+    """IA3 on the output of each target (PEFT's IA3 on a module not in `feedforward_modules`).
+    `r` and `alpha` are unused."""
+
+
+def shapes(target, cfg) -> dict[str, tuple[int, ...]]:
+    return {"l": (target.d_out,)}
+
+
+def create(target, cfg: IA3Config, init: Init) -> Leaves:
+    return {"l": torch.ones(target.d_out)}
+
+
+def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
+    return y * leaves["l"].to(y.dtype)
+
+
+def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
+    l = leaves["l"].to(weight.dtype)  # noqa: E741 (the paper's name)
+    return l[:, None] * weight, None if bias is None else l * bias
+
+
+VARIANT = Variant(name="ia3", config=IA3Config, shapes=shapes, create=create, forward=forward, merge=merge)
