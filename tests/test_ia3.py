@@ -24,8 +24,8 @@ def layer_model():
 def test_ia3_dense_reference_and_merge():
     model = layer_model()
     params = randomized(lf.init(model, lf.IA3Config()), draw)
-    l, layer = params["0"]["l"].detach(), model[0]
-    W, b = l[:, None] * layer.weight.detach(), l * layer.bias.detach()  # diag(l) W, l ⊙ b
+    gain, layer = params["0"]["l"].detach(), model[0]
+    W, b = gain[:, None] * layer.weight.detach(), gain * layer.bias.detach()  # diag(l) W, l ⊙ b
     x = torch.randn(4, 7, 12)
     with torch.no_grad():
         torch.testing.assert_close(lf.apply(model, params, x), x @ W.t() + b, rtol=1e-6, atol=1e-6)
@@ -37,8 +37,8 @@ def test_ia3_dense_reference_and_merge():
 def test_ia3ff_dense_reference_and_merge():
     model = layer_model()
     params = randomized(lf.init(model, lf.IA3FFConfig()), draw)
-    l, layer = params["0"]["l"].detach(), model[0]
-    W, b = layer.weight.detach() * l[None, :], layer.bias.detach()  # W diag(l), b
+    gain, layer = params["0"]["l"].detach(), model[0]
+    W, b = layer.weight.detach() * gain[None, :], layer.bias.detach()  # W diag(l), b
     x = torch.randn(4, 7, 12)
     with torch.no_grad():
         torch.testing.assert_close(lf.apply(model, params, x), x @ W.t() + b, rtol=1e-6, atol=1e-6)

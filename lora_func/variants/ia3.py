@@ -35,8 +35,8 @@ def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> tor
 
 
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
-    l = leaves["l"].to(weight.dtype)  # noqa: E741 (the paper's name)
-    return l[:, None] * weight, None if bias is None else l * bias
+    gain = leaves["l"].to(weight.dtype)
+    return gain[:, None] * weight, None if bias is None else gain * bias
 
 
 VARIANT = Variant(name="ia3", config=IA3Config, shapes=shapes, create=create, forward=forward, merge=merge)
