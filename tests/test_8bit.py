@@ -1,8 +1,10 @@
-"""Which variants run on bitsandbytes 8-bit bases (`Linear8bitLt`): forward and plain autograd.
+"""Which variants run on bitsandbytes 8-bit bases (`Linear8bitLt`): forward and plain autograd (all of them).
 
 bnb's 8-bit autograd.Function has no `setup_context`, so DESIGN.md asks only for forward and
-`loss.backward()` here. On CPU the 8-bit layer computes x (SCB ⊙ CB / 127)ᵀ, so a float model holding
-the dequantized weights is a tight reference for outputs and gradients.
+`loss.backward()` here; `torch.func.grad` works as well, since `apply` routes bnb layers through
+`QuantizedLinear` under transforms, and is checked against autograd. On CPU the 8-bit layer computes
+x (SCB ⊙ CB / 127)ᵀ, so a float model holding the dequantized weights is a tight reference for outputs
+and gradients.
 """
 
 from __future__ import annotations
@@ -77,3 +79,9 @@ def test_forward_and_backward_on_8bit(name):
         assert tensor.grad is not None and tensor.grad.abs().sum() > 0, f"{path}.{leaf}"
         expected = twin_params[path][leaf].grad
         torch.testing.assert_close(tensor.grad, expected, rtol=1e-4, atol=1e-6, msg=f"{path}.{leaf}")
+
+    trainable, frozen = lf.split(params)
+    func = torch.func.grad(lambda t: lf.apply(model, lf.combine(t, frozen), batch).loss)(trainable)
+    for path, leaf, tensor in trainable.leaves():
+        torch.testing.assert_close(func[path][leaf], tensor.grad, rtol=1e-5, atol=1e-6, msg=f"{path}.{leaf}")
+    assert_untouched(model, before)
