@@ -23,8 +23,9 @@ VARIANTS = sorted(REGISTRY)
 
 def make_params(name, model):
     variant = REGISTRY[name]
-    calibration = [qwen3_batch(seed=2)] if variant.calibrated else None
-    return lf.init(model, variant.config(r=4), calibration_data=calibration, seed=0)
+    if variant.calibrated:
+        return lf.init(model, variant.config(r=4), calibration_data=[qwen3_batch(seed=2)], seed=0, progress=False)
+    return lf.init(model, variant.config(r=4), seed=0)
 
 
 def dequantized_twin(quantized):

@@ -62,13 +62,14 @@ def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> tor
     dtype = y.dtype
     m = leaves["magnitude"]
     g = (m / row_norm(leaves, site, x.dtype).to(m.dtype)).to(dtype)  # (d_out,)
-    # g ⊙ (y - b) + b, and g folded into B's rows (d_out × r) rather than into the (..., d_out) update.
-    out = y * g
+    # g ⊙ (y − b) + b + s (x Aᵀ) (g ⊙ B)ᵀ, with g folded into B's rows (d_out × r) rather than into the
+    # (…, d_out) update, and one full-size buffer: the adds go in place (autograd keeps y and g, not y ⊙ g).
+    B = leaves["B"] * g[:, None].to(leaves["B"].dtype)
+    out = (y * g).add_(lora.low_rank(x, leaves["A"], B, lora.scale(site.config)).to(dtype))
     bias = base_bias(site.module)
     if bias is not None:
-        out = out + (1 - g) * bias.to(dtype)
-    B = leaves["B"] * g[:, None].to(leaves["B"].dtype)
-    return out + lora.low_rank(x, leaves["A"], B, lora.scale(site.config)).to(dtype)
+        out = out.add_((1 - g) * bias.to(dtype))
+    return out
 
 
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
