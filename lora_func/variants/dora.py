@@ -20,13 +20,17 @@ from dataclasses import dataclass
 import torch
 
 from .._base import base_bias
+from .._config import AdapterConfig
 from .._variant import Init, Leaves, Site, Variant
 from . import lora
 
 
 @dataclass(frozen=True)
-class DoRAConfig(lora.LoRAConfig):
-    """DoRA (PEFT's `LoraConfig(use_dora=True)`). `r`, `alpha`, `use_rslora` as for LoRA: s = alpha / r."""
+class DoRAConfig(AdapterConfig):
+    """DoRA (PEFT's `LoraConfig(use_dora=True)`). `r`, `alpha` as for LoRA: the update is s·B A with
+    s = alpha / r (alpha / √r with `use_rslora=True`)."""
+
+    use_rslora: bool = False
 
 
 def shapes(target, cfg) -> dict[str, tuple[int, ...]]:
