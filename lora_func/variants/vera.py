@@ -3,8 +3,7 @@
     y' = y + λ_b ⊙ ((λ_d ⊙ (x A_sᵀ)) B_sᵀ),     W' = W + diag(λ_b) B_s diag(λ_d) A_s
 
 A (r, max d_in) and B (max d_out, r) are frozen, stored once in the adapter (the shared entry; PEFT's
-`save_projection=True`), and each target uses the slices
-A_s = A[:, :d_in], B_s = B[:d_out, :]. They are kaiming-uniform from a generator seeded with
+`save_projection=True`), and each target uses the slices A_s = A[:, :d_in], B_s = B[:d_out, :]. They are kaiming-uniform from a generator seeded with
 `projection_prng_key`, A drawn first, exactly as PEFT draws them. This is LoRA's low-rank product with
 A' = diag(λ_d) A_s and B' = diag(λ_b) B_s, scale 1. `r` is the projections' rank; `alpha` is unused.
 Identity at init: λ_b = 0 (λ_d = `d_initial`).
