@@ -61,7 +61,7 @@ REASONS = {
     "bias": "lora_func adapters hold no bias terms",
     "modules_to_save": "lora_func adapts linear layers only; it neither trains nor stores whole modules",
     "fan_in_fan_out": "transposed (Conv1D-style) weights are not linear-like targets",
-    "use_dora": "DoRA has no lora_func variant yet",
+    "use_dora": "lora_func's DoRA variant has no PEFT exchange entry yet",
     "lora_bias": "lora_func adapters hold no bias terms",
     "layer_replication": "lora_func does not duplicate layers",
     "target_parameters": "lora_func adapts modules, not bare parameters",

@@ -47,6 +47,23 @@ def test_dense_reference_and_merge(use_rslora):
     assert "0.bias" not in merged  # DoRA leaves the bias as it is
 
 
+def test_rank_and_alpha_patterns_resolve_per_target():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 8))
+    cfg = lf.DoRAConfig(r=3, alpha=6, rank_pattern={"1": 2}, alpha_pattern={"1": 1.0})
+    params = randomized(lf.init(model, cfg, seed=0), draw)
+    assert params["0"]["A"].shape == (3, 12) and params["1"]["A"].shape == (2, 10)
+    merged = lf.merge(model, params)
+    for i, s in ((0, 6 / 3), (1, 1.0 / 2)):
+        leaves, layer = params[str(i)], model[i]
+        W, _ = dense_dora(layer.weight.detach(), None, leaves["A"], leaves["B"], leaves["magnitude"], s)
+        torch.testing.assert_close(merged[f"{i}.weight"], W, rtol=1e-5, atol=1e-6)
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        expected = torch.func.functional_call(model, merged, (x,))
+        torch.testing.assert_close(lf.apply(model, params, x), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_row_norm_needs_no_dense_product(quantized):
     """The norm from ‖W_i‖² (frozen), the base layer run on A's rows, and A Aᵀ equals the dense norm."""

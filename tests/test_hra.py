@@ -75,6 +75,8 @@ def test_bad_rank_names_the_field():
         lf.init(layer_model(), lf.HRAConfig(r=14))
     with pytest.raises(ValueError, match=r"`r`=14 exceeds d_in=12"):
         lf.targets(layer_model(), lf.HRAConfig(r=14))
+    with pytest.raises(ValueError, match=r"`rank_pattern` value for 'q_proj' must be even, got 3"):
+        lf.HRAConfig(r=4, rank_pattern={"q_proj": 3})
 
 
 def _peft_hra(peft_layer, leaf):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import lora_func as lf
 from lora_func import _peft
-from lora_func.variants import REGISTRY, variant_for
+from lora_func.variants import variant_for
 
 peft = pytest.importorskip("peft")
 
@@ -385,8 +385,7 @@ REFUSED_FIELDS = [
     ("r", 100, r"`r`=100 exceeds min\(d_in, d_out\)=64"),
     ("use_rslora", "yes", r"`use_rslora` must be true or false"),
 ]
-if "dora" not in REGISTRY:
-    REFUSED_FIELDS.append(("use_dora", True, r"`use_dora`=true is not supported: DoRA has no lora_func variant"))
+REFUSED_FIELDS.append(("use_dora", True, r"`use_dora`=true is not supported: lora_func's DoRA variant has no PEFT"))
 
 
 @pytest.mark.parametrize("name,value,message", REFUSED_FIELDS, ids=[f"{n}={v}" for n, v, _ in REFUSED_FIELDS])

@@ -96,6 +96,8 @@ def test_bad_config_names_the_field():
         lf.VeRAConfig(projection_prng_key=-1)
     with pytest.raises(TypeError, match="`d_initial`"):
         lf.VeRAConfig(d_initial="0.1")
+    with pytest.raises(ValueError, match="`rank_pattern` must be empty"):
+        lf.VeRAConfig(rank_pattern={"q_proj": 2})
 
 
 def _peft_vera(peft_layer, leaf):

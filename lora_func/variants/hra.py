@@ -41,6 +41,9 @@ class HRAConfig(AdapterConfig):
         super().__post_init__()
         if self.r % 2:
             raise ValueError(f"HRAConfig: `r` must be even (reflections start in equal pairs, R = I), got {self.r}")
+        for pattern, r in self.rank_pattern:
+            if r % 2:
+                raise ValueError(f"HRAConfig: `rank_pattern` value for {pattern!r} must be even, got {r}")
 
 
 def shapes(target, cfg) -> dict[str, tuple[int, ...]]:

@@ -2,10 +2,11 @@
 
     y' = y + λ_b ⊙ ((λ_d ⊙ (x A_sᵀ)) B_sᵀ),     W' = W + diag(λ_b) B_s diag(λ_d) A_s
 
-A (r, max d_in) and B (max d_out, r) are frozen, stored once in the adapter (the shared entry; PEFT's
-`save_projection=True`), and each target uses the slices A_s = A[:, :d_in], B_s = B[:d_out, :]. They are kaiming-uniform from a generator seeded with
-`projection_prng_key`, A drawn first, exactly as PEFT draws them. This is LoRA's low-rank product with
-A' = diag(λ_d) A_s and B' = diag(λ_b) B_s, scale 1. `r` is the projections' rank; `alpha` is unused.
+A (r, max d_in) and B (max d_out, r) are frozen, stored once in the adapter (the shared entry, as with
+PEFT's `save_projection=True`), and each target uses the slices A_s = A[:, :d_in], B_s = B[:d_out, :].
+They are kaiming-uniform from a generator seeded with `projection_prng_key`, A drawn first, exactly as
+PEFT draws them. This is LoRA's low-rank product with A' = diag(λ_d) A_s and B' = diag(λ_b) B_s, scale 1.
+`r` is the projections' rank (one for all targets); `alpha` is unused.
 Identity at init: λ_b = 0 (λ_d = `d_initial`).
 Kopiczko et al. 2023, arXiv 2310.11454. Reference: peft/tuners/vera/layer.py, model.py (`_init_vera_A_vera_B`).
 """
@@ -38,6 +39,8 @@ class VeRAConfig(AdapterConfig):
         key = self.projection_prng_key
         if isinstance(key, bool) or not isinstance(key, int) or key < 0:
             raise ValueError(f"VeRAConfig: `projection_prng_key` must be an int >= 0, got {key!r}")
+        if self.rank_pattern:
+            raise ValueError("VeRAConfig: `rank_pattern` must be empty: all targets share the projections' rank `r`")
 
 
 def shapes(target: Target, cfg: VeRAConfig) -> dict[str, tuple[int, ...]]:
