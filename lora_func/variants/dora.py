@@ -56,10 +56,10 @@ def row_norm(leaves: Leaves, site: Site, dtype: torch.dtype) -> torch.Tensor:
         if bias is not None:
             WA = WA - bias.to(acc)
         A = A.to(acc)
-        cross = (B * WA.t()).sum(dim=1)  # W_i · (B A)_i
-        quad = ((B @ (A @ A.t())) * B).sum(dim=1)  # ‖(B A)_i‖² = B_i (A Aᵀ) B_iᵀ
-        sq = leaves["weight_sq_norm"].to(acc) + 2 * s * cross + s * s * quad
-        return sq.clamp(min=0).sqrt()
+        M = torch.addmm(WA.t(), B, A @ A.t(), beta=2 * s, alpha=s * s)  # 2s W Aᵀ + s² B (A Aᵀ), (d_out, r)
+        # Σ_k B_ik M_ik = 2s W_i · (B A)_i + s² ‖(B A)_i‖²
+        sq = leaves["weight_sq_norm"].to(acc) + torch.linalg.vecdot(B, M)
+        return sq.clamp_(min=0).sqrt_()
 
 
 def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
