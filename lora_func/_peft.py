@@ -18,6 +18,22 @@ that LoRA (r and alpha doubled, rsLoRA alpha times √2, patterns likewise): PEF
 (`save_pretrained(path_initial_model_for_weight_conversion=...)`), loadable on the original base model.
 `from_peft` reads a PEFT checkpoint saved with `init_lora_weights="pissa"` (unconverted, to be loaded on
 the original base model) as lora_func PiSSA, rebuilding A0, B0 from the model's weight as PEFT does.
+
+DoRA is PEFT's LoRA with `use_dora=True`: A, B and `lora_magnitude_vector` are stored; lora_func's frozen ‖W_i‖²
+is rebuilt from the model's (dequantized) weight on import, as `lf.init` computes it.
+
+IA3 and IA3-FF are both PEFT's IA3: a target in `feedforward_modules` scales its input (IA3-FF, `ia3_l` stored as
+(1, d_in)), any other its output (IA3, (d_out, 1)). One lora_func Params holds one variant, so a PEFT config whose
+`feedforward_modules` covers some of its targets but not all is refused, naming the two adapters it amounts to.
+
+HRA. PEFT stores `hra_u` only and computes W R(u); lora_func computes W (R(u) − R(u0) + I) with a frozen copy u0 of
+the initial u, whose columns come in equal pairs, so R(u0) = I. `to_peft` checks that u0 is so paired; `from_peft`
+rebuilds u0 from u's even columns, each twice: PEFT's symmetric init, and u itself while u is still at its init.
+
+VeRA. The shared projections are stored under `base_model.vera_A` / `base_model.vera_B` (PEFT's
+`save_projection=True`, which `to_peft` always writes). A file saved with `save_projection=False` holds only the
+per-target vectors; its projections are regenerated from `projection_prng_key` as `lf.init` draws them, which is
+PEFT's draw.
 """
 
 from __future__ import annotations
@@ -42,7 +58,9 @@ from ._init import finish_leaves
 from ._params import SHARED, Params
 from ._serialize import check_model
 from ._targets import find_targets, is_linear_like
+from ._variant import Init, Leaves
 from .variants import REGISTRY, variant_for
+from .variants import dora as dora_variant
 from .variants import pissa as pissa_variant
 from .variants.lora import LoRAConfig
 
@@ -61,7 +79,8 @@ REASONS = {
     "bias": "lora_func adapters hold no bias terms",
     "modules_to_save": "lora_func adapts linear layers only; it neither trains nor stores whole modules",
     "fan_in_fan_out": "transposed (Conv1D-style) weights are not linear-like targets",
-    "use_dora": "lora_func's DoRA variant has no PEFT exchange entry yet",
+    "use_dora": "lora_func reads DoRA with a plain LoRA init only (its PiSSA and DoRA are separate variants)",
+    "apply_GS": "lora_func's HRA does not offer Gram-Schmidt (R = I − 2QQᵀ is never the identity at init)",
     "lora_bias": "lora_func adapters hold no bias terms",
     "layer_replication": "lora_func does not duplicate layers",
     "target_parameters": "lora_func adapts modules, not bare parameters",
@@ -79,38 +98,51 @@ class PeftMethod:
     """How one lora_func variant reads and writes as one PEFT method.
 
     variant, peft_type: the lora_func variant name and PEFT's `peft_type`.
-    keys: lora_func leaf -> PEFT tensor name after the module path ("A" -> "lora_A.weight").
-    rank_fields: the PEFT fields holding `r` and `rank_pattern`; None for a method without a rank (IA3).
+    keys: lora_func leaf -> PEFT tensor name after the module path ("A" -> "lora_A.weight"). A leaf not in `keys`
+        is not written; `rebuild` makes it on import.
+    rank_fields: the PEFT fields holding `r` and `rank_pattern` (the latter None where PEFT has one rank for all
+        targets: HRA, VeRA); None for a method without a rank (IA3).
     alpha_fields: the PEFT fields holding `alpha` and `alpha_pattern` (DeLoRA: its λ); None: no such field.
     required: PEFT fields lora_func can express only at this value (written on export, checked on import).
     inert: PEFT fields accepted with any value on import (no effect on the adapted function at inference),
         with the value written on export.
-    fields_out(cfg) -> {field: value}: method-specific fields written on export.
+    absent: fields of `TARGETING` and `SHARED_REQUIRED` that this PEFT config class does not have (IA3 has no
+        `layers_to_transform`): not written, and on import refused unless unset, as any unknown field.
+    fields_out(cfg, written) -> {field: value}: method-specific fields written on export; `written` holds the
+        common fields already chosen (IA3-FF copies `target_modules` into `feedforward_modules`).
     fields_in(fields, where) -> {config kwarg: value}: method-specific config kwargs on import; may raise.
-    handled: the PEFT fields that `fields_in` reads.
-    claims(fields): whether this entry reads a PEFT config of this `peft_type` (several entries may share one).
-    export_as(params) -> params: rewrite as another variant's params before writing (PiSSA -> LoRA).
-    rebuild(module, cfg) -> leaves: leaves the PEFT file does not hold, rebuilt from the base layer.
+    handled: the PEFT fields that `fields_in` (or `claims`, `shared_stored`) reads.
+    claims(fields, paths, where): whether this entry reads a PEFT config of this `peft_type` whose targets are
+        `paths` (several entries may share one); may raise where no entry of the type can read it.
+    export_as(params) -> params: checked, or rewritten as another variant's params, before writing (PiSSA -> LoRA).
+    rebuild(module, cfg, leaves) -> leaves: leaves the PEFT file does not hold, from the base layer and the leaves
+        read from the file.
     tensor_out(leaf, tensor) -> tensor, tensor_in(leaf, tensor, shape) -> tensor: layout changes between a
         lora_func leaf and its PEFT tensor (e.g. IA3's (d,) vector stored as (d, 1)); identity by default.
         `tensor_in` returns the tensor unchanged where it cannot reach `shape`, and the shape check reports it.
+    shared_keys: leaf of the shared entry (`SHARED`) -> its full PEFT tensor key (VeRA: "A" -> "base_model.vera_A").
+    shared_stored(fields): whether an imported file holds the shared leaves; where not, they are made as `lf.init`
+        makes them (the variant's `create_shared`).
     """
 
     variant: str
     peft_type: str
     keys: Mapping[str, str]
-    rank_fields: tuple[str, str] | None = ("r", "rank_pattern")
-    alpha_fields: tuple[str, str] | None = ("lora_alpha", "alpha_pattern")
+    rank_fields: tuple[str, str | None] | None = ("r", "rank_pattern")
+    alpha_fields: tuple[str, str | None] | None = ("lora_alpha", "alpha_pattern")
     required: Mapping[str, Any] = field(default_factory=dict)
     inert: Mapping[str, Any] = field(default_factory=dict)
-    fields_out: Callable[[AdapterConfig], dict[str, Any]] = lambda cfg: {}
+    absent: tuple[str, ...] = ()
+    fields_out: Callable[[AdapterConfig, Mapping[str, Any]], dict[str, Any]] = lambda cfg, written: {}
     fields_in: Callable[[Mapping[str, Any], str], dict[str, Any]] = lambda fields, where: {}
     handled: tuple[str, ...] = ()
-    claims: Callable[[Mapping[str, Any]], bool] = lambda fields: True
+    claims: Callable[[Mapping[str, Any], list[str], str], bool] = lambda fields, paths, where: True
     export_as: Callable[[Params], Params] | None = None
-    rebuild: Callable[[nn.Module, AdapterConfig], dict[str, torch.Tensor]] | None = None
+    rebuild: Callable[[nn.Module, AdapterConfig, Leaves], Leaves] | None = None
     tensor_out: Callable[[str, torch.Tensor], torch.Tensor] = lambda leaf, tensor: tensor
     tensor_in: Callable[[str, torch.Tensor, tuple[int, ...]], torch.Tensor] = lambda leaf, tensor, shape: tensor
+    shared_keys: Mapping[str, str] = field(default_factory=dict)
+    shared_stored: Callable[[Mapping[str, Any]], bool] = lambda fields: True
 
 
 # ---- LoRA and PiSSA (PEFT type LORA) --------------------------------------------------------------------------
@@ -146,7 +178,7 @@ LORA_INERT = {
 LORA_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
-def _lora_fields_out(cfg: AdapterConfig) -> dict[str, Any]:
+def _lora_fields_out(cfg: AdapterConfig, written: Mapping[str, Any]) -> dict[str, Any]:
     return {"use_rslora": bool(getattr(cfg, "use_rslora", False)), "init_lora_weights": True}
 
 
@@ -157,7 +189,7 @@ def _lora_fields_in(fields: Mapping[str, Any], where: str) -> dict[str, Any]:
     return {"use_rslora": _flag(fields, "use_rslora", where)}
 
 
-def _is_pissa(fields: Mapping[str, Any]) -> bool:
+def _is_pissa(fields: Mapping[str, Any], paths: list[str], where: str) -> bool:
     init = fields.get("init_lora_weights")
     return isinstance(init, str) and init.startswith("pissa")
 
@@ -173,7 +205,7 @@ def _pissa_fields_in(fields: Mapping[str, Any], where: str) -> dict[str, Any]:
     return {"use_rslora": _flag(fields, "use_rslora", where), "niter": niter}
 
 
-def _pissa_rebuild(module: nn.Module, cfg: AdapterConfig) -> dict[str, torch.Tensor]:
+def _pissa_rebuild(module: nn.Module, cfg: AdapterConfig, leaves: Leaves) -> Leaves:
     # PEFT's `pissa_init` on the original weight, as PEFT runs it again when it loads the checkpoint.
     A0, B0 = pissa_variant.principal_factors(dense_weight(module), cfg)
     return {"A0": A0, "B0": B0}
@@ -203,6 +235,130 @@ def _pissa_as_lora(params: Params) -> Params:
     return Params(entries, lora_cfg, params.targets)
 
 
+# ---- DoRA (PEFT type LORA, use_dora=True) ---------------------------------------------------------------------
+
+DORA_KEYS = {**LORA_KEYS, "magnitude": "lora_magnitude_vector"}
+
+
+def _is_dora(fields: Mapping[str, Any], paths: list[str], where: str) -> bool:
+    return fields.get("use_dora") is True and not _is_pissa(fields, paths, where)
+
+
+def _dora_rebuild(module: nn.Module, cfg: AdapterConfig, leaves: Leaves) -> Leaves:
+    return {"weight_sq_norm": dora_variant.squared_row_norms(dense_weight(module))}
+
+
+# ---- IA3 and IA3-FF (PEFT type IA3) ---------------------------------------------------------------------------
+
+IA3_KEYS = {"l": "ia3_l"}
+IA3_REQUIRED = {"fan_in_fan_out": False}
+IA3_INERT = {"init_ia3_weights": True}  # init-time only
+IA3_ABSENT = ("layers_to_transform", "layers_pattern", "bias")
+
+
+def _feedforward(fields: Mapping[str, Any], paths: list[str], where: str) -> list[str]:
+    """The targets PEFT's IA3 treats as feed-forward (`IA3Model._check_target_module_feedforward`)."""
+    ff = fields.get("feedforward_modules")
+    if ff is None:
+        _refuse(
+            where,
+            "feedforward_modules",
+            ff,
+            "PEFT fills it from its own per-architecture table, which lora_func does not hold; name the modules "
+            "([] for none)",
+        )
+    if not isinstance(ff, (str, list)) or (isinstance(ff, list) and not all(isinstance(f, str) for f in ff)):
+        raise ValueError(f"{where}: `feedforward_modules` must be a regex string or a list of names")
+    targets = fields.get("target_modules")
+    if isinstance(ff, list) and isinstance(targets, list) and not set(ff) <= set(targets):
+        raise ValueError(f"{where}: `feedforward_modules` must be a subset of `target_modules` (PEFT refuses it too)")
+    if isinstance(ff, str):
+        return [p for p in paths if re.fullmatch(ff, p)]
+    return [p for p in paths if any(p.endswith(f) for f in ff)]  # PEFT's test: no dot boundary
+
+
+def _ia3_claims(feedforward: bool) -> Callable[[Mapping[str, Any], list[str], str], bool]:
+    def claims(fields: Mapping[str, Any], paths: list[str], where: str) -> bool:
+        ff = _feedforward(fields, paths, where)
+        if 0 < len(ff) < len(paths):
+            plain = [p for p in paths if p not in ff]
+            raise ValueError(
+                f"{where}: `feedforward_modules`={json.dumps(fields['feedforward_modules'])} covers {len(ff)} of the "
+                f"{len(paths)} modules `target_modules` selects, and one lora_func Params holds one variant: this "
+                f"adapter is two in lora_func, lf.IA3Config on {_describe(plain)} and lf.IA3FFConfig on "
+                f"{_describe(ff)}"
+            )
+        return bool(ff) == feedforward
+
+    return claims
+
+
+def _describe(paths: list[str]) -> str:
+    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    return f"{', '.join(names)} ({len(paths)} modules)"
+
+
+def _ia3_fields_out(feedforward: bool) -> Callable[[AdapterConfig, Mapping[str, Any]], dict[str, Any]]:
+    # An empty list, not null: PEFT fills a null `feedforward_modules` from its per-architecture table.
+    return lambda cfg, written: {"feedforward_modules": written["target_modules"] if feedforward else []}
+
+
+def _ia3_layout(feedforward: bool):
+    """IA3's (d,) gain as PEFT's `ia3_l`: (1, d_in) on a feed-forward target, else (d_out, 1)."""
+
+    def out(leaf: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(1, -1) if feedforward else tensor.reshape(-1, 1)
+
+    def into(leaf: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        stored = (1, shape[0]) if feedforward else (shape[0], 1)
+        return tensor.reshape(shape) if tuple(tensor.shape) == stored else tensor
+
+    return out, into
+
+
+IA3_OUT, IA3_IN = _ia3_layout(feedforward=False)
+IA3FF_OUT, IA3FF_IN = _ia3_layout(feedforward=True)
+
+
+# ---- HRA (PEFT type HRA) --------------------------------------------------------------------------------------
+
+
+def _paired(u: torch.Tensor) -> torch.Tensor:
+    """u's even columns, each twice: (d_in, r) with columns in equal pairs, so R(u) = I."""
+    return u[:, 0::2].repeat_interleave(2, dim=1)
+
+
+def _hra_checked(params: Params) -> Params:
+    for path, leaves in params.items():
+        if not torch.equal(leaves["u0"], _paired(leaves["u0"])):
+            raise ValueError(
+                f"to_peft: HRA leaf {path}.u0 does not have its columns in equal pairs, so R(u0) is not the "
+                "identity and PEFT (which stores u only) would not compute what lora_func does"
+            )
+    return params
+
+
+def _hra_rebuild(module: nn.Module, cfg: AdapterConfig, leaves: Leaves) -> Leaves:
+    return {"u0": _paired(leaves["u"])}
+
+
+# ---- VeRA (PEFT type VERA) ------------------------------------------------------------------------------------
+
+VERA_KEYS = {"lambda_b": "vera_lambda_b", "lambda_d": "vera_lambda_d"}
+VERA_SHARED_KEYS = {"A": "base_model.vera_A", "B": "base_model.vera_B"}
+VERA_REQUIRED = {"fan_in_fan_out": False}
+VERA_INERT = {"vera_dropout": 0.0, "init_weights": True}  # training-only dropout; init-time only
+
+
+def _vera_fields_out(cfg: AdapterConfig, written: Mapping[str, Any]) -> dict[str, Any]:
+    return {"projection_prng_key": cfg.projection_prng_key, "d_initial": cfg.d_initial, "save_projection": True}
+
+
+def _vera_fields_in(fields: Mapping[str, Any], where: str) -> dict[str, Any]:
+    _flag(fields, "save_projection", where)
+    return {name: fields[name] for name in ("projection_prng_key", "d_initial") if name in fields}
+
+
 # ---- DeLoRA (PEFT type DELORA) --------------------------------------------------------------------------------
 
 DELORA_KEYS = {"A": "delora_A", "B": "delora_B", "lambda": "delora_lambda", "w_norm": "delora_w_norm"}
@@ -227,6 +383,18 @@ METHODS: tuple[PeftMethod, ...] = (
         rebuild=_pissa_rebuild,
     ),
     PeftMethod(
+        variant="dora",
+        peft_type="LORA",
+        keys=DORA_KEYS,
+        required={**LORA_REQUIRED, "use_dora": True},
+        inert=LORA_INERT,
+        fields_out=_lora_fields_out,
+        fields_in=_lora_fields_in,
+        handled=("use_rslora", "init_lora_weights"),
+        claims=_is_dora,
+        rebuild=_dora_rebuild,
+    ),
+    PeftMethod(
         variant="lora",
         peft_type="LORA",
         keys=LORA_KEYS,
@@ -242,6 +410,62 @@ METHODS: tuple[PeftMethod, ...] = (
         keys=DELORA_KEYS,
         alpha_fields=("delora_lambda", "lambda_pattern"),
         inert=DELORA_INERT,
+    ),
+    PeftMethod(
+        variant="ia3",
+        peft_type="IA3",
+        keys=IA3_KEYS,
+        rank_fields=None,
+        alpha_fields=None,
+        required=IA3_REQUIRED,
+        inert=IA3_INERT,
+        absent=IA3_ABSENT,
+        fields_out=_ia3_fields_out(feedforward=False),
+        handled=("feedforward_modules",),
+        claims=_ia3_claims(feedforward=False),
+        tensor_out=IA3_OUT,
+        tensor_in=IA3_IN,
+    ),
+    PeftMethod(
+        variant="ia3ff",
+        peft_type="IA3",
+        keys=IA3_KEYS,
+        rank_fields=None,
+        alpha_fields=None,
+        required=IA3_REQUIRED,
+        inert=IA3_INERT,
+        absent=IA3_ABSENT,
+        fields_out=_ia3_fields_out(feedforward=True),
+        handled=("feedforward_modules",),
+        claims=_ia3_claims(feedforward=True),
+        tensor_out=IA3FF_OUT,
+        tensor_in=IA3FF_IN,
+    ),
+    PeftMethod(
+        variant="hra",
+        peft_type="HRA",
+        keys={"u": "hra_u"},
+        rank_fields=("r", None),
+        alpha_fields=None,
+        required={"apply_GS": False},
+        inert={"init_weights": True},  # init-time only: u0 is rebuilt paired whatever u started from
+        export_as=_hra_checked,
+        rebuild=_hra_rebuild,
+    ),
+    PeftMethod(
+        variant="vera",
+        peft_type="VERA",
+        keys=VERA_KEYS,
+        rank_fields=("r", None),
+        alpha_fields=None,
+        required=VERA_REQUIRED,
+        inert=VERA_INERT,
+        absent=("exclude_modules",),
+        fields_out=_vera_fields_out,
+        fields_in=_vera_fields_in,
+        handled=("projection_prng_key", "d_initial", "save_projection"),
+        shared_keys=VERA_SHARED_KEYS,
+        shared_stored=lambda fields: fields.get("save_projection", True) is True,
     ),
 )
 
@@ -427,7 +651,8 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
     selects exactly the same modules, and `base_model_name_or_path`/`auto_mapping` are filled in as PEFT does.
 
     Methods: LoRA (rsLoRA, rank/alpha patterns), PiSSA (written as the equivalent rank-2r LoRA, see the module
-    docstring), DeLoRA.
+    docstring), DeLoRA, DoRA (PEFT LoRA with `use_dora`), IA3 and IA3-FF (PEFT IA3, `feedforward_modules` none or
+    all of the targets), HRA, VeRA (projections stored, `save_projection=True`).
 
     >>> lf.to_peft(params, "out/peft-adapter", model=model)
     >>> peft_model = peft.PeftModel.from_pretrained(model, "out/peft-adapter")
@@ -443,8 +668,6 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
     if method.export_as is not None:
         params = method.export_as(params)
         method = _method_for_variant(variant_for(params.config, caller="to_peft").name, "to_peft")
-    if SHARED in params:
-        raise ValueError(f"to_peft: {method.variant!r} params hold shared leaves, which its PEFT entry cannot write")
 
     cfg = params.config
     paths = [t.path for t in params.targets]
@@ -452,10 +675,14 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
         raise ValueError("to_peft: the root module is a target, and PEFT cannot adapt the root of a model")
     tensors = {}
     for path, leaf, tensor in params.leaves():
-        if leaf not in method.keys:
-            raise ValueError(f"to_peft: leaf {path}.{leaf} has no PEFT name in the {method.variant!r} entry")
-        tensor = method.tensor_out(leaf, tensor.detach().to("cpu"))
-        tensors[f"{KEY_PREFIX}{path}.{method.keys[leaf]}"] = tensor.contiguous()
+        names = method.shared_keys if path == SHARED else method.keys
+        if leaf not in names:
+            if method.rebuild is not None and path != SHARED:
+                continue  # made again from the base layer on import
+            where = "the shared leaf" if path == SHARED else "leaf"
+            raise ValueError(f"to_peft: {where} {path}.{leaf} has no PEFT name in the {method.variant!r} entry")
+        tensor = method.tensor_out(leaf, tensor.detach().to("cpu")).contiguous()
+        tensors[names[leaf] if path == SHARED else f"{KEY_PREFIX}{path}.{names[leaf]}"] = tensor
 
     fields: dict[str, Any] = {
         "peft_type": method.peft_type,
@@ -470,17 +697,25 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
         **SHARED_REQUIRED,
         **method.required,
         **method.inert,
-        **method.fields_out(cfg),
     }
-    if method.rank_fields is not None:
-        rank, rank_pattern = method.rank_fields
-        fields[rank] = cfg.r
-        fields[rank_pattern] = _patterns_out(cfg.rank_pattern, cfg.r, paths, "rank_pattern", "to_peft")
-    if method.alpha_fields is not None:
-        alpha, alpha_pattern = method.alpha_fields
-        fields[alpha] = _number(cfg.alpha)
-        pattern = _patterns_out(cfg.alpha_pattern, cfg.alpha, paths, "alpha_pattern", "to_peft")
-        fields[alpha_pattern] = {k: _number(v) for k, v in pattern.items()}
+    for name in method.absent:
+        del fields[name]
+    fields.update(method.fields_out(cfg, fields))
+    for names, value, pairs, pattern_name in (
+        (method.rank_fields, cfg.r, cfg.rank_pattern, "rank_pattern"),
+        (method.alpha_fields, cfg.alpha, cfg.alpha_pattern, "alpha_pattern"),
+    ):
+        if names is None:
+            continue
+        fields[names[0]] = _number(value)
+        if names[1] is not None:
+            pattern = _patterns_out(pairs, value, paths, pattern_name, "to_peft")
+            fields[names[1]] = {k: _number(v) for k, v in pattern.items()}
+        elif any(_resolved(pairs, p, value) != value for p in paths):
+            raise ValueError(
+                f"to_peft: `{pattern_name}` gives some targets another value, and PEFT's {method.peft_type} has one "
+                f"`{names[0]}` for all"
+            )
     if model is not None:
         fields["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     os.makedirs(directory, exist_ok=True)
@@ -519,19 +754,20 @@ def _read_tensors(directory: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"from_peft: {path!r} is not a valid safetensors file ({e})") from None
 
 
-def _method_for_config(fields: Mapping[str, Any], where: str) -> PeftMethod:
+def _candidates(fields: Mapping[str, Any], where: str) -> list[PeftMethod]:
     peft_type = fields.get("peft_type")
     candidates = [m for m in METHODS if m.peft_type == peft_type]
     if not candidates:
         known = sorted({m.peft_type for m in METHODS})
         raise ValueError(f"{where}: `peft_type`={json.dumps(peft_type)} is not one lora_func reads ({known})")
-    return next(m for m in candidates if m.claims(fields))
+    return candidates
 
 
 def _check_fields(fields: Mapping[str, Any], method: PeftMethod, where: str) -> None:
     """Every field translated, inert, or at the only value lora_func can express; unknown ones must be unset."""
     translated = {*(method.rank_fields or ()), *(method.alpha_fields or ()), *TARGETING, *method.handled}
-    required = {**SHARED_REQUIRED, **method.required}
+    translated = translated - {None} - set(method.absent)
+    required = {k: v for k, v in SHARED_REQUIRED.items() if k not in method.absent} | dict(method.required)
     for name, value in fields.items():
         if name in translated or name in METADATA or name in METADATA_INERT or name in method.inert:
             continue
@@ -582,11 +818,12 @@ def config_from_peft(
 ) -> tuple[PeftMethod, AdapterConfig, list[str]]:
     """The method entry, the lora_func config (dtype float32) and the module paths PEFT would adapt in `model`,
     for the fields of an `adapter_config.json`; every field checked."""
-    method = _method_for_config(fields, where)
-    _check_fields(fields, method, where)
+    candidates = _candidates(fields, where)
     selection = peft_selection(model, fields, where)
     if not selection:
         raise ValueError(f"{where}: `target_modules`={json.dumps(fields['target_modules'])} selects no module")
+    method = next(m for m in candidates if m.claims(fields, selection, where))
+    _check_fields(fields, method, where)
     modules = dict(model.named_modules())
     for path in selection:
         if not is_linear_like(modules[path]):
@@ -604,7 +841,8 @@ def config_from_peft(
             if names[0] not in fields:
                 raise ValueError(f"{where}: `{names[0]}` is missing")
             kwargs[value] = fields[names[0]]
-            kwargs[pattern] = _patterns_in(fields, names[1], where)
+            if names[1] is not None:
+                kwargs[pattern] = _patterns_in(fields, names[1], where)
     try:
         cfg = REGISTRY[method.variant].config(
             **kwargs,
@@ -629,7 +867,8 @@ def from_peft(directory: str | os.PathLike, model: nn.Module) -> Params:
     The config's `target_names` select exactly the modules PEFT's `target_modules` (and `exclude_modules`,
     `layers_to_transform`) select in `model`. `lora_dropout`/`module_dropout` are accepted and dropped: they do
     nothing at inference, and lora_func has no adapter dropout. The leaves' dtype is the file's; they train
-    as after `lf.init`.
+    as after `lf.init`. Frozen leaves PEFT does not store (DoRA's ‖W_i‖², HRA's u0, VeRA's projections saved with
+    `save_projection=False`) are rebuilt as the module docstring says.
 
     >>> params = lf.from_peft("peft-adapter/", model)
     """
@@ -637,12 +876,16 @@ def from_peft(directory: str | os.PathLike, model: nn.Module) -> Params:
     where = f"from_peft: {os.path.join(directory, CONFIG_NAME)!r}"
     if not os.path.isdir(directory):
         raise ValueError(f"from_peft: `directory` {directory!r} is not a directory")
-    method, cfg, selection = config_from_peft(_read_config(directory), model, where=where)
+    fields = _read_config(directory)
+    method, cfg, selection = config_from_peft(fields, model, where=where)
     variant = REGISTRY[method.variant]
+    shared_stored = variant.create_shared is not None and method.shared_stored(fields)
 
     tensors = _read_tensors(directory)
     where_weights = f"from_peft: {os.path.join(directory, WEIGHTS_NAME)!r}"
     expected = {f"{KEY_PREFIX}{path}.{name}" for path in selection for name in method.keys.values()}
+    if shared_stored:
+        expected |= set(method.shared_keys.values())
     missing = sorted(expected - set(tensors))
     unexpected = sorted(set(tensors) - expected)
     if missing or unexpected:
@@ -660,6 +903,7 @@ def from_peft(directory: str | os.PathLike, model: nn.Module) -> Params:
             shapes = variant.shapes(target, target_cfg)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
+        rank = f"r={target_cfg.r}, " if method.rank_fields is not None else ""
         leaves = {}
         for leaf, name in method.keys.items():
             key = f"{KEY_PREFIX}{target.path}.{name}"
@@ -668,14 +912,30 @@ def from_peft(directory: str | os.PathLike, model: nn.Module) -> Params:
                 stored = method.tensor_out(leaf, torch.empty(shapes[leaf], device="meta"))  # the PEFT layout
                 raise ValueError(
                     f"{where_weights} key {key!r} has shape {tuple(tensors[key].shape)}, expected "
-                    f"{tuple(stored.shape)} (r={target_cfg.r}, {target.d_in} -> {target.d_out})"
+                    f"{tuple(stored.shape)} ({rank}{target.d_in} -> {target.d_out})"
                 )
             leaves[leaf] = tensor
         module = model.get_submodule(target.path)
         if method.rebuild is not None:
             with torch.no_grad():
-                leaves.update(method.rebuild(module, target_cfg))
+                leaves.update(method.rebuild(module, target_cfg, leaves))
         entries[target.path] = finish_leaves(variant, target.path, cfg, leaves, shapes, module.weight.device)
+    if variant.create_shared is not None:
+        shapes = variant.shared_shapes(found, cfg)
+        if shared_stored:
+            leaves = {}
+            for leaf, key in method.shared_keys.items():
+                tensor = method.tensor_in(leaf, tensors[key], tuple(shapes[leaf]))
+                if tuple(tensor.shape) != tuple(shapes[leaf]):
+                    raise ValueError(
+                        f"{where_weights} key {key!r} has shape {tuple(tensors[key].shape)}, expected "
+                        f"{tuple(shapes[leaf])} (shared by all {len(found)} targets)"
+                    )
+                leaves[leaf] = tensor
+        else:
+            leaves = variant.create_shared(found, cfg, Init(lambda: None, None))  # as `lf.init` draws them
+        device = model.get_submodule(found[0].path).weight.device  # shared leaves sit with the first target, as in init
+        entries[SHARED] = finish_leaves(variant, SHARED, cfg, leaves, shapes, device)
     return Params(entries, cfg, found)
 
 

@@ -11,7 +11,8 @@ import os
 
 import pytest
 import torch
-from conftest import assert_untouched, minilm, qwen3_batch, snapshot, tiny_qwen3
+from conftest import assert_untouched, minilm, qwen3_batch, snapshot, tiny_qwen3, tiny_qwen3_4bit
+from peft_parity import PROJECTIONS
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -72,6 +73,13 @@ EXPORT_CASES = {
     ),
     "delora": lambda: lf.DeLoRAConfig(r=4, target_names=(r"mlp",), layers=(1,), rank_pattern={"up_proj": 2}),
     "delora-patterns": lambda: lf.DeLoRAConfig(r=4, alpha=12, alpha_pattern={"o_proj": 3}, exclude_names=("lm_head",)),
+    "dora": lambda: lf.DoRAConfig(
+        r=4, alpha=8, use_rslora=True, target_names=(r"(q|v|down)_proj$",), rank_pattern={"down_proj": 2}
+    ),
+    "ia3": lambda: lf.IA3Config(target_names=(r"(k|v|o)_proj$",)),
+    "ia3ff": lambda: lf.IA3FFConfig(target_names=(r"_proj$",)),
+    "hra": lambda: lf.HRAConfig(r=4, target_names=(r"(q|up)_proj$",)),
+    "vera": lambda: lf.VeRAConfig(r=4, d_initial=0.2, projection_prng_key=3, target_names=(r"(q|up|down)_proj$",)),
 }
 
 
@@ -92,39 +100,64 @@ def test_to_peft_loads_in_peft_with_same_logits(case, with_model, tmp_path):
     assert sorted(peft_model.base_model.targeted_module_names) == sorted(t.path for t in params.targets)
 
 
-def test_to_peft_writes_what_peft_save_pretrained_writes(tmp_path):
-    """Same tensor keys, shapes and metadata; same config JSON field for field (PEFT adds its version)."""
-    for name, peft_cfg, ours_cfg in [
-        (
-            "lora",
-            peft.LoraConfig(
-                r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}
-            ),
-            lf.LoRAConfig(r=4, alpha=8, use_rslora=True, target_names=(r"\.[qv]_proj$",), rank_pattern={"v_proj": 2}),
+SAVE_CASES = {
+    "lora": (
+        lambda: peft.LoraConfig(
+            r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}
         ),
-        (
-            "delora",
-            peft.DeloraConfig(r=4, delora_lambda=12, target_modules=["up_proj"], lambda_pattern={"up_proj": 3}),
-            lf.DeLoRAConfig(r=4, alpha=12, target_names=("up_proj",), alpha_pattern={"up_proj": 3}),
+        lambda: lf.LoRAConfig(
+            r=4, alpha=8, use_rslora=True, target_names=(r"\.[qv]_proj$",), rank_pattern={"v_proj": 2}
         ),
-    ]:
-        theirs_dir, ours_dir = tmp_path / f"{name}-peft", tmp_path / f"{name}-ours"
-        peft.get_peft_model(tiny_qwen3(), peft_cfg).save_pretrained(theirs_dir)
-        model = tiny_qwen3()
-        lf.to_peft(lf.init(model, ours_cfg, seed=0), ours_dir, model=model)
+    ),
+    "delora": (
+        lambda: peft.DeloraConfig(r=4, delora_lambda=12, target_modules=["up_proj"], lambda_pattern={"up_proj": 3}),
+        lambda: lf.DeLoRAConfig(r=4, alpha=12, target_names=("up_proj",), alpha_pattern={"up_proj": 3}),
+    ),
+    "dora": (
+        lambda: peft.LoraConfig(
+            r=4, lora_alpha=8, use_dora=True, target_modules=["k_proj"], alpha_pattern={"k_proj": 2}
+        ),
+        lambda: lf.DoRAConfig(r=4, alpha=8, target_names=("k_proj",), alpha_pattern={"k_proj": 2}),
+    ),
+    "ia3": (
+        lambda: peft.IA3Config(target_modules=["q_proj", "o_proj"], feedforward_modules=[]),
+        lambda: lf.IA3Config(target_names=("[qo]_proj",)),
+    ),
+    "ia3ff": (
+        lambda: peft.IA3Config(target_modules=["up_proj", "down_proj"], feedforward_modules=["up_proj", "down_proj"]),
+        lambda: lf.IA3FFConfig(target_names=("up_proj", "down_proj")),
+    ),
+    "hra": (
+        lambda: peft.HRAConfig(r=4, target_modules=["v_proj"]),
+        lambda: lf.HRAConfig(r=4, target_names=("v_proj",)),
+    ),
+    "vera": (
+        lambda: peft.VeraConfig(r=4, d_initial=0.2, projection_prng_key=9, target_modules=["q_proj", "up_proj"]),
+        lambda: lf.VeRAConfig(r=4, d_initial=0.2, projection_prng_key=9, target_names=("q_proj", "up_proj")),
+    ),
+}
 
-        theirs, ours = read_json(theirs_dir), read_json(ours_dir)
-        theirs.pop("peft_version")
-        theirs["target_modules"] = sorted(theirs["target_modules"])
-        assert ours == theirs, name
-        with (
-            safe_open(theirs_dir / _peft.WEIGHTS_NAME, "pt") as a,
-            safe_open(ours_dir / _peft.WEIGHTS_NAME, "pt") as b,
-        ):
-            assert a.metadata() == b.metadata()
-            assert {k: a.get_slice(k).get_shape() for k in a.keys()} == {
-                k: b.get_slice(k).get_shape() for k in b.keys()
-            }
+
+@pytest.mark.parametrize("case", sorted(SAVE_CASES))
+def test_to_peft_writes_what_peft_save_pretrained_writes(case, tmp_path):
+    """Same tensor keys, shapes and metadata; same config JSON field for field (PEFT adds its version)."""
+    peft_cfg, ours_cfg = SAVE_CASES[case]
+    peft.get_peft_model(tiny_qwen3(), peft_cfg()).save_pretrained(tmp_path / "peft")
+    model = tiny_qwen3()
+    lf.to_peft(lf.init(model, ours_cfg(), seed=0), tmp_path / "ours", model=model)
+
+    theirs, ours = read_json(tmp_path / "peft"), read_json(tmp_path / "ours")
+    theirs.pop("peft_version")
+    for name in ("target_modules", "feedforward_modules"):  # sets in PEFT's config: saved in any order
+        if name in theirs:
+            theirs[name] = sorted(theirs[name])
+    assert ours == theirs
+    with (
+        safe_open(tmp_path / "peft" / _peft.WEIGHTS_NAME, "pt") as a,
+        safe_open(tmp_path / "ours" / _peft.WEIGHTS_NAME, "pt") as b,
+    ):
+        assert a.metadata() == b.metadata()
+        assert {k: a.get_slice(k).get_shape() for k in a.keys()} == {k: b.get_slice(k).get_shape() for k in b.keys()}
 
 
 def test_to_peft_target_modules_select_exactly_the_targets(tmp_path):
@@ -199,7 +232,22 @@ IMPORT_CASES = {
         rank_pattern={"up_proj": 2},
         lambda_pattern={"k_proj": 7},
     ),
+    "dora": lambda: peft.LoraConfig(
+        r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 2}
+    ),
+    "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "o_proj"], feedforward_modules=[]),
+    "ia3ff": lambda: peft.IA3Config(target_modules=list(PROJECTIONS), feedforward_modules=list(PROJECTIONS)),
+    "hra": lambda: peft.HRAConfig(r=4, target_modules=["q_proj", "up_proj"], layers_to_transform=[0]),
+    "vera": lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "up_proj", "down_proj"], projection_prng_key=5),
+    "vera-no-projection": lambda: vera_without_projection(),
 }
+
+
+def vera_without_projection():
+    with pytest.warns(UserWarning, match="Specified to not save vera_A and vera_B"):
+        return peft.VeraConfig(
+            r=4, target_modules=["v_proj", "gate_proj"], projection_prng_key=2, save_projection=False
+        )
 
 
 def peft_trained(peft_config, directory, steps: int = 3) -> torch.Tensor:
@@ -264,7 +312,7 @@ def test_from_peft_trains_on(tmp_path):
 # ---- round trips ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["lora", "lora-rslora-patterns", "delora", "delora-patterns"])
+@pytest.mark.parametrize("case", sorted(c for c in EXPORT_CASES if not c.startswith("pissa") and c != "hra"))
 def test_round_trip_is_bitwise(case, tmp_path):
     model = tiny_qwen3()
     params = perturbed(lf.init(model, EXPORT_CASES[case](), seed=0))
@@ -275,12 +323,62 @@ def test_round_trip_is_bitwise(case, tmp_path):
     assert [(p, k) for p, k, _ in back.leaves()] == [(p, k) for p, k, _ in params.leaves()]
     for (_, _, a), (_, _, b) in zip(back.leaves(), params.leaves()):
         assert torch.equal(a, b) and a.dtype == b.dtype and a.requires_grad == b.requires_grad
-    for f in ("r", "alpha", "dtype", "use_rslora"):
+    for f in ("r", "alpha", "dtype", "use_rslora", "d_initial", "projection_prng_key"):
         assert getattr(back.config, f, None) == getattr(params.config, f, None)
     # Writing the imported adapter again gives the same files, byte for byte.
     lf.to_peft(back, tmp_path / "b")
     for name in (_peft.WEIGHTS_NAME, _peft.CONFIG_NAME):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_round_trip_hra_rebuilds_u0_paired(tmp_path):
+    """PEFT stores u only: u comes back bitwise, u0 as u's even columns twice (R(u0) = I), which is u0 itself
+    while u is at its init."""
+    model = tiny_qwen3().eval()
+    initial = lf.init(model, EXPORT_CASES["hra"](), seed=0)
+    lf.to_peft(initial, tmp_path / "init")
+    back = lf.from_peft(tmp_path / "init", model)
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(back.leaves(), initial.leaves()))
+
+    params = perturbed(initial)
+    lf.to_peft(params, tmp_path / "a")
+    back = lf.from_peft(tmp_path / "a", model)
+    for path in params:
+        assert torch.equal(back[path]["u"], params[path]["u"])
+        u0 = back[path]["u0"]
+        assert torch.equal(u0[:, 0::2], params[path]["u"][:, 0::2]) and torch.equal(u0[:, 1::2], u0[:, 0::2])
+    torch.testing.assert_close(logits(model, back), logits(model, params), rtol=0, atol=ATOL)
+    lf.to_peft(back, tmp_path / "b")
+    for name in (_peft.WEIGHTS_NAME, _peft.CONFIG_NAME):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_from_peft_rebuilds_what_peft_does_not_store(tmp_path):
+    """DoRA's ‖W_i‖² and VeRA's regenerated projections are what `lf.init` makes; an untrained PEFT HRA (u still
+    paired) imports as the exact identity, as `lf.init`'s does."""
+    model = tiny_qwen3()
+    for case in ("dora", "vera-no-projection", "hra"):
+        peft.get_peft_model(tiny_qwen3(), IMPORT_CASES[case]()).save_pretrained(tmp_path / case)
+        params = lf.from_peft(tmp_path / case, model)
+        fresh = lf.init(model, params.config)
+        frozen = lf.split(params)[1]
+        for path, leaf, tensor in frozen.leaves():
+            expected = params[path]["u"] if leaf == "u0" else fresh[path][leaf]
+            assert torch.equal(tensor, expected), f"{case}: {path}.{leaf}"
+        assert frozen.num_params() > 0
+    assert torch.equal(logits(model, params), logits(model))
+
+
+def test_dora_on_a_4bit_base_rebuilds_the_norms_from_the_dequantized_weight(tmp_path):
+    """On a bitsandbytes base, ‖W_i‖² comes from the dequantized weight, as in `lf.init` and in PEFT's DoRA."""
+    # Train mode on both sides: in eval mode bnb's CPU Linear4bit forward is not x·deq(W)ᵀ (off by ~2e-3).
+    model = tiny_qwen3_4bit()
+    params = perturbed(lf.init(model, lf.DoRAConfig(r=4, target_names=(r"(q|down)_proj$",)), seed=0))
+    lf.to_peft(params, tmp_path)
+    back = lf.from_peft(tmp_path, model)
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(back.leaves(), params.leaves()))
+    theirs = logits(peft.PeftModel.from_pretrained(tiny_qwen3_4bit(), tmp_path).train())
+    torch.testing.assert_close(logits(model, back), theirs, rtol=0, atol=ATOL)
 
 
 def test_round_trip_pissa_gives_the_equivalent_lora(tmp_path):
@@ -384,8 +482,8 @@ REFUSED_FIELDS = [
     ("rank_pattern", {"q_proj": 0}, r"`rank_pattern` value for 'q_proj' is invalid"),
     ("r", 100, r"`r`=100 exceeds min\(d_in, d_out\)=64"),
     ("use_rslora", "yes", r"`use_rslora` must be true or false"),
+    ("use_dora", True, r"missing keys \['base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector'"),
 ]
-REFUSED_FIELDS.append(("use_dora", True, r"`use_dora`=true is not supported: lora_func's DoRA variant has no PEFT"))
 
 
 @pytest.mark.parametrize("name,value,message", REFUSED_FIELDS, ids=[f"{n}={v}" for n, v, _ in REFUSED_FIELDS])
@@ -477,6 +575,103 @@ def test_from_peft_refuses_bad_directories(good_dir, tmp_path):
     (good_dir / _peft.CONFIG_NAME).unlink()
     with pytest.raises(ValueError, match="has no adapter_config.json"):
         lf.from_peft(good_dir, tiny_qwen3())
+
+
+def transpose_ia3_l(directory):
+    edit_tensors(directory, lambda t: t.update({k: v.t().contiguous() for k, v in t.items() if "k_proj" in k}))
+
+
+# (PEFT config saved by PEFT, edit of its JSON fields or a function of the directory, message)
+METHOD_REFUSALS = {
+    "ia3-mixed-feedforward": (
+        lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        {},
+        r"`feedforward_modules`=\[\"down_proj\"\] covers 2 of the 6 modules `target_modules` selects, and one "
+        r"lora_func Params holds one variant: this adapter is two in lora_func, lf.IA3Config on k_proj, v_proj "
+        r"\(4 modules\) and lf.IA3FFConfig on down_proj \(2 modules\)",
+    ),
+    "ia3-null-feedforward": (
+        lambda: peft.IA3Config(target_modules=["k_proj"], feedforward_modules=[]),
+        {"feedforward_modules": None},
+        r"`feedforward_modules`=null is not supported: PEFT fills it from its own per-architecture table",
+    ),
+    "ia3-feedforward-not-subset": (
+        lambda: peft.IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]),
+        {"feedforward_modules": ["mlp.down_proj"]},
+        r"`feedforward_modules` must be a subset of `target_modules`",
+    ),
+    "ia3-field-it-lacks": (
+        lambda: peft.IA3Config(target_modules=["k_proj"], feedforward_modules=[]),
+        {"layers_to_transform": [0]},
+        r"`layers_to_transform`=\[0\] is not supported: lora_func does not know this IA3 field",
+    ),
+    "ia3-layout": (
+        lambda: peft.IA3Config(target_modules=["k_proj"], feedforward_modules=[]),
+        transpose_ia3_l,
+        r"k_proj.ia3_l' has shape \(1, 32\), expected \(32, 1\) \(64 -> 32\)",
+    ),
+    "hra-gram-schmidt": (
+        lambda: peft.HRAConfig(r=4, target_modules=["q_proj"], apply_GS=True),
+        {},
+        r"`apply_GS`=true is not supported: lora_func's HRA does not offer Gram-Schmidt",
+    ),
+    "hra-odd-r": (
+        lambda: peft.HRAConfig(r=4, target_modules=["q_proj"]),
+        {"r": 3},
+        r"cannot be expressed in lora_func: HRAConfig: `r` must be even",
+    ),
+    "dora-pissa": (
+        lambda: peft.LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]),
+        {"init_lora_weights": "pissa"},
+        r"`use_dora`=true is not supported: lora_func reads DoRA with a plain LoRA init only",
+    ),
+    "vera-projection-unexpected": (
+        lambda: peft.VeraConfig(r=4, target_modules=["q_proj"]),
+        {"save_projection": False},
+        r"missing keys \[\] and unexpected keys \['base_model.vera_A', 'base_model.vera_B'\]",
+    ),
+    "vera-projection-missing": (
+        lambda: peft.VeraConfig(r=4, target_modules=["q_proj"]),
+        lambda d: edit_tensors(d, lambda t: t.pop("base_model.vera_B")),
+        r"missing keys \['base_model.vera_B'\]",
+    ),
+    "vera-field-it-lacks": (
+        lambda: peft.VeraConfig(r=4, target_modules=["q_proj"]),
+        {"exclude_modules": ["layers.0.self_attn.q_proj"]},
+        r"`exclude_modules`=\[\"layers.0.self_attn.q_proj\"\] is not supported: lora_func does not know this VERA",
+    ),
+    "vera-save-projection-type": (
+        lambda: peft.VeraConfig(r=4, target_modules=["q_proj"]),
+        {"save_projection": "yes"},
+        r"`save_projection` must be true or false",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(METHOD_REFUSALS))
+def test_from_peft_refuses_what_a_method_cannot_express(case, tmp_path):
+    peft_config, edit, message = METHOD_REFUSALS[case]
+    peft.get_peft_model(tiny_qwen3(), peft_config()).save_pretrained(tmp_path)
+    if callable(edit):
+        edit(tmp_path)
+    else:
+        write_json(tmp_path, {**read_json(tmp_path), **edit})
+    with pytest.raises(ValueError, match=message):
+        lf.from_peft(tmp_path, tiny_qwen3())
+
+
+def test_to_peft_refuses_what_peft_hra_cannot_express(tmp_path):
+    model = tiny_qwen3()
+    params = lf.init(model, lf.HRAConfig(r=4, target_names=("q_proj",), rank_pattern={"layers.1.self_attn.q_proj": 2}))
+    with pytest.raises(
+        ValueError, match=r"`rank_pattern` gives some targets another value, and PEFT's HRA has one `r`"
+    ):
+        lf.to_peft(params, tmp_path)
+    params = lf.init(model, lf.HRAConfig(r=4, target_names=("q_proj",)), seed=0)
+    path = "model.layers.1.self_attn.q_proj"
+    unpaired = params.replace({**params, path: {**params[path], "u0": params[path]["u0"].roll(1, dims=1)}})
+    with pytest.raises(ValueError, match=rf"HRA leaf {path}.u0 does not have its columns in equal pairs"):
+        lf.to_peft(unpaired, tmp_path)
 
 
 def test_from_peft_refuses_a_real_peft_checkpoint_with_modules_to_save(tmp_path):

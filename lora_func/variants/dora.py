@@ -37,8 +37,13 @@ def shapes(target, cfg) -> dict[str, tuple[int, ...]]:
     return {**lora.shapes(target, cfg), "magnitude": (target.d_out,), "weight_sq_norm": (target.d_out,)}
 
 
+def squared_row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """‖W_i‖² of the dense (dequantized) weight, (d_out,): the frozen `weight_sq_norm` leaf."""
+    return weight.square().sum(dim=1)
+
+
 def create(target, cfg: DoRAConfig, init: Init) -> Leaves:
-    weight_sq_norm = init.weight().square().sum(dim=1).to(cfg.dtype)  # (d_out,)
+    weight_sq_norm = squared_row_norms(init.weight()).to(cfg.dtype)  # (d_out,)
     # m from the stored ‖W_i‖² by the same ops as `forward`'s n, so that m / n is exactly 1 at init.
     magnitude = weight_sq_norm.to(torch.promote_types(cfg.dtype, torch.float32)).sqrt().to(cfg.dtype)
     return {**lora.create(target, cfg, init), "magnitude": magnitude, "weight_sq_norm": weight_sq_norm}
