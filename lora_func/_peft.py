@@ -749,7 +749,9 @@ def _read_tensors(directory: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"from_peft: {directory!r} has no {WEIGHTS_NAME}{extra}")
     try:
         with safe_open(path, framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
+            # Copies, not views into the file's buffer: CPU BLAS results depend on the data's alignment, and a
+            # round trip must give bitwise the outputs of the written params (as `lf.load`).
+            return {key: f.get_tensor(key).clone() for key in f.keys()}
     except SafetensorError as e:
         raise ValueError(f"from_peft: {path!r} is not a valid safetensors file ({e})") from None
 

@@ -325,6 +325,7 @@ def test_round_trip_is_bitwise(case, tmp_path):
         assert torch.equal(a, b) and a.dtype == b.dtype and a.requires_grad == b.requires_grad
     for f in ("r", "alpha", "dtype", "use_rslora", "d_initial", "projection_prng_key"):
         assert getattr(back.config, f, None) == getattr(params.config, f, None)
+    assert torch.equal(logits(model, back), logits(model, params))
     # Writing the imported adapter again gives the same files, byte for byte.
     lf.to_peft(back, tmp_path / "b")
     for name in (_peft.WEIGHTS_NAME, _peft.CONFIG_NAME):
