@@ -79,7 +79,12 @@ def init(
         for target in found:
             seen = stats[target.path].count if target.path in stats else 0
             if seen < cfg.r:
-                raise ValueError(f"init: calibration gave {seen} tokens to {target.path!r}, fewer than r={cfg.r}")
+                raise ValueError(
+                    f"init: `calibration_data` gave {seen} tokens to {target.path!r}, fewer than `r`={cfg.r}"
+                )
+        if variant.allocate is not None:
+            cfg, found = variant.allocate(found, cfg, stats)
+            shapes = {t.path: variant.shapes(t, cfg) for t in found}
     elif calibration_data is not None:
         raise ValueError(f"init: {type(cfg).__name__} takes no `calibration_data`")
 
