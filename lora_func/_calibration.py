@@ -78,10 +78,10 @@ class _Collector:
         self.seen: dict[str, list[int]] = {}  # target -> indices into `inputs`, this batch
 
     def record(self, path: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
-        for index, (ref, _) in enumerate(self.inputs):
-            if ref() is x:  # q/k/v read the same tensor: one product for all three
-                break
-        else:
+        # q/k/v read the same tensor: one product for all three. A weak reference, so that activations
+        # are not kept alive, and compared by identity, so that a recycled id() cannot alias.
+        index = next((i for i, (ref, _) in enumerate(self.inputs) if ref() is x), None)
+        if index is None:
             self.inputs.append((weakref.ref(x), _Moments.of(_token_rows(x.detach(), mask))))
             index = len(self.inputs) - 1
         self.seen.setdefault(path, []).append(index)

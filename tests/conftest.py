@@ -173,7 +173,9 @@ def _lm_loss(out) -> torch.Tensor:
 
 SUBJECTS = {
     "qwen3": lambda: Subject("qwen3", tiny_qwen3, qwen3_batch(), _lm_loss, _logits),
-    "minilm": lambda: Subject("minilm", minilm, minilm_batch(), _minilm_loss, _minilm_out, calibration=minilm_calibration()),
+    "minilm": lambda: Subject(
+        "minilm", minilm, minilm_batch(), _minilm_loss, _minilm_out, calibration=minilm_calibration()
+    ),
     "qwen3-4bit": lambda: Subject("qwen3-4bit", tiny_qwen3_4bit, qwen3_batch(), _lm_loss, _logits),
 }
 

@@ -20,7 +20,9 @@ PATH = "model.layers.1.mlp.down_proj"  # 128 -> 64, not square
 def randomized(params: lf.Params, scale: float = 0.3, seed: int = 0) -> lf.Params:
     gen = torch.Generator().manual_seed(seed)
     trainable, frozen = lf.split(params)
-    moved = {p: {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in e.items()} for p, e in trainable.items()}
+    moved = {
+        p: {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in e.items()} for p, e in trainable.items()
+    }
     return lf.combine(trainable.replace(moved), frozen)
 
 
@@ -60,8 +62,8 @@ def ssvd_reference(W: torch.Tensor, r: int, delta: torch.Tensor, upper: torch.Te
     """The paper's W' = U (Σ + ΔΣ) G Vᵀ on the full SVD: the top-r rows of Vᵀ rotated by G = Cayley(K)."""
     U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
     K = skew_by_hand(upper.double(), r)
-    I = torch.eye(r, dtype=torch.float64)
-    G = (I - K) @ torch.linalg.inv(I + K)
+    eye = torch.eye(r, dtype=torch.float64)
+    G = (eye - K) @ torch.linalg.inv(eye + K)
     S_hat, Vh_hat = S.clone(), Vh.clone()
     S_hat[:r] += delta.double()
     Vh_hat[:r] = G @ Vh[:r]
@@ -129,8 +131,8 @@ def block_rotation_by_hand(theta: torch.Tensor, bs: int, alpha: float, max_angle
         if max_angle is not None:
             limit = 2 * math.tan(max_angle / 2)
             A = limit * torch.tanh(A / limit)
-        I = torch.eye(bs, dtype=torch.float64)
-        blocks.append(torch.linalg.inv(I - alpha * A / 2) @ (I + alpha * A / 2))
+        eye = torch.eye(bs, dtype=torch.float64)
+        blocks.append(torch.linalg.inv(eye - alpha * A / 2) @ (eye + alpha * A / 2))
     return torch.block_diag(*blocks)
 
 
