@@ -4,8 +4,8 @@ Temporary forward pre-hooks see each target's input X (padding tokens dropped wh
 a 2-D `attention_mask`) and accumulate, in float64, its Gram matrix Xᵀ X, its column sum 1ᵀ X and its
 row count, so memory is d_in² per target however much data passes through. Targets that read the
 very same tensor in every batch (q/k/v of one attention, gate/up of one MLP) share one accumulator.
-The model runs in eval mode (dropout off); every module's `training` flag is restored afterwards,
-and the hooks are removed, even when the model raises.
+The model runs in eval mode (dropout off), bitsandbytes layers excepted (see below); every module's
+`training` flag is restored afterwards, and the hooks are removed, even when the model raises.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._targets import Target
+from ._base import quantization
+from ._targets import Target, is_linear_like
 from ._variant import InputStats
 
 _CHUNK_ROWS = 4096  # rows cast to float64 at a time, to bound the transient copy of a long batch
@@ -148,7 +149,13 @@ def collect_input_stats(
         for target in targets:
             module = model.get_submodule(target.path)
             handles.append(module.register_forward_pre_hook(make_hook(target.path), with_kwargs=True))
-        model.eval()
+        for module in modes:
+            # Eval mode: no dropout noise in the statistics, no BatchNorm running-stat updates. Except
+            # bnb layers: a CPU eval-mode Linear4bit forward repacks its weight in place (lossy), which
+            # would change the model; their forward is the same in either mode under no_grad.
+            if is_linear_like(module) and quantization(module) is not None:
+                continue
+            module.training = False
         with torch.no_grad():
             for batch in _progress(batches, progress, "calibration"):
                 attention = batch.get("attention_mask") if isinstance(batch, Mapping) else None

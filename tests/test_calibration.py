@@ -150,3 +150,14 @@ def test_eva_config_errors():
     cfg = lf.EVAConfig(r=4, ranks=(("model.layers.0.self_attn.q_proj", 4),))
     with pytest.raises(ValueError, match="`ranks` has no entry for 'model.layers.0.self_attn.k_proj'"):
         lf.init(tiny_qwen3(), cfg, calibration_data=[qwen3_batch()], progress=False)
+
+
+def test_calibration_leaves_4bit_layers_as_they_are():
+    """bnb's CPU eval-mode Linear4bit forward repacks the weight in place; calibration must not trigger it."""
+    from conftest import tiny_qwen3_4bit
+
+    model = tiny_qwen3_4bit()
+    before = snapshot(model)
+    found = find_targets(model, lf.EVAConfig())
+    collect_input_stats(model, found, [qwen3_batch()], progress=False)
+    assert_untouched(model, before)
