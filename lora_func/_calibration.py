@@ -111,7 +111,8 @@ class _Collector:
         self.seen.clear()
 
     def stats(self) -> dict[str, InputStats]:
-        return {path: InputStats(m.gram, m.count, m.total) for path, m in self.owner.items()}
+        shared = {id(m): InputStats(m.gram, m.count, m.total, {}) for m in self.owner.values()}
+        return {path: shared[id(m)] for path, m in self.owner.items()}
 
 
 def collect_input_stats(

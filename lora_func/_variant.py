@@ -32,6 +32,8 @@ class InputStats(NamedTuple):
     gram: torch.Tensor  # Xᵀ X, (d_in, d_in), float64
     count: int  # n, the number of calibration tokens seen
     total: torch.Tensor  # 1ᵀ X, the column sums, (d_in,), float64: with n, the mean for centring
+    memo: dict  # what variants derive from these statistics (EVA's eigenvectors), computed once for all
+    # the targets that share them (q/k/v read one tensor) and for `allocate` and `create` alike
 
     def covariance(self, center: bool = True) -> torch.Tensor:
         """Xᵀ X, or (X − 1μᵀ)ᵀ (X − 1μᵀ) = Xᵀ X − n μ μᵀ with `center` (a scatter matrix, not divided by n)."""

@@ -1,7 +1,8 @@
 """SSVD, EVA, AntiPaSTO and ROAD on bitsandbytes 8-bit bases: forward and plain autograd.
 
-(torch.func transforms do not run through bnb's Linear8bitLt, see DESIGN.md; so this is not the
-contract suite, only identity at init, live gradients on every trainable leaf, and an untouched base.)
+Complements test_quantized.py (identity and some gradient, for every variant) with what these four
+promise there: an exact identity at init, an output that moves once leaves move, a nonzero gradient
+on every trainable leaf, and an untouched base. torch.func does not run through Linear8bitLt.
 """
 
 from __future__ import annotations

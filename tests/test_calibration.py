@@ -127,8 +127,10 @@ def test_calibration_runs_in_eval_mode():
 
 def test_load_and_reinit_need_no_calibration_data(tmp_path):
     model = tiny_qwen3()
-    params = lf.init(model, lf.EVAConfig(r=4, rho=2.0), calibration_data=[qwen3_batch(batch=4, seq=16)], progress=False)
-    assert params.config.ranks is not None
+    cfg = lf.EVAConfig(r=2, rho=2.0, target_names=("o_proj$", "down_proj$"))
+    params = lf.init(model, cfg, calibration_data=[qwen3_batch(batch=4, seq=16)], progress=False)
+    assert params.config.rank_pattern and params.config.rho == 1  # the config of what was built
+    assert len(params.targets) == len(lf.targets(model, cfg)) - 1  # a target was dropped
     path = tmp_path / "eva.safetensors"
     lf.save(params, path)
     loaded = lf.load(path, model)  # no data: the ranks travel in the config
@@ -136,20 +138,18 @@ def test_load_and_reinit_need_no_calibration_data(tmp_path):
     for p, k, t in params.leaves():
         assert torch.equal(loaded[p][k], t.detach())
     assert lf.targets(model, lf.EVAConfig(r=4))  # the dry run needs no data either
-    # The recorded ranks are reused as they are by a new init (no redistribution).
+    # The built config reproduces the same targets and ranks in a new init (no redistribution).
+    assert lf.targets(model, params.config) == list(params.targets)
     again = lf.init(model, params.config, calibration_data=[qwen3_batch(batch=2, seq=8, seed=5)], progress=False)
-    assert again.targets == params.targets
+    assert again.config == params.config and again.targets == params.targets
     assert all(again[p][k].shape == t.shape for p, k, t in params.leaves())
 
 
 def test_eva_config_errors():
     with pytest.raises(ValueError, match="`rho` must be a number >= 1"):
         lf.EVAConfig(rho=0.5)
-    with pytest.raises(ValueError, match="`ranks` entry"):
-        lf.EVAConfig(ranks=(("a", -1),))
-    cfg = lf.EVAConfig(r=4, ranks=(("model.layers.0.self_attn.q_proj", 4),))
-    with pytest.raises(ValueError, match="`ranks` has no entry for 'model.layers.0.self_attn.k_proj'"):
-        lf.init(tiny_qwen3(), cfg, calibration_data=[qwen3_batch()], progress=False)
+    with pytest.raises(TypeError, match="`whiten` must be a bool"):
+        lf.EVAConfig(whiten=1)
 
 
 def test_calibration_leaves_4bit_layers_as_they_are():

@@ -81,16 +81,19 @@ def test_eva_whitening_and_padding_on_pretrained_minilm():
         assert_rows_match_up_to_sign(params[target.path]["A"], Vh[:4] / S[:4, None].sqrt(), atol=1e-5)
 
 
-def test_eva_matches_peft_initialization_and_rank_redistribution():
+# (r, projections): all seven at r=4, where q/k/v (and gate/up) read one tensor and so tie; o_proj and
+# down_proj at r=2, no ties, where layer 0's down_proj wins no component and loses its adapter.
+@pytest.mark.parametrize("r, projections", [(4, PROJECTIONS), (2, ["o_proj", "down_proj"])], ids=["all", "o-down"])
+def test_eva_matches_peft_initialization_and_rank_redistribution(r, projections):
     from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
 
     batch = qwen3_batch(batch=4, seq=16)
     # PEFT iterates a randomized incremental PCA until consecutive estimates agree to `tau`; with rho=2
     # it tracks 2r components, and its top ones converge to the exact PCA (cos > 0.99999 here).
     peft_cfg = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=PROJECTIONS,
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=projections,
         init_lora_weights="eva",
         eva_config=EvaConfig(rho=2.0, tau=0.9999999),
     )
@@ -98,21 +101,23 @@ def test_eva_matches_peft_initialization_and_rank_redistribution():
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(tiny_qwen3(), peft_cfg)
         initialize_lora_eva_weights(peft_model, [batch], show_progress_bar=False)
-    peft_ranks = {}
+    peft_A = {}
     for path, module in peft_model.base_model.model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:
-            peft_ranks[path] = module.lora_A["default"].weight
+            peft_A[path] = module.lora_A["default"].weight
 
     model = tiny_qwen3()
-    params = lf.init(
-        model, lf.EVAConfig(r=4, alpha=8, rho=2.0, target_names=NAMES), calibration_data=[batch], progress=False
-    )
-    ranks = dict(params.config.ranks)
-    assert sum(ranks.values()) == 4 * 14  # the budget: r per selected target
+    cfg = lf.EVAConfig(r=r, alpha=2 * r, rho=2.0, target_names=tuple(f"{p}$" for p in projections))
+    params = lf.init(model, cfg, calibration_data=[batch], progress=False)
+    selected = lf.targets(model, cfg)
+    ranks = {t.path: params[t.path]["A"].shape[0] if t.path in params else 0 for t in selected}
+    assert sum(ranks.values()) == r * len(selected)  # the budget: r per selected target
     assert len(set(ranks.values())) > 1  # redistribution happened
+    if r == 2:
+        assert ranks["model.layers.0.mlp.down_proj"] == 0 and "model.layers.0.mlp.down_proj" not in peft_A
 
-    # Targets reading one tensor (q/k/v, gate/up) tie in explained variance: PEFT may split a tie
-    # among them differently, so compare those as groups; all other ranks exactly.
+    # Targets reading one tensor tie in explained variance, and PEFT may split a tie among them
+    # differently: compare those as groups; all other ranks exactly.
     def group(path):
         for members, name in (({"q_proj", "k_proj", "v_proj"}, "qkv"), ({"gate_proj", "up_proj"}, "mlp_in")):
             if path.rsplit(".", 1)[1] in members:
@@ -122,11 +127,13 @@ def test_eva_matches_peft_initialization_and_rank_redistribution():
     ours, theirs = {}, {}
     for path, rank in ranks.items():
         ours.setdefault(group(path), []).append(rank)
-        theirs.setdefault(group(path), []).append(peft_ranks[path].shape[0] if path in peft_ranks else 0)
+        theirs.setdefault(group(path), []).append(peft_A[path].shape[0] if path in peft_A else 0)
     assert {g: sorted(v) for g, v in ours.items()} == {g: sorted(v) for g, v in theirs.items()}
 
     for target in params.targets:
-        A, reference = params[target.path]["A"], peft_ranks[target.path]
+        # The scale stays alpha / r = 2 whatever the rank (PEFT's adjust_scaling_factors).
+        assert lf.variants.lora.scale(lf._config.config_for(params.config, target.path)) == 2.0
+        A, reference = params[target.path]["A"], peft_A[target.path]
         n = min(A.shape[0], reference.shape[0])
         cos = (A[:n].double() * reference[:n].double()).sum(1).abs()
         assert cos.min() > 0.9999, (target.path, cos)

@@ -2,17 +2,19 @@
 
     C = (X − 1μᵀ)ᵀ (X − 1μᵀ) = Σ_i λ_i v_i v_iᵀ         (X: calibration inputs of the layer, n × d_in)
     A = [v_1 … v_r]ᵀ  (whiten: row i divided by λ_i^¼),   B = 0
-    y' = y + s · (x Aᵀ) Bᵀ,   s = alpha / r                 (LoRA's forward, unchanged)
+    y' = y + s · (x Aᵀ) Bᵀ,   s = alpha / r                 (LoRA's forward and merge, unchanged)
 
 The v_i are the top right singular vectors of the centred inputs (PEFT's EVA runs an incremental PCA,
 which centres; `center=False` uses Xᵀ X, the raw inputs' right singular vectors). They come from the
-shared calibration pass's exact Xᵀ X, where PEFT iterates an approximate incremental SVD to a
-cosine-similarity threshold. Signs follow PEFT's `svd_flip`: each row's largest-magnitude entry is
-positive. With `rho` > 1, ranks are redistributed across targets as in PEFT: each target may take up
-to round(rho·r) components, and the r·(number of targets) components with the highest explained-
-variance ratio λ_i / trace(C) win; a target that wins none gets no adapter. The ranks found are
-recorded in the returned config (`ranks`), so `load` and a re-`init` need no data to know the shapes.
-The scale stays alpha / r on every target (PEFT's default `adjust_scaling_factors=True`).
+shared calibration pass's exact Xᵀ X, where PEFT iterates a randomized incremental SVD until consecutive
+estimates agree to a cosine threshold. Signs follow PEFT's `svd_flip`: each row's largest-magnitude
+entry is positive. With `rho` > 1 ranks are redistributed across targets as in PEFT: a target of rank
+r_t may take up to round(rho·r_t) components, and the Σ r_t components with the highest explained-
+variance ratio λ_i / trace(C) win; a target that wins none gets no adapter. `init` returns the config
+of what it built, as PEFT rewrites its own: `rank_pattern` / `alpha_pattern` hold the new ranks and
+alpha·r_new/r_old (so the scale alpha / r of every target is kept, PEFT's `adjust_scaling_factors`),
+`exclude_names` the dropped targets, and `rho` = 1; `load` and a re-`init` with it need no
+redistribution, and `load` needs no data.
 Identity at init: B = 0.
 Paischer et al. 2024, arXiv 2410.07170. Reference: peft/tuners/lora/eva.py, peft/utils/incremental_pca.py.
 Not supported from PEFT's EvaConfig: `tau` (there is no iteration to stop), `use_label_mask` /
@@ -22,11 +24,12 @@ Not supported from PEFT's EvaConfig: `tau` (there is no iteration to stop), `use
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
 
-from .._config import AdapterConfig
+from .._config import AdapterConfig, config_for
 from .._targets import Target
 from .._variant import Init, InputStats, Leaves, Variant
 from . import lora
@@ -36,17 +39,14 @@ from . import lora
 class EVAConfig(AdapterConfig):
     """EVA. `r`: rank per target (the mean rank with `rho` > 1); `alpha`: LoRA's scale numerator (s = alpha / r).
 
-    rho: >= 1; each target may take up to round(rho·r) components in the redistribution (1: none).
+    rho: >= 1; a target may take up to round(rho·r) components in the redistribution (1: none).
     whiten: divide A's row i by λ_i^¼ (PEFT's `whiten`). center: PCA of centred inputs (PEFT), or not.
-    ranks: ((path, rank), ...) for every selected target, filled in by `init` when rho > 1; given, `init`
-        uses these ranks instead of redistributing (rank 0: no adapter on that target).
-    Needs `calibration_data` at `init`.
+    Needs `calibration_data` at `init`, which returns the redistributed ranks in the config (see module doc).
     """
 
     rho: float = 2.0
     whiten: bool = False
     center: bool = True
-    ranks: tuple[tuple[str, int], ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -57,86 +57,75 @@ class EVAConfig(AdapterConfig):
         for field in ("whiten", "center"):
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"{name}: `{field}` must be a bool, got {getattr(self, field)!r}")
-        if self.ranks is not None:
-            try:
-                ranks = tuple((path, rank) for path, rank in self.ranks)
-            except (TypeError, ValueError):
-                raise ValueError(f"{name}: `ranks` must be pairs (path, rank), got {self.ranks!r}") from None
-            for path, rank in ranks:
-                if not isinstance(path, str) or isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-                    raise ValueError(f"{name}: `ranks` entry ({path!r}, {rank!r}) is not (str, int >= 0)")
-            if len({path for path, _ in ranks}) != len(ranks):
-                raise ValueError(f"{name}: `ranks` names a path twice")
-            object.__setattr__(self, "ranks", ranks)
-
-
-def rank_of(target: Target, cfg: EVAConfig) -> int:
-    if cfg.ranks is None:
-        return cfg.r
-    ranks = dict(cfg.ranks)
-    if target.path not in ranks:
-        raise ValueError(f"EVAConfig: `ranks` has no entry for {target.path!r}")
-    return ranks[target.path]
-
-
-def shapes(target: Target, cfg: EVAConfig) -> dict[str, tuple[int, ...]]:
-    r = rank_of(target, cfg)
-    limit = min(target.d_in, target.d_out)
-    if r > limit:
-        raise ValueError(f"EVAConfig: rank {r} exceeds min(d_in, d_out)={limit} of {target.path!r}")
-    return {"A": (r, target.d_in), "B": (target.d_out, r)}
 
 
 def principal_inputs(stats: InputStats, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(λ, Vh): eigenvalues of C, descending, and their eigenvectors as rows, signs as PEFT's `svd_flip`."""
-    eigenvalues, vectors = torch.linalg.eigh(stats.covariance(center))  # ascending
-    eigenvalues, Vh = eigenvalues.flip(0).clamp(min=0), vectors.flip(1).T
-    pivot = Vh.abs().argmax(dim=1)
-    signs = torch.sign(Vh[torch.arange(Vh.shape[0]), pivot])
-    return eigenvalues, Vh * signs[:, None]
+    """(λ, Vh): eigenvalues of C, descending, and their eigenvectors as rows, signs as PEFT's `svd_flip`.
+
+    One d_in × d_in eigendecomposition per distinct statistics, memoized on them (see `InputStats.memo`).
+    """
+    key = ("eva.principal_inputs", center)
+    if key not in stats.memo:
+        eigenvalues, vectors = torch.linalg.eigh(stats.covariance(center))  # ascending
+        eigenvalues, Vh = eigenvalues.flip(0).clamp(min=0), vectors.flip(1).T
+        pivot = Vh.abs().argmax(dim=1)
+        signs = torch.sign(Vh[torch.arange(Vh.shape[0]), pivot])
+        stats.memo[key] = (eigenvalues, Vh * signs[:, None])
+    return stats.memo[key]
 
 
 def allocate(found: tuple[Target, ...], cfg: EVAConfig, stats: dict[str, InputStats]):
-    """Per-target ranks: PEFT's redistribution by explained-variance ratio (see the module docstring)."""
-    if cfg.ranks is not None:
-        for target in found:
-            rank_of(target, cfg)  # every selected target needs an entry
-        return cfg, tuple(t for t in found if rank_of(t, cfg) > 0)
+    """PEFT's rank redistribution by explained-variance ratio; returns (config as built, targets kept)."""
     if cfg.rho == 1:
         return cfg, found
-    cap = round(cfg.r * cfg.rho)
-    ratios: dict[int, torch.Tensor] = {}  # targets reading the same tensor share their statistics
-    candidates = []  # (ratio, target index, component index)
+    resolved = [config_for(cfg, t.path) for t in found]
+    candidates = []  # (−ratio, target index, component index)
     for i, target in enumerate(found):
         s = stats[target.path]
-        if id(s.gram) not in ratios:
-            eigenvalues = principal_inputs(s, cfg.center)[0]
-            ratios[id(s.gram)] = eigenvalues / eigenvalues.sum().clamp(min=torch.finfo(torch.float64).tiny)
-        ratio = ratios[id(s.gram)]
-        for j in range(min(cap, target.d_in, target.d_out, s.count)):
-            candidates.append((-ratio[j].item(), i, j))
+        eigenvalues = principal_inputs(s, cfg.center)[0]
+        ratios = eigenvalues / eigenvalues.sum().clamp(min=torch.finfo(torch.float64).tiny)
+        cap = min(round(resolved[i].r * cfg.rho), target.d_in, target.d_out, s.count)
+        candidates += [(-ratio, i, j) for j, ratio in enumerate(ratios[:cap].tolist())]
     candidates.sort()  # best ratio first; ties by target order, then component
-    counts = [0] * len(found)
-    for _, i, _ in candidates[: cfg.r * len(found)]:
-        counts[i] += 1
-    ranks = tuple((t.path, n) for t, n in zip(found, counts))
-    return dataclasses.replace(cfg, ranks=ranks), tuple(t for t, n in zip(found, counts) if n > 0)
+    ranks = [0] * len(found)
+    for _, i, _ in candidates[: sum(c.r for c in resolved)]:
+        ranks[i] += 1
+
+    rank_pattern, alpha_pattern, dropped, kept = [], [], [], []
+    for target, own, rank in zip(found, resolved, ranks):
+        exact = re.escape(target.path)
+        if rank == 0:
+            dropped.append(f"^{exact}$")
+            continue
+        kept.append(target)
+        alpha = own.alpha * rank / own.r  # keeps alpha / r: the scale does not change with the rank
+        if rank != cfg.r:
+            rank_pattern.append((exact, rank))
+        if alpha != cfg.alpha:
+            alpha_pattern.append((exact, alpha))
+    built = dataclasses.replace(
+        cfg,
+        rho=1.0,
+        rank_pattern=tuple(rank_pattern),
+        alpha_pattern=tuple(alpha_pattern),
+        exclude_names=cfg.exclude_names + tuple(dropped),
+    )
+    return built, tuple(kept)
 
 
 def create(target: Target, cfg: EVAConfig, init: Init) -> Leaves:
-    r = rank_of(target, cfg)
     eigenvalues, Vh = principal_inputs(init.inputs, cfg.center)
-    A = Vh[:r]
+    A = Vh[: cfg.r]
     if cfg.whiten:
         floor = max(eigenvalues[0].item() * 1e-12, 1e-300)  # a zero-variance direction must not divide by 0
-        A = A / eigenvalues[:r].clamp(min=floor)[:, None] ** 0.25
-    return {"A": A.to(torch.float32), "B": torch.zeros(target.d_out, r)}
+        A = A / eigenvalues[: cfg.r].clamp(min=floor)[:, None] ** 0.25
+    return {"A": A.to(torch.float32), "B": torch.zeros(target.d_out, cfg.r)}
 
 
 VARIANT = Variant(
     name="eva",
     config=EVAConfig,
-    shapes=shapes,
+    shapes=lora.shapes,
     create=create,
     forward=lora.forward,
     merge=lora.merge,

@@ -9,7 +9,8 @@ Only the top-r input ("listening") directions rotate, within their own span, and
 values shift; the output directions U stay as they are. Trainable: δ (r) and the r(r−1)/2 entries
 above K's diagonal. U_r, S_r, V_r are frozen leaves computed once from the dequantized weight, so
 the base weight is never rewritten and bnb bases work. G is the exact Cayley transform (a linear
-solve), not the paper's truncated Neumann series, so it is orthogonal to float precision.
+solve; the reference is described as using a truncated Neumann series for speed), so it is orthogonal
+to float precision.
 Identity at init: K = 0 gives G = I exactly and δ = 0, so the core diag(S+δ)G − diag(S) is exactly 0.
 `r` is the number of rotated directions; `alpha` is not used.
 Wang, Watanabe, Van hamme 2025, arXiv 2509.02830 (SSVD); reference implementation in ESPnet.
