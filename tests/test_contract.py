@@ -21,7 +21,7 @@ def call(model, batch):
 
 def make_params(name, subject, model, seed=0):
     cfg = REGISTRY[name].config(r=4)
-    if REGISTRY[name].calibrated:  # data-driven variants calibrate on the subject's own batch
+    if REGISTRY[name].calibrated:  # data-driven variants calibrate on the subject's calibration batches
         return lf.init(model, cfg, seed=seed, calibration_data=subject.calibration_data(), progress=False)
     return lf.init(model, cfg, seed=seed)
 
