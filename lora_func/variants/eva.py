@@ -15,6 +15,9 @@ of what it built, as PEFT rewrites its own: `rank_pattern` / `alpha_pattern` hol
 alpha·r_new/r_old (so the scale alpha / r of every target is kept, PEFT's `adjust_scaling_factors`),
 `exclude_names` the dropped targets, and `rho` = 1; `load` and a re-`init` with it need no
 redistribution, and `load` needs no data.
+`whiten` divides by λ_i^¼ = √S_i, the singular values of the centred data as given; PEFT divides by its
+incremental PCA's singular values, which grow as √(passes) while it cycles the data to convergence, so
+PEFT's whitened rows differ from these by a per-layer factor that depends on its iteration count.
 Identity at init: B = 0.
 Paischer et al. 2024, arXiv 2410.07170. Reference: peft/tuners/lora/eva.py, peft/utils/incremental_pca.py.
 Not supported from PEFT's EvaConfig: `tau` (there is no iteration to stop), `use_label_mask` /
