@@ -101,3 +101,5 @@ def test_road_group_size_default_and_errors():
         lf.ROADConfig(variant="road_3")
     with pytest.raises(ValueError, match="`group_size`"):
         lf.ROADConfig(group_size=3)
+    with pytest.raises(ValueError, match="`rank_pattern` must be empty"):
+        lf.ROADConfig(rank_pattern={"q_proj": 2})

@@ -114,6 +114,11 @@ def test_ssvd_config_errors():
         lf.SSVDConfig(r=1)
     with pytest.raises(ValueError, match="`r`=65 exceeds"):
         lf.init(tiny_qwen3(), lf.SSVDConfig(r=65))
+    with pytest.raises(ValueError, match="`alpha_pattern` must be empty"):
+        lf.SSVDConfig(alpha_pattern={"q_proj": 2.0})
+    # Per-target ranks do work: fewer rotated directions on the MLP.
+    params = lf.init(tiny_qwen3(), lf.SSVDConfig(r=4, rank_pattern={"down_proj": 2}))
+    assert params[PATH]["K"].shape == (1,) and params["model.layers.0.self_attn.q_proj"]["K"].shape == (6,)
 
 
 # -- AntiPaSTO ----------------------------------------------------------------------------------

@@ -50,6 +50,9 @@ class ROADConfig(AdapterConfig):
         name = type(self).__name__
         if self.variant not in VARIANTS:
             raise ValueError(f"{name}: `variant` must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+        for field in ("rank_pattern", "alpha_pattern"):
+            if getattr(self, field):
+                raise ValueError(f"{name}: `{field}` must be empty: ROAD has no rank and no scale")
         g = self.group_size
         if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g <= 0 or g % 2):
             raise ValueError(f"{name}: `group_size` must be None or a positive even int, got {g!r}")

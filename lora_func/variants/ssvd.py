@@ -38,6 +38,8 @@ class SSVDConfig(AdapterConfig):
         super().__post_init__()
         if self.r < 2:
             raise ValueError(f"SSVDConfig: `r` must be >= 2 (a rotation needs two directions), got {self.r}")
+        if self.alpha_pattern:
+            raise ValueError("SSVDConfig: `alpha_pattern` must be empty: SSVD has no scale")
 
 
 def skew(upper: torch.Tensor, n: int) -> torch.Tensor:
