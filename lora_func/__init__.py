@@ -21,11 +21,15 @@ from ._serialize import load as load
 from ._serialize import save as save
 from ._targets import Target as Target
 from ._version import __version__ as __version__
+from .variants.antipasto import AntiPaSTOConfig as AntiPaSTOConfig
 from .variants.delora import DeLoRAConfig as DeLoRAConfig
 from .variants.dora import DoRAConfig as DoRAConfig
+from .variants.eva import EVAConfig as EVAConfig
 from .variants.hra import HRAConfig as HRAConfig
 from .variants.ia3 import IA3Config as IA3Config
 from .variants.ia3ff import IA3FFConfig as IA3FFConfig
 from .variants.lora import LoRAConfig as LoRAConfig
 from .variants.pissa import PiSSAConfig as PiSSAConfig
+from .variants.road import ROADConfig as ROADConfig
+from .variants.ssvd import SSVDConfig as SSVDConfig
 from .variants.vera import VeRAConfig as VeRAConfig

@@ -1,20 +1,27 @@
 """Calibration for data-driven variants: one pass over whole-model batches, keeping Xᵀ X per target.
 
-Temporary forward pre-hooks accumulate the Gram matrix of each target's inputs (padding tokens
-dropped where the batch carries a 2-D `attention_mask`), so memory is d_in² per target however
-much data passes through. The hooks are removed even when the model raises.
+Temporary forward pre-hooks see each target's input X (padding tokens dropped where the batch carries
+a 2-D `attention_mask`) and accumulate, in float64, its Gram matrix Xᵀ X, its column sum 1ᵀ X and its
+row count, so memory is d_in² per target however much data passes through. Targets that read the
+very same tensor in every batch (q/k/v of one attention, gate/up of one MLP) share one accumulator.
+The model runs in eval mode (dropout off), bitsandbytes layers excepted (see below); every module's
+`training` flag is restored afterwards, and the hooks are removed, even when the model raises.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._targets import Target
+from ._base import quantization
+from ._targets import Target, is_linear_like
 from ._variant import InputStats
+
+_CHUNK_ROWS = 4096  # rows cast to float64 at a time, to bound the transient copy of a long batch
 
 
 def _progress(iterable: Iterable, enabled: bool, desc: str) -> Iterable:
@@ -30,8 +37,82 @@ def _progress(iterable: Iterable, enabled: bool, desc: str) -> Iterable:
 def _token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The layer input as (n, d_in) rows, without the padding positions when the mask lines up."""
     if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        return x[mask.to(torch.bool)]
+        return x[mask.to(device=x.device, dtype=torch.bool)]
     return x.reshape(-1, x.shape[-1])
+
+
+class _Moments:
+    """Running Xᵀ X, 1ᵀ X and n of the rows seen so far (float64), shared by targets with the same history."""
+
+    def __init__(self, gram: torch.Tensor, total: torch.Tensor, count: int) -> None:
+        self.gram, self.total, self.count = gram, total, count
+        self.owners = 0  # how many targets currently point here
+
+    @classmethod
+    def of(cls, rows: torch.Tensor) -> _Moments:
+        d = rows.shape[-1]
+        gram = torch.zeros(d, d, dtype=torch.float64, device=rows.device)
+        total = torch.zeros(d, dtype=torch.float64, device=rows.device)
+        for chunk in rows.split(_CHUNK_ROWS):
+            chunk = chunk.to(torch.float64)
+            gram.addmm_(chunk.T, chunk)
+            total += chunk.sum(0)
+        return cls(gram, total, rows.shape[0])
+
+    def copy(self) -> _Moments:
+        return _Moments(self.gram.clone(), self.total.clone(), self.count)
+
+    def add(self, other: _Moments) -> None:
+        self.gram += other.gram
+        self.total += other.total
+        self.count += other.count
+
+
+class _Collector:
+    """Per batch: one `_Moments` per distinct input tensor; at the batch end, folded into the targets'
+    running moments. Targets whose history (accumulator, inputs this batch) is identical keep sharing
+    one accumulator, updated in place; a target whose inputs diverge gets its own copy."""
+
+    def __init__(self) -> None:
+        self.owner: dict[str, _Moments] = {}
+        self.inputs: list[tuple[weakref.ref, _Moments]] = []  # distinct inputs of this batch
+        self.seen: dict[str, list[int]] = {}  # target -> indices into `inputs`, this batch
+
+    def record(self, path: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        # q/k/v read the same tensor: one product for all three. A weak reference, so that activations
+        # are not kept alive, and compared by identity, so that a recycled id() cannot alias.
+        index = next((i for i, (ref, _) in enumerate(self.inputs) if ref() is x), None)
+        if index is None:
+            self.inputs.append((weakref.ref(x), _Moments.of(_token_rows(x.detach(), mask))))
+            index = len(self.inputs) - 1
+        self.seen.setdefault(path, []).append(index)
+
+    def end_batch(self) -> None:
+        groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+        for path, indices in self.seen.items():
+            old = self.owner.get(path)
+            groups.setdefault((id(old), tuple(indices)), []).append(path)
+        for (_, indices), paths in groups.items():
+            old = self.owner.get(paths[0])
+            if old is None:
+                moments = self.inputs[indices[0]][1].copy()
+                indices = indices[1:]
+            elif old.owners == len(paths):  # everyone on `old` moves the same way: update in place
+                moments = old
+            else:
+                old.owners -= len(paths)
+                moments = old.copy()
+            for index in indices:
+                moments.add(self.inputs[index][1])
+            moments.owners = len(paths)
+            for path in paths:
+                self.owner[path] = moments
+        self.inputs.clear()
+        self.seen.clear()
+
+    def stats(self) -> dict[str, InputStats]:
+        shared = {id(m): InputStats(m.gram, m.count, m.total, {}) for m in self.owner.values()}
+        return {path: shared[id(m)] for path, m in self.owner.items()}
 
 
 def collect_input_stats(
@@ -42,42 +123,52 @@ def collect_input_stats(
     caller: str = "init",
     progress: bool = True,
 ) -> dict[str, InputStats]:
-    """Xᵀ X and the token count of every target's inputs over `batches` (whole-model inputs)."""
+    """Xᵀ X, 1ᵀ X and the token count of every target's inputs over `batches` (whole-model inputs).
+
+    Targets that never ran are absent from the result.
+    """
     from ._apply import call_model
 
-    if isinstance(batches, (torch.Tensor, Mapping)):
-        raise TypeError(f"{caller}: `calibration_data` must be an iterable of batches, not a single batch")
-    grams: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    if isinstance(batches, (torch.Tensor, Mapping)) or not isinstance(batches, Iterable):
+        raise TypeError(
+            f"{caller}: `calibration_data` must be an iterable of batches (e.g. a list or a DataLoader), "
+            f"got {type(batches).__name__}"
+        )
+    collector = _Collector()
     mask: list[torch.Tensor | None] = [None]
-    per_input: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # id(x) -> (x, gram, n), one batch
 
     def make_hook(path: str):
         def hook(module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
-            if id(x) not in per_input:  # q/k/v read the same tensor: one product for all three
-                rows = _token_rows(x.detach(), mask[0]).to(torch.float64)
-                per_input[id(x)] = (x, rows.T @ rows, rows.shape[0])
-            _, gram, n = per_input[id(x)]
-            grams[path] = grams[path] + gram if path in grams else gram.clone()
-            counts[path] = counts.get(path, 0) + n
+            collector.record(path, x, mask[0])
 
         return hook
 
-    handles = [
-        model.get_submodule(t.path).register_forward_pre_hook(make_hook(t.path), with_kwargs=True) for t in targets
-    ]
+    modes = {module: module.training for module in model.modules()}
+    handles = []
     try:
+        for target in targets:
+            module = model.get_submodule(target.path)
+            handles.append(module.register_forward_pre_hook(make_hook(target.path), with_kwargs=True))
+        for module in modes:
+            # Eval mode: no dropout noise in the statistics, no BatchNorm running-stat updates. Except
+            # bnb layers: a CPU eval-mode Linear4bit forward repacks its weight in place (lossy), which
+            # would change the model; their forward is the same in either mode under no_grad.
+            if is_linear_like(module) and quantization(module) is not None:
+                continue
+            module.training = False
         with torch.no_grad():
             for batch in _progress(batches, progress, "calibration"):
                 attention = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                 mask[0] = attention if isinstance(attention, torch.Tensor) and attention.dim() == 2 else None
                 call_model(model, batch)
-                per_input.clear()
+                collector.end_batch()
     finally:
         for handle in handles:
             handle.remove()
-        per_input.clear()
-    if not grams:
+        for module, training in modes.items():
+            module.training = training
+    stats = collector.stats()
+    if not stats:
         raise ValueError(f"{caller}: `calibration_data` is empty, or no target ran during calibration")
-    return {path: InputStats(grams[path], counts[path]) for path in grams}
+    return stats

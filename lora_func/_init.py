@@ -78,8 +78,12 @@ def init(
         stats = collect_input_stats(model, found, calibration_data, caller="init", progress=progress)
         for target in found:
             seen = stats[target.path].count if target.path in stats else 0
-            if seen < cfg.r:
-                raise ValueError(f"init: calibration gave {seen} tokens to {target.path!r}, fewer than r={cfg.r}")
+            r = config_for(cfg, target.path).r
+            if seen < r:
+                raise ValueError(f"init: `calibration_data` gave {seen} tokens to {target.path!r}, fewer than `r`={r}")
+        if variant.allocate is not None:  # e.g. EVA's rank redistribution: a refined config, fewer targets
+            cfg, found = variant.allocate(found, cfg, stats)
+            shapes = {t.path: variant.shapes(t, config_for(cfg, t.path)) for t in found}
     elif calibration_data is not None:
         raise ValueError(f"init: {type(cfg).__name__} takes no `calibration_data`")
 

@@ -31,6 +31,15 @@ class InputStats(NamedTuple):
 
     gram: torch.Tensor  # Xᵀ X, (d_in, d_in), float64
     count: int  # n, the number of calibration tokens seen
+    total: torch.Tensor  # 1ᵀ X, the column sums, (d_in,), float64: with n, the mean for centring
+    memo: dict  # what variants derive from these statistics (EVA's eigenvectors), computed once for all
+    # the targets that share them (q/k/v read one tensor) and for `allocate` and `create` alike
+
+    def covariance(self, center: bool = True) -> torch.Tensor:
+        """Xᵀ X, or (X − 1μᵀ)ᵀ (X − 1μᵀ) = Xᵀ X − n μ μᵀ with `center` (a scatter matrix, not divided by n)."""
+        if not center:
+            return self.gram
+        return self.gram - torch.outer(self.total, self.total) / self.count
 
 
 class Init(NamedTuple):
@@ -53,6 +62,8 @@ class Variant(NamedTuple):
     shared_shapes(targets, cfg) -> {leaf: shape}    leaves stored once for all targets (VeRA), or None
     create_shared(targets, cfg, init) -> leaves     their initial values
     calibrated                                      `init` needs `calibration_data` (EVA, AntiPaSTO)
+    allocate(targets, cfg, stats) -> (cfg, targets) after calibration, a refined config and the targets
+                                                    that keep an adapter (EVA's rank redistribution)
 
     Forward and merge see a target's own leaves merged with the shared ones.
     """
@@ -68,6 +79,7 @@ class Variant(NamedTuple):
     shared_shapes: Callable[[tuple[Target, ...], AdapterConfig], dict[str, tuple[int, ...]]] | None = None
     create_shared: Callable[[tuple[Target, ...], AdapterConfig, Init], Leaves] | None = None
     calibrated: bool = False
+    allocate: Callable[..., tuple[AdapterConfig, tuple[Target, ...]]] | None = None
 
 
 def require_rank(target: Target, cfg: AdapterConfig) -> None:

@@ -31,6 +31,10 @@ class Subject:
     output: Callable[[Any], torch.Tensor]
     checkpointing: bool = True  # HF gradient checkpointing applies
     func_transforms: bool = True  # torch.func transforms run through the base layers
+    calibration: list | None = None  # batches for data-driven variants; None: [batch]
+
+    def calibration_data(self) -> list:
+        return self.calibration if self.calibration is not None else [self.batch]
 
 
 def qwen3_config(**overrides):
@@ -95,10 +99,22 @@ def minilm() -> nn.Module:
     return model.train()
 
 
-def minilm_batch() -> dict[str, torch.Tensor]:
+def minilm_batch(texts: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     _, tokenizer, _ = minilm_parts()
-    texts = ["Return the base-2 logarithm of x.", "Split the pathname into a pair (head, tail)."]
+    texts = list(texts) or ["Return the base-2 logarithm of x.", "Split the pathname into a pair (head, tail)."]
     return dict(tokenizer(texts, padding=True, return_tensors="pt"))
+
+
+def minilm_calibration() -> list[dict[str, torch.Tensor]]:
+    """The subject batch and a few more sentences: the pooler reads one token per sentence, and
+    data-driven variants need at least `r` tokens at every target."""
+    more = (
+        "Return a sorted copy of the list.",
+        "Open the file and return a stream.",
+        "Raise KeyError if the key is missing.",
+        "Convert the string to lower case.",
+    )
+    return [minilm_batch(), minilm_batch(more)]
 
 
 def _minilm_out(out) -> torch.Tensor:
@@ -157,7 +173,9 @@ def _lm_loss(out) -> torch.Tensor:
 
 SUBJECTS = {
     "qwen3": lambda: Subject("qwen3", tiny_qwen3, qwen3_batch(), _lm_loss, _logits),
-    "minilm": lambda: Subject("minilm", minilm, minilm_batch(), _minilm_loss, _minilm_out),
+    "minilm": lambda: Subject(
+        "minilm", minilm, minilm_batch(), _minilm_loss, _minilm_out, calibration=minilm_calibration()
+    ),
     "qwen3-4bit": lambda: Subject("qwen3-4bit", tiny_qwen3_4bit, qwen3_batch(), _lm_loss, _logits),
 }
 

@@ -21,6 +21,8 @@ def call(model, batch):
 
 def make_params(name, subject, model, seed=0):
     cfg = REGISTRY[name].config(r=4)
+    if REGISTRY[name].calibrated:  # data-driven variants calibrate on the subject's calibration batches
+        return lf.init(model, cfg, seed=seed, calibration_data=subject.calibration_data(), progress=False)
     return lf.init(model, cfg, seed=seed)
 
 
@@ -144,9 +146,17 @@ def test_save_load_is_bitwise(name, subject, tmp_path):
     assert torch.equal(a, b)
 
 
-# Gain-only variants train a vector per target (~1e3 values here) that rescales a random tiny model, and
-# their usual learning rate is higher than LoRA's; at 1e-2 they lower the qwen3 loss by ~3% in 20 steps.
-PROBE_LR = {"ia3": 3e-2, "ia3ff": 3e-2}
+# The probe's learning rate, where LoRA's 1e-2 does not fit the variant; the 5% bar is the same for all.
+# Gain-only variants (IA3, IA3-FF) train a vector per target (~1e3 values here) that rescales a random
+# tiny model, and their usual learning rate is higher than LoRA's; at 1e-2 they lower the qwen3 loss by
+# ~3% in 20 steps. SSVD, AntiPaSTO and ROAD train only angles and gains of what each layer already
+# computes: at r=4, 10 values per layer (SSVD, AntiPaSTO: r shifts + rotation angles inside W's own
+# top-r singular subspace) or d_out (ROAD road_1), where LoRA trains r·(d_in + d_out) = 512. On the
+# random-weight Qwen3 (a flat spectrum: its top-4 directions carry little of the function) 20 steps at
+# 1e-2 lower the loss by only 2-4%; on pretrained MiniLM they pass at 1e-2 (by 30%+). Measured 20-step
+# ratios at these rates, qwen3 / qwen3-4bit / minilm: ROAD 0.90 / 0.90 / 0.63, SSVD 0.92 / 0.92 / 0.65,
+# AntiPaSTO 0.92 / 0.94 / 0.63.
+PROBE_LR = {"ia3": 3e-2, "ia3ff": 3e-2, "road": 3e-2, "ssvd": 1e-1, "antipasto": 3e-1}
 
 
 @pytest.mark.parametrize("name", VARIANTS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .._config import AdapterConfig
 from .._variant import Variant
-from . import delora, dora, hra, ia3, ia3ff, lora, pissa, vera
+from . import antipasto, delora, dora, eva, hra, ia3, ia3ff, lora, pissa, road, ssvd, vera
 
 REGISTRY: dict[str, Variant] = {
     v.name: v
@@ -17,6 +17,10 @@ REGISTRY: dict[str, Variant] = {
         ia3ff.VARIANT,
         hra.VARIANT,
         vera.VARIANT,
+        ssvd.VARIANT,
+        eva.VARIANT,
+        antipasto.VARIANT,
+        road.VARIANT,
     )
 }
 
