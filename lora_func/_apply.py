@@ -15,6 +15,16 @@ Mechanics, and why:
   If the output is never differentiated, everything is removed when the output is garbage-collected.
 - HF reentrant checkpointing needs an input that requires grad; a pre-hook on each checkpointed
   layer supplies one for the duration of the forward.
+- Stacked params (`lf.stack`, a leading K on every leaf, told apart from one adapter by the leaves'
+  rank against the variant's `shapes`) run under `torch.func.vmap`, where `apply` sees one adapter,
+  or row by row with `adapter_ids` (lora_func/_mixed.py); anything else is an error.
+- Under torch.func transforms, and for mixed batches (which vmap the variant), bnb layers run through
+  `QuantizedLinear` (lora_func/_base.py): bnb's own autograd.Functions refuse torch.func and its
+  kernels have no vmap rule.
+- Under torch.compile everything closes when the forward returns (backward is AOT-compiled, nothing
+  recomputes after), and the hooks go in by swapping the modules' hook dicts (`_SwappedHooks`), since
+  `register_forward_hook` graph-breaks: one graph, and new adapter values of the same shapes reuse it.
+  HF gradient checkpointing under compile is not covered (its input-grad pre-hooks graph-break).
 """
 
 from __future__ import annotations

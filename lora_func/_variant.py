@@ -54,7 +54,9 @@ class Variant(NamedTuple):
     create_shared(targets, cfg, init) -> leaves     their initial values
     calibrated                                      `init` needs `calibration_data` (EVA, AntiPaSTO)
 
-    Forward and merge see a target's own leaves merged with the shared ones.
+    Forward and merge see a target's own leaves merged with the shared ones. `forward` and
+    `forward_input` must be vmappable (torch ops only; no `.item()`, no branching on tensor values):
+    K stacked adapters run them under `torch.func.vmap`, and so do mixed-adapter batches.
     """
 
     name: str
