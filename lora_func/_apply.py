@@ -130,6 +130,7 @@ class Injection:
         self.swapped: dict[nn.Module, dict[str, nn.Parameter]] = {}
         self.patched: dict[nn.Module, Any] = {}  # module -> its own instance-level `forward`, if any
         self.open_outputs = 0
+        self.pending = False  # registered in _PENDING (awaiting a backward)
         self.closed = False
 
     # -- when hooks act -------------------------------------------------------------------------
@@ -240,6 +241,7 @@ class Injection:
         if checkpointing:
             self.detach_base_in_recompute()
         _PENDING.setdefault(self.model, set()).add(self)
+        self.pending = True
         self.open_outputs = len(tensors)
         for t in tensors:
             t.register_hook(self._on_backward)
@@ -273,9 +275,8 @@ class Injection:
                 module.forward = own
         self.patched.clear()
         self.tasks.clear()
-        pending = _PENDING.get(self.model)
-        if pending is not None:
-            pending.discard(self)
+        if self.pending:  # only then: torch.compile would guard on _PENDING's size (a recompile per change)
+            _PENDING.get(self.model, set()).discard(self)
 
 
 def resolve_sites(model: nn.Module, params: Params, caller: str) -> list[tuple[nn.Module, Site]]:

@@ -56,7 +56,13 @@ def test_compiled_training_step_matches_eager_without_breaks_or_recompiles(dynam
     dicts = hook_dicts(model)
     compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
     # Two different adapters in turn, then the first again: a stale-weights bug would show here.
+    # Another model's eager output awaiting its backward in between changes lf.apply's global bookkeeping
+    # of pending injections; the compiled step must not be guarded on it (a recompile would raise here).
+    other = tiny_qwen3(num_hidden_layers=1)
+    awaiting = lf.apply(other, lf.init(other, cfg, seed=5), batch).loss
     for params in (adapters[0], adapters[1], adapters[0]):
+        if params is adapters[1]:
+            awaiting.backward()  # the other model's injection closes
         trainable = lf.split(params)[0]
         leaves = [t for _, _, t in trainable.leaves()]
         loss = compiled(trainable, batch)

@@ -82,7 +82,7 @@ def test_stack_refuses_mismatches():
     assert lf.stack([half, half])[a.targets[0].path]["A"].shape == (2, 4, 64)  # trainable halves stack
 
 
-def test_unstack_and_apply_detect_stacking_by_leaf_shape():
+def test_unstack_and_apply_detect_stacking_by_leaf_shape(tmp_path):
     model = tiny_qwen3()
     a = lf.init(model, lf.LoRAConfig(r=4), seed=0)
     with pytest.raises(ValueError, match="not stacked"):
@@ -93,6 +93,11 @@ def test_unstack_and_apply_detect_stacking_by_leaf_shape():
         lf.apply(model, stacked, qwen3_batch())
     with pytest.raises(ValueError, match=r"`adapter_ids` picks among stacked adapters"):
         lf.apply(model, a, qwen3_batch(), adapter_ids=torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match=r"merge: `params` stacks 3 adapters; merge each of lf\.unstack"):
+        lf.merge(model, stacked)
+    with pytest.raises(ValueError, match=r"save: `params` stacks 3 adapters; save each of lf\.unstack"):
+        lf.save(stacked, tmp_path / "stacked.safetensors")
+    assert not (tmp_path / "stacked.safetensors").exists()
     assert_untouched(model, before)
 
     path = a.targets[0].path
