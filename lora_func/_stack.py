@@ -51,7 +51,10 @@ def stack_size(params: Params, caller: str) -> int | None:
             )
     if len(sizes) > 1:
         shown = ", ".join(f"{leaf} ({'unstacked' if k is None else f'K={k}'})" for k, leaf in sizes.items())
-        raise ValueError(f"{caller}: the leaves of `params` disagree on the stack size: {shown}")
+        raise ValueError(
+            f"{caller}: the leaves of `params` disagree on the stack size: {shown}; under torch.func.vmap, "
+            "vmap over both halves of lf.split (or over the combined params), not one of them"
+        )
     return next(iter(sizes), None)
 
 

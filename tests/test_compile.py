@@ -41,7 +41,7 @@ def hook_dicts(model):
 def test_compiled_training_step_matches_eager_without_breaks_or_recompiles(dynamo):
     model = tiny_qwen3(num_hidden_layers=1)
     batch = qwen3_batch()
-    cfg = lf.PiSSAConfig(r=4)  # frozen leaves too: `combine` inside the compiled step
+    cfg = lf.DeLoRAConfig(r=4)  # a frozen leaf too: `combine` inside the compiled step
     adapters = [moved(lf.init(model, cfg, seed=s), seed=10 + s) for s in range(2)]
     frozen = lf.split(adapters[0])[1]
 

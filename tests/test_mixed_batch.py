@@ -61,8 +61,12 @@ def row_outputs(model, adapters, batch, ids):
     return torch.cat(rows)
 
 
-@pytest.mark.parametrize("pattern", sorted(ID_PATTERNS))
-@pytest.mark.parametrize("name", VARIANTS)
+# Every variant through both ways of running groups; LoRA through every layout.
+CASES = [(name, pattern) for name in VARIANTS for pattern in ("scattered", "one-adapter")]
+CASES += [("lora", pattern) for pattern in sorted(ID_PATTERNS) if pattern not in ("scattered", "one-adapter")]
+
+
+@pytest.mark.parametrize("name, pattern", CASES)
 def test_mixed_batch_equals_rows_run_alone(name, pattern):
     """Inference and training: each row as if run with its own adapter; gradients only to the adapters used."""
     ids = ID_PATTERNS[pattern]

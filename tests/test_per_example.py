@@ -51,7 +51,7 @@ def assert_grads_equal(grads, params, expected, rtol=1e-5, atol=1e-6):
 @pytest.mark.parametrize("build", [tiny_qwen3, tiny_qwen3_4bit], ids=["qwen3", "qwen3-4bit"])
 def test_per_example_grads_equal_a_loop_over_examples(build):
     model = build()
-    params = moved(lf.init(model, lf.PiSSAConfig(r=4)))  # a frozen half too
+    params = moved(lf.init(model, lf.DeLoRAConfig(r=4)))  # a frozen half too
     batch = qwen3_batch(batch=4)
     before = snapshot(model)
     grads = lf.per_example_grads(model, params, batch, token_losses(batch["labels"]))
@@ -88,7 +88,8 @@ def test_per_example_grads_with_padding_and_attention_mask():
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented")
 def test_vmap_grad_recipe_over_examples_equals_the_helper():
-    """The torch.func recipe, `vmap(grad(loss), in_dims=(None, 0))`, for models without a padding mask."""
+    """The torch.func recipe, `vmap(grad(loss), in_dims=(None, 0))`, equals the loop and the helper
+    (for models without a padding mask; see the test above)."""
     model = tiny_qwen3()
     params = moved(lf.init(model, lf.LoRAConfig(r=4)))
     batch = qwen3_batch(batch=3)
@@ -99,6 +100,7 @@ def test_vmap_grad_recipe_over_examples_equals_the_helper():
         return lf.apply(model, lf.combine(t, frozen), one).loss
 
     recipe = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0))(trainable, batch)
+    assert_grads_equal(recipe, params, loop_grads(model, params, batch, lambda example: lambda out: out.loss))
     helper = lf.per_example_grads(model, params, batch, token_losses(batch["labels"]))
     for path, leaf, g in helper.leaves():
         torch.testing.assert_close(recipe[path][leaf], g, rtol=1e-5, atol=1e-6, msg=f"{path}.{leaf}")

@@ -34,7 +34,7 @@ def k_adapters(model, cfg=None):
 
 def test_stack_unstack_roundtrip():
     model = tiny_qwen3()
-    adapters = k_adapters(model, lf.PiSSAConfig(r=4))  # trainable and frozen leaves
+    adapters = k_adapters(model, lf.DeLoRAConfig(r=4))  # trainable and frozen leaves
     stacked = lf.stack(adapters)
     assert stacked.config == adapters[0].config and stacked.targets == adapters[0].targets
     for path, leaf, t in stacked.leaves():
@@ -114,10 +114,10 @@ def test_unstack_and_apply_detect_stacking_by_leaf_shape(tmp_path):
 
 @pytest.mark.parametrize("build", [tiny_qwen3, tiny_qwen3_4bit], ids=["qwen3", "qwen3-4bit"])
 def test_vmap_over_stack_equals_separate_runs(build):
-    """Outputs, `vmap(grad)` gradients and `vmap` of a PiSSA-style split all equal K separate runs."""
+    """Outputs and `vmap(grad)` gradients (over the trainable half) equal K separate runs."""
     model = build()
     batch = qwen3_batch()
-    adapters = k_adapters(model)
+    adapters = k_adapters(model, lf.DeLoRAConfig(r=4))  # a frozen leaf: stacked and combined under vmap
     stacked = lf.stack(adapters)
     before = snapshot(model)
 
@@ -125,10 +125,14 @@ def test_vmap_over_stack_equals_separate_runs(build):
     expected = torch.stack([lf.apply(model, p, batch).logits for p in adapters]).detach()
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
-    trainable, frozen = lf.split(stacked)
-    grads, losses = torch.func.vmap(
-        torch.func.grad_and_value(lambda t: lf.apply(model, lf.combine(t, frozen), batch).loss)
-    )(trainable)
+    trainable, frozen = lf.split(stacked)  # both halves stacked: vmap maps over both
+
+    def loss(t, f):
+        return lf.apply(model, lf.combine(t, f), batch).loss
+
+    grads, losses = torch.func.vmap(torch.func.grad_and_value(loss))(trainable, frozen)
+    with pytest.raises(ValueError, match=r"disagree on the stack size.*vmap over both halves"):
+        torch.func.vmap(lambda t: loss(t, frozen))(trainable)  # the frozen half left stacked inside
     for k, p in enumerate(adapters):
         loss = lf.apply(model, p, batch).loss
         loss.backward()
