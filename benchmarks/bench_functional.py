@@ -7,7 +7,8 @@ seq 128, batch 4, LoRA r=8 on all seven projections, 2 threads, base weights fro
 section run in one process, alternating (the order rotates each round); figures are medians.
 
 1. K=8 adapters, forward+backward: `vmap(grad)` over `lf.stack`ed adapters (with the default SDPA
-   kernel, which vmap runs as a loop over K, and with SDPA's math backend), a Python loop of
+   kernel, which vmap runs as a loop over K, and with SDPA's math backend), the same K gradients from
+   one `adapter_ids` call on the batch repeated K times (no vmap over the model), a Python loop of
    `lf.apply` + backward, PEFT switching adapters with `set_adapter`, and the limit K x ideal (ideal:
    base forward + input-gradient backward, no adapter; timed as K such calls).
 2. A mixed batch, 8 rows with 8 different adapters, inference: `lf.apply(..., adapter_ids=...)`, PEFT's
@@ -138,6 +139,17 @@ def k_adapters(model, params, batch, repeats: int) -> dict[str, list[float]]:
         with sdpa_kernel([SDPBackend.MATH]):
             return vmapped()
 
+    k, rows = len(params), batch["input_ids"].shape[0]
+    repeated = {name: t.repeat(k, *[1] * (t.dim() - 1)) for name, t in batch.items()}
+    ids = torch.arange(k).repeat_interleave(rows)
+
+    def mixed_rows():
+        # The same K gradients without vmap over the model: the batch repeated K times, block k of rows
+        # running adapter k. HF's loss is the mean over all K blocks, so x K gives each adapter its own mean.
+        (lf.apply(model, stacked, repeated, adapter_ids=ids).loss * k).backward()
+        for _, _, t in stacked.leaves():
+            t.grad = None
+
     def loop():
         for p in params:
             lf.apply(model, p, batch).loss.backward()
@@ -160,6 +172,7 @@ def k_adapters(model, params, batch, repeats: int) -> dict[str, list[float]]:
             "K x ideal": ideal,
             "lora_func vmap": vmapped,
             "lora_func vmap, SDPA math backend": vmapped_math_sdpa,
+            "lora_func adapter_ids on K x batch rows": mixed_rows,
             "lora_func loop": loop,
             "PEFT set_adapter loop": peft_loop,
         },
@@ -278,6 +291,7 @@ def main() -> None:
     ratios = {
         "vmap / (K x ideal)": ratio(k, "lora_func vmap", "K x ideal"),
         "vmap (SDPA math) / (K x ideal)": ratio(k, "lora_func vmap, SDPA math backend", "K x ideal"),
+        "adapter_ids on K x rows / (K x ideal)": ratio(k, "lora_func adapter_ids on K x batch rows", "K x ideal"),
         "loop / (K x ideal)": ratio(k, "lora_func loop", "K x ideal"),
         "PEFT loop / (K x ideal)": ratio(k, "PEFT set_adapter loop", "K x ideal"),
         "PEFT loop / vmap": ratio(k, "PEFT set_adapter loop", "lora_func vmap"),

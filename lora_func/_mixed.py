@@ -28,6 +28,7 @@ for backward, and repeat the per-call work B times (for DoRA, B products of size
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -46,9 +47,13 @@ def _id_list(adapter_ids: torch.Tensor | Sequence[int], caller: str) -> list[int
         return adapter_ids.tolist()
     if isinstance(adapter_ids, (str, bytes)) or not isinstance(adapter_ids, Sequence):
         raise TypeError(f"{caller}: `adapter_ids` must be a 1-D integer tensor or a sequence of ints")
-    ids = list(adapter_ids)
-    for row, a in enumerate(ids):
-        if isinstance(a, bool) or not isinstance(a, int):
+    ids = []
+    for row, a in enumerate(adapter_ids):
+        try:
+            ids.append(operator.index(a))  # ints, numpy integers; not floats
+        except TypeError:
+            raise TypeError(f"{caller}: `adapter_ids` must hold ints, got {a!r} at row {row}") from None
+        if isinstance(a, bool):
             raise TypeError(f"{caller}: `adapter_ids` must hold ints, got {a!r} at row {row}")
     return ids
 

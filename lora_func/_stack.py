@@ -68,6 +68,10 @@ def stack(adapters: Sequence[Params]) -> Params:
     >>> logits = torch.func.vmap(lambda p: lf.apply(model, p, batch).logits)(stacked)  # (8, B, T, V)
     >>> out = lf.apply(model, stacked, batch, adapter_ids=torch.tensor([0, 3, -1, 7]))  # one adapter per row
 
+    The same K forward/backward passes also run without vmap over the model: repeat the batch K times
+    and give block k of rows adapter k (`adapter_ids=torch.arange(K).repeat_interleave(B)`); the model
+    then sees one ordinary batch, which suits models with ops vmap cannot batch (SDPA on CPU).
+
     Outside torch.func transforms the result holds new leaf tensors (not views of the inputs); a stacked
     leaf requires grad when the inputs' leaves do, so `torch.optim` can train the stack directly. Inside a
     transform, `stack` is an ordinary differentiable `torch.stack`.

@@ -162,6 +162,7 @@ def test_adapter_ids_bad_input_names_the_argument():
         (torch.tensor([0.0, 1.0, 2.0, 0.0]), TypeError, r"`adapter_ids` must hold integers"),
         (torch.tensor([True, False, True, True]), TypeError, r"`adapter_ids` must hold integers"),
         ([0, 1.5, 2, 0], TypeError, r"`adapter_ids` must hold ints, got 1\.5 at row 1"),
+        ([0, True, 2, 0], TypeError, r"`adapter_ids` must hold ints, got True at row 1"),
         ("0120", TypeError, r"`adapter_ids` must be a 1-D integer tensor or a sequence of ints"),
         (torch.tensor([], dtype=torch.long), ValueError, r"`adapter_ids` is empty"),
     ]

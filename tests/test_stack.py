@@ -142,6 +142,20 @@ def test_vmap_over_stack_equals_separate_runs(build):
     assert_untouched(model, before)
 
 
+def test_k_adapters_on_a_repeated_batch_equal_vmap():
+    """The other way to run K adapters in one pass: the batch repeated K times, block k using adapter k."""
+    model = tiny_qwen3()
+    batch = qwen3_batch()
+    stacked = lf.stack(k_adapters(model))
+    rows = batch["input_ids"].shape[0]
+    repeated = {name: t.repeat(K, 1) for name, t in batch.items()}
+    ids = torch.arange(K).repeat_interleave(rows)
+    (lf.apply(model, stacked, repeated, adapter_ids=ids).loss * K).backward()  # HF's loss: the mean over K blocks
+    expected = torch.func.vmap(torch.func.grad(lambda p: lf.apply(model, p, batch).loss))(lf.split(stacked)[0])
+    for path, leaf, t in lf.split(stacked)[0].leaves():
+        torch.testing.assert_close(t.grad, expected[path][leaf], rtol=1e-5, atol=1e-6, msg=f"{path}.{leaf}")
+
+
 def test_vmap_trains_k_learning_rates_at_once():
     """K adapters, one `vmap(grad)` per step, each with its own learning rate: equal to K separate loops."""
     model = tiny_qwen3()
