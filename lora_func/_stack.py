@@ -3,8 +3,9 @@
 A stacked adapter is what `torch.func.vmap` maps over (K adapters in one pass, `vmap(grad(...))` trains
 K at once) and what `apply(..., adapter_ids=...)` picks rows from. Whether params are stacked is read
 from the leaves themselves: a leaf is stacked when its shape is `(K, *declared)`, `declared` being the
-variant's `shapes` (or `shared_shapes`) for that target. Under `vmap` the K dimension is hidden, so
-the same params look unstacked to the `apply` inside.
+variant's `shapes` for that target (for shared leaves, whose size depends on the target set, only the
+rank of `shared_shapes` is compared). Under `vmap` the K dimension is hidden, so the same params look
+unstacked to the `apply` inside.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def stack_size(params: Params, caller: str) -> int | None:
         if want is None:
             raise ValueError(f"{caller}: `params` has a leaf {path}.{leaf} that its variant does not declare")
         shape = tuple(tensor.shape)
+        if path == SHARED:
+            # Shared leaves are sized for the targets they were made for, which may be more than
+            # `params.targets` (an adapter cut down to some targets keeps them whole): rank only.
+            want = shape[len(shape) - len(want) :] if len(shape) in (len(want), len(want) + 1) else want
         if shape == want:
             sizes.setdefault(None, f"{path}.{leaf}")
         elif len(shape) == len(want) + 1 and shape[1:] == want:
