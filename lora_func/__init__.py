@@ -6,6 +6,8 @@
 """
 
 from ._apply import apply as apply
+from ._attribution import grad_dots as grad_dots
+from ._attribution import per_example_grads as per_example_grads
 from ._config import AdapterConfig as AdapterConfig
 from ._distributed import all_reduce_grads as all_reduce_grads
 from ._init import init as init
@@ -19,6 +21,8 @@ from ._peft import from_peft as from_peft
 from ._peft import to_peft as to_peft
 from ._serialize import load as load
 from ._serialize import save as save
+from ._stack import stack as stack
+from ._stack import unstack as unstack
 from ._targets import Target as Target
 from ._version import __version__ as __version__
 from .variants.antipasto import AntiPaSTOConfig as AntiPaSTOConfig

@@ -15,12 +15,23 @@ Mechanics, and why:
   If the output is never differentiated, everything is removed when the output is garbage-collected.
 - HF reentrant checkpointing needs an input that requires grad; a pre-hook on each checkpointed
   layer supplies one for the duration of the forward.
+- Stacked params (`lf.stack`, a leading K on every leaf, told apart from one adapter by the leaves'
+  rank against the variant's `shapes`) run under `torch.func.vmap`, where `apply` sees one adapter,
+  or row by row with `adapter_ids` (lora_func/_mixed.py); anything else is an error.
+- Under torch.func transforms, and for mixed batches (which vmap the variant), bnb layers run through
+  `QuantizedLinear` (lora_func/_base.py): bnb's own autograd.Functions refuse torch.func and its
+  kernels have no vmap rule.
+- Under torch.compile everything closes when the forward returns (backward is AOT-compiled, nothing
+  recomputes after), and the hooks go in by swapping the modules' hook dicts (`_SwappedHooks`), since
+  `register_forward_hook` graph-breaks: one graph, and new adapter values of the same shapes reuse it.
+  HF gradient checkpointing under compile is not covered (its input-grad pre-hooks graph-break).
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,7 +41,9 @@ from torch.autograd import Variable
 
 from ._base import QuantizedLinear, quantization
 from ._config import config_for
+from ._mixed import AdapterRows
 from ._params import SHARED, Params
+from ._stack import stack_size
 from ._targets import is_linear_like
 from ._variant import Site, Variant
 from .variants import variant_for
@@ -75,6 +88,36 @@ def _in_transform() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None or torch.compiler.is_compiling()
 
 
+class _SwappedHooks:
+    """A hook added under torch.compile, where `register_forward_hook` graph-breaks (its RemovableHandle
+    bumps a class attribute) and item assignment on a module's hook dicts does too. Instead the module's
+    hook dicts are replaced by copies holding the hook, and the originals put back by `remove`; dynamo
+    traces both attribute writes. The originals are read through `__dict__`, which gives dynamo a
+    reference to the objects themselves (a plain attribute read of an empty hook dict gives a fresh
+    `{}`, and restoring that would leave the module with plain dicts instead of its own). Under compile
+    the hooks never outlive the call, so restores run in reverse order of the swaps and nest correctly.
+    """
+
+    def __init__(self, module: nn.Module, hook: Any, pre: bool) -> None:
+        names = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs") if pre else _FORWARD_HOOK_DICTS
+        self.module = module
+        self.originals = [(name, module.__dict__[name]) for name in names]
+        (_, hooks), (_, with_kwargs) = self.originals
+        key = ("lora_func", len(hooks))
+        swapped_hooks, swapped_kwargs = type(hooks)(hooks), type(with_kwargs)(with_kwargs)
+        swapped_hooks[key] = hook
+        swapped_kwargs[key] = True
+        setattr(module, names[0], swapped_hooks)
+        setattr(module, names[1], swapped_kwargs)
+
+    def remove(self) -> None:
+        for name, original in self.originals:
+            setattr(self.module, name, original)
+
+
+_FORWARD_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs")
+
+
 class Injection:
     """The hooks that put one adapter into one model, for one call and (if needed) its backward."""
 
@@ -87,6 +130,7 @@ class Injection:
         self.swapped: dict[nn.Module, dict[str, nn.Parameter]] = {}
         self.patched: dict[nn.Module, Any] = {}  # module -> its own instance-level `forward`, if any
         self.open_outputs = 0
+        self.pending = False  # registered in _PENDING (awaiting a backward)
         self.closed = False
 
     # -- when hooks act -------------------------------------------------------------------------
@@ -108,9 +152,12 @@ class Injection:
         return True
 
     # -- hooks ----------------------------------------------------------------------------------
-    def add_target(self, module: nn.Module, variant: Variant, leaves: dict, site: Site) -> None:
+    def add_target(
+        self, module: nn.Module, variant: Variant, leaves: dict, site: Site, rows: AdapterRows | None = None
+    ) -> None:
+        """Hook `module` with the variant's forward; with `rows`, each batch row uses its own adapter."""
         if variant.forward_input is not None:
-            transform = variant.forward_input
+            transform = variant.forward_input if rows is None else partial(rows.forward_input, variant.forward_input)
 
             def pre_hook(mod, args, kwargs):
                 if not self.live():
@@ -120,9 +167,9 @@ class Injection:
                 key = next(iter(kwargs))
                 return args, {**kwargs, key: transform(kwargs[key], leaves, site)}
 
-            self.handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            self.add_hook(module, pre_hook, pre=True)
         else:
-            forward = variant.forward
+            forward = variant.forward if rows is None else partial(rows.forward, variant.forward)
 
             def hook(mod, args, kwargs, output):
                 if not self.live():
@@ -130,7 +177,15 @@ class Injection:
                 x = args[0] if args else next(iter(kwargs.values()))
                 return forward(x, output, leaves, site)
 
-            self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            self.add_hook(module, hook, pre=False)
+
+    def add_hook(self, module: nn.Module, hook: Any, *, pre: bool) -> None:
+        """Register a with-kwargs forward (pre-)hook for this call; `close` removes it."""
+        if not torch.compiler.is_compiling():
+            register = module.register_forward_pre_hook if pre else module.register_forward_hook
+            self.handles.append(register(hook, with_kwargs=True))
+            return
+        self.handles.append(_SwappedHooks(module, hook, pre))
 
     def require_input_grad(self, layers: list[nn.Module]) -> list[Any]:
         """Reentrant checkpointing drops gradients unless an input requires grad: give the first one that."""
@@ -186,6 +241,7 @@ class Injection:
         if checkpointing:
             self.detach_base_in_recompute()
         _PENDING.setdefault(self.model, set()).add(self)
+        self.pending = True
         self.open_outputs = len(tensors)
         for t in tensors:
             t.register_hook(self._on_backward)
@@ -206,7 +262,7 @@ class Injection:
         if self.closed:
             return
         self.closed = True
-        for handle in self.handles:
+        for handle in reversed(self.handles):
             handle.remove()
         self.handles.clear()
         for module, saved in self.swapped.items():
@@ -219,9 +275,8 @@ class Injection:
                 module.forward = own
         self.patched.clear()
         self.tasks.clear()
-        pending = _PENDING.get(self.model)
-        if pending is not None:
-            pending.discard(self)
+        if self.pending:  # only then: torch.compile would guard on _PENDING's size (a recompile per change)
+            _PENDING.get(self.model, set()).discard(self)
 
 
 def resolve_sites(model: nn.Module, params: Params, caller: str) -> list[tuple[nn.Module, Site]]:
@@ -239,11 +294,20 @@ def resolve_sites(model: nn.Module, params: Params, caller: str) -> list[tuple[n
                 f"{caller}: target {target.path!r} is {module.in_features} -> {module.out_features} in the model, "
                 f"but the adapter was built for {target.d_in} -> {target.d_out}"
             )
-        sites.append((module, Site(target, config_for(params.config, target.path), module)))
+        cfg = params.config
+        # config_for is an lru_cache, which torch.compile warns about: only call it when it has work to do.
+        target_cfg = config_for(cfg, target.path) if cfg.rank_pattern or cfg.alpha_pattern else cfg
+        sites.append((module, Site(target, target_cfg, module)))
     return sites
 
 
-def apply(model: nn.Module, params: Params, batch: Any, *, adapter_ids: torch.Tensor | None = None) -> Any:
+def apply(
+    model: nn.Module,
+    params: Params,
+    batch: Any,
+    *,
+    adapter_ids: torch.Tensor | Sequence[int] | None = None,
+) -> Any:
     """Run `model` on `batch` with the adapter `params` injected; the model is left as it was.
 
     `batch`: a Mapping is called as `model(**batch)`, a tuple/list as `model(*batch)`, anything else as
@@ -251,15 +315,35 @@ def apply(model: nn.Module, params: Params, batch: Any, *, adapter_ids: torch.Te
 
     >>> loss = lf.apply(model, params, batch).loss
     >>> loss.backward()  # gradients land on the trainable leaves only
+
+    Stacked params (`lf.stack`, K adapters) run either under `torch.func.vmap`, all K on the whole batch,
+    or with `adapter_ids`: one id per batch row (1-D integer tensor or ints), row i using adapter
+    `adapter_ids[i]` and -1 the base model. Inference and training both work, for every variant; each
+    adapter's gradient comes from its own rows only. Cost: see `lora_func/_mixed.py`.
+
+    >>> out = lf.apply(model, lf.stack([p0, p1, p2]), batch, adapter_ids=torch.tensor([2, 0, -1, 2]))
     """
     if not isinstance(params, Params):
         raise TypeError(
             f"apply: `params` must be lora_func Params (from lf.init or lf.load), got {type(params).__name__}"
         )
-    if adapter_ids is not None:
-        raise NotImplementedError("apply: `adapter_ids` (mixed-adapter batches) is not available yet")
     variant = variant_for(params.config, caller="apply")
     sites = resolve_sites(model, params, "apply")
+    count = stack_size(params, "apply")
+    rows = None
+    if adapter_ids is not None:
+        if count is None:
+            raise ValueError(
+                "apply: `adapter_ids` picks among stacked adapters, but `params` holds a single adapter; "
+                "stack K adapters with lf.stack"
+            )
+        rows = AdapterRows(adapter_ids, count, "apply")
+    elif count is not None:
+        raise ValueError(
+            f"apply: `params` stacks {count} adapters (a leading dimension of {count} on every leaf); run them "
+            "with torch.func.vmap(lambda p: lf.apply(model, p, batch))(params), or give `adapter_ids` "
+            "to pick one adapter per batch row"
+        )
     layers = _checkpointed_layers(model)
     in_transform = _in_transform()
     if in_transform and layers and not torch.compiler.is_compiling():
@@ -270,8 +354,8 @@ def apply(model: nn.Module, params: Params, batch: Any, *, adapter_ids: torch.Te
         )
     injection = Injection(model, "apply")
     for module, site in sites:
-        injection.add_target(module, variant, with_shared(params, site.target.path), site)
-    if in_transform:
+        injection.add_target(module, variant, with_shared(params, site.target.path), site, rows)
+    if in_transform or rows is not None:  # mixed batches vmap the variants, which may call the base layer
         injection.route_quantized_layers()
     input_grad_handles = injection.require_input_grad(layers) if layers else []
     overrides = _trainable_base(model) if torch.is_grad_enabled() else None

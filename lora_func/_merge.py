@@ -8,6 +8,7 @@ from torch import nn
 from ._apply import resolve_sites, with_shared
 from ._base import base_bias, dense_weight, quantization
 from ._params import Params
+from ._stack import stack_size
 from .variants import variant_for
 
 
@@ -24,6 +25,9 @@ def merge(model: nn.Module, params: Params) -> dict[str, torch.Tensor]:
     if not isinstance(params, Params):
         raise TypeError(f"merge: `params` must be lora_func Params, got {type(params).__name__}")
     variant = variant_for(params.config, caller="merge")
+    count = stack_size(params, "merge")
+    if count is not None:
+        raise ValueError(f"merge: `params` stacks {count} adapters; merge each of lf.unstack(params)")
     merged: dict[str, torch.Tensor] = {}
     for module, site in resolve_sites(model, params, "merge"):
         path = site.target.path

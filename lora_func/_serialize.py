@@ -13,6 +13,7 @@ from torch import nn
 
 from ._config import AdapterConfig, config_for, config_from_json, config_to_json
 from ._params import SHARED, Params
+from ._stack import stack_size
 from ._targets import Target, is_linear_like
 from ._version import __version__
 from .variants import REGISTRY, variant_for
@@ -29,6 +30,9 @@ def save(params: Params, path: str | os.PathLike) -> None:
     if not isinstance(params, Params):
         raise TypeError(f"save: `params` must be lora_func Params, got {type(params).__name__}")
     variant = variant_for(params.config, caller="save")
+    count = stack_size(params, "save")
+    if count is not None:  # `load` reads one adapter
+        raise ValueError(f"save: `params` stacks {count} adapters; save each of lf.unstack(params)")
     for p, leaf, t in params.leaves():  # a file `load` would refuse is not written
         if t.dtype != params.config.dtype:
             raise ValueError(f"save: leaf {p}.{leaf} has dtype {t.dtype}, the config says {params.config.dtype}")

@@ -65,7 +65,9 @@ class Variant(NamedTuple):
     allocate(targets, cfg, stats) -> (cfg, targets) after calibration, a refined config and the targets
                                                     that keep an adapter (EVA's rank redistribution)
 
-    Forward and merge see a target's own leaves merged with the shared ones.
+    Forward and merge see a target's own leaves merged with the shared ones. `forward` and
+    `forward_input` must be vmappable (torch ops only; no `.item()`, no branching on tensor values):
+    K stacked adapters run them under `torch.func.vmap`, and so do mixed-adapter batches.
     """
 
     name: str

@@ -64,7 +64,7 @@ def row_norm(leaves: Leaves, site: Site, dtype: torch.dtype) -> torch.Tensor:
         M = torch.addmm(WA.t(), B, A @ A.t(), beta=2 * s, alpha=s * s)  # 2s W Aᵀ + s² B (A Aᵀ), (d_out, r)
         # Σ_k B_ik M_ik = 2s W_i · (B A)_i + s² ‖(B A)_i‖²
         sq = leaves["weight_sq_norm"].to(acc) + torch.linalg.vecdot(B, M)
-        return sq.clamp_(min=0).sqrt_()
+        return sq.clamp(min=0).sqrt()  # out of place: vmap (stacked or mixed adapters) has no rule for clamp_
 
 
 def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:

@@ -1,0 +1,153 @@
+"""`stack` / `unstack`: K adapters as one pytree with a leading K dimension on every leaf.
+
+A stacked adapter is what `torch.func.vmap` maps over (K adapters in one pass, `vmap(grad(...))` trains
+K at once) and what `apply(..., adapter_ids=...)` picks rows from. Whether params are stacked is read
+from the leaves themselves: a leaf is stacked when its shape is `(K, *declared)`, `declared` being the
+variant's `shapes` for that target (for shared leaves, whose size depends on the target set, only the
+rank of `shared_shapes` is compared). Under `vmap` the K dimension is hidden, so the same params look
+unstacked to the `apply` inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._config import config_for
+from ._params import SHARED, Params
+from .variants import variant_for
+
+
+def declared_shapes(params: Params, caller: str) -> dict[str, dict[str, tuple[int, ...]]]:
+    """`{path: {leaf: shape}}` of one (unstacked) adapter with `params`' config and targets."""
+    variant = variant_for(params.config, caller=caller)
+    cfg = params.config
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for target in params.targets:
+        target_cfg = cfg if not (cfg.rank_pattern or cfg.alpha_pattern) else config_for(cfg, target.path)
+        shapes[target.path] = {k: tuple(v) for k, v in variant.shapes(target, target_cfg).items()}
+    if variant.shared_shapes is not None:
+        shapes[SHARED] = {k: tuple(v) for k, v in variant.shared_shapes(params.targets, cfg).items()}
+    return shapes
+
+
+def stack_size(params: Params, caller: str) -> int | None:
+    """K when every leaf is `(K, *declared)`, None when every leaf has its declared shape; else an error."""
+    declared = declared_shapes(params, caller)
+    sizes: dict[int | None, str] = {}
+    for path, leaf, tensor in params.leaves():
+        want = declared.get(path, {}).get(leaf)
+        if want is None:
+            raise ValueError(f"{caller}: `params` has a leaf {path}.{leaf} that its variant does not declare")
+        shape = tuple(tensor.shape)
+        if path == SHARED:
+            # Shared leaves are sized for the targets they were made for, which may be more than
+            # `params.targets` (an adapter cut down to some targets keeps them whole): rank only.
+            want = shape[len(shape) - len(want) :] if len(shape) in (len(want), len(want) + 1) else want
+        if shape == want:
+            sizes.setdefault(None, f"{path}.{leaf}")
+        elif len(shape) == len(want) + 1 and shape[1:] == want:
+            sizes.setdefault(shape[0], f"{path}.{leaf}")
+        else:
+            raise ValueError(
+                f"{caller}: leaf {path}.{leaf} has shape {shape}; its variant declares {want} "
+                f"(or (K, {', '.join(map(str, want))}) for K stacked adapters)"
+            )
+    if len(sizes) > 1:
+        shown = ", ".join(f"{leaf} ({'unstacked' if k is None else f'K={k}'})" for k, leaf in sizes.items())
+        raise ValueError(
+            f"{caller}: the leaves of `params` disagree on the stack size: {shown}; under torch.func.vmap, "
+            "vmap over both halves of lf.split (or over the combined params), not one of them"
+        )
+    return next(iter(sizes), None)
+
+
+def stack(adapters: Sequence[Params]) -> Params:
+    """K adapters of one config and one set of targets as one: every leaf gains a leading K dimension.
+
+    `torch.func.vmap` runs the K adapters in one pass (the base layers see K times the rows), and
+    `vmap(grad(...))` trains them at once (K seeds, K learning rates, ...):
+
+    >>> stacked = lf.stack([lf.init(model, cfg, seed=s) for s in range(8)])
+    >>> logits = torch.func.vmap(lambda p: lf.apply(model, p, batch).logits)(stacked)  # (8, B, T, V)
+    >>> out = lf.apply(model, stacked, batch, adapter_ids=torch.tensor([0, 3, -1, 7]))  # one adapter per row
+
+    The same K forward/backward passes also run without vmap over the model: repeat the batch K times
+    and give block k of rows adapter k (`adapter_ids=torch.arange(K).repeat_interleave(B)`); the model
+    then sees one ordinary batch, which suits models with ops vmap cannot batch (SDPA on CPU).
+
+    Outside torch.func transforms the result holds new leaf tensors (not views of the inputs); a stacked
+    leaf requires grad when the inputs' leaves do, so `torch.optim` can train the stack directly. Inside a
+    transform, `stack` is an ordinary differentiable `torch.stack`.
+    """
+    if isinstance(adapters, Params):
+        raise TypeError("stack: `adapters` must be a sequence of Params, got a single Params")
+    adapters = list(adapters)
+    if not adapters:
+        raise ValueError("stack: `adapters` is empty; give at least one Params")
+    for i, p in enumerate(adapters):
+        if not isinstance(p, Params):
+            raise TypeError(f"stack: `adapters[{i}]` must be lora_func Params, got {type(p).__name__}")
+    first = adapters[0]
+    for i, p in enumerate(adapters[1:], start=1):
+        if p.config != first.config:
+            raise ValueError(f"stack: `adapters[{i}]` has config {p.config!r}, `adapters[0]` has {first.config!r}")
+        if p.targets != first.targets:
+            theirs, ours = {t.path for t in p.targets}, {t.path for t in first.targets}
+            diff = sorted(theirs ^ ours)[:3] or "the same paths with other shapes or roles"
+            raise ValueError(f"stack: `adapters[{i}]` has other targets than `adapters[0]`: {diff}")
+        names = [(path, leaf) for path, leaf, _ in p.leaves()]
+        if names != [(path, leaf) for path, leaf, _ in first.leaves()]:
+            raise ValueError(f"stack: `adapters[{i}]` has other leaves than `adapters[0]` (mixing split halves?)")
+        for path, leaf, tensor in p.leaves():
+            ref = first[path][leaf]
+            if tensor.shape != ref.shape or tensor.dtype != ref.dtype or tensor.device != ref.device:
+                raise ValueError(
+                    f"stack: `adapters[{i}]` leaf {path}.{leaf} is {tuple(tensor.shape)} {tensor.dtype} on "
+                    f"{tensor.device}; `adapters[0]` has {tuple(ref.shape)} {ref.dtype} on {ref.device}"
+                )
+    from ._apply import _in_transform
+
+    fresh = not _in_transform()
+    entries = {}
+    for path in first:
+        entry = {}
+        for leaf in first[path]:
+            tensors = [p[path][leaf] for p in adapters]
+            if fresh:
+                stacked = torch.stack([t.detach() for t in tensors]).requires_grad_(
+                    any(t.requires_grad for t in tensors)
+                )
+            else:
+                stacked = torch.stack(tensors)
+            entry[leaf] = stacked
+        entries[path] = entry
+    return first.replace(entries)
+
+
+def unstack(params: Params) -> list[Params]:
+    """The K adapters of a stacked `params` (see `stack`), each with its own copy of its leaves.
+
+    >>> for k, p in enumerate(lf.unstack(stacked)): lf.save(p, f"adapter_{k}.safetensors")
+
+    Outside torch.func transforms each leaf is a new tensor (requires grad as the stacked leaf does);
+    inside a transform `unstack` is a differentiable `unbind`.
+    """
+    if not isinstance(params, Params):
+        raise TypeError(f"unstack: `params` must be lora_func Params, got {type(params).__name__}")
+    size = stack_size(params, "unstack")
+    if size is None:
+        raise ValueError("unstack: `params` is not stacked (its leaves have the shapes of one adapter)")
+    from ._apply import _in_transform
+
+    fresh = not _in_transform()
+    adapters: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(size)]
+    for path, entry in params.items():
+        for adapter in adapters:
+            adapter[path] = {}
+        for leaf, tensor in entry.items():
+            parts = tensor.detach().unbind(0) if fresh else tensor.unbind(0)
+            for adapter, part in zip(adapters, parts):
+                adapter[path][leaf] = part.clone().requires_grad_(tensor.requires_grad) if fresh else part
+    return [params.replace(entries) for entries in adapters]
