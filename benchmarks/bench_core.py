@@ -59,6 +59,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Measure the lora_func of this checkout, not whichever one is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -319,6 +321,7 @@ def run(repeats: int, warmup: int) -> dict:
             "repeats": repeats,
             "warmup": warmup,
             "dora": has_dora,
+            "lora_func": str(Path(lf.__file__).parent),
             "torch": torch.__version__,
             "python": platform.python_version(),
             "machine": platform.machine(),
