@@ -1,0 +1,422 @@
+"""Core benchmark: lora_func LoRA against PEFT and against a zero-cost adapter, on the bench model.
+
+    python benchmarks/bench_core.py [--quick] [--out results/bench_core.json]
+
+Bench model (DESIGN.md, "Performance"): a randomly initialised Qwen3ForCausalLM, hidden 512, 6 layers,
+intermediate 1408, vocab 4096, 8 query / 4 key-value heads of 64 (~22M parameters); batch 4 × seq 128
+with the LM loss; LoRA r=8, alpha=16 on all seven projections of every layer; 2 threads.
+
+Contenders share one process and one set of base weights (deep copies), and are timed alternately:
+each repeat runs every contender once, in an order that rotates, so drift in machine load (other
+processes, thermal state) spreads over all of them instead of biasing one. We report medians after
+warmup; `gc.collect()` runs before every timed call, outside the timing.
+
+Training step = forward + loss + backward + zeroing the adapter gradients (set to None), with no
+optimizer step for anyone:
+- ideal: the frozen base run on `inputs_embeds` that require grad, so backward computes the input
+  gradient through every layer and no weight gradient: what a zero-cost adapter would take.
+- lora_func: `lf.apply` on the base model with its parameters left at `requires_grad=True`, as a
+  freshly loaded HF model has them (lora_func must not compute base gradients all the same).
+- peft: `get_peft_model` with the same LoRA config (`lora_dropout=0`), which freezes its base copy.
+- DoRA rows (lora_func DoRA, PEFT `use_dora=True`) only when `lf.DoRAConfig` exists.
+
+Inference (no_grad, eval mode, no labels): the base forward; lora_func unmerged (`lf.apply`); merged
+(`functional_call` with the weights from `lf.merge`, computed once outside the timing); PEFT unmerged.
+At init every adapter is the identity (B = 0), which does not change the work done; the script checks
+that all contenders compute the same loss before timing them.
+
+Clocks: wall time (the DESIGN.md measure) and process CPU time (all threads) are both recorded. On a
+machine shared with other jobs, wall time at 2 threads mostly measures the other jobs, and OpenMP's
+spin-waiting inflates CPU time too; `--threads 1` and the CPU-time columns are then the better guide
+to relative cost, and the 2-thread wall figures should be re-run on a quiet machine.
+
+Peak training memory: torch's profiler with `profile_memory=True` records every allocation and free
+of torch's CPU allocator with its size. Their running sum over one training step is the exact number
+of bytes torch holds above what was resident before the step (model, adapter, batch), and its maximum
+is the step's peak: activations kept for backward, gradients, temporaries. This is deterministic and
+counts only tensors, which is what we want to compare. The alternatives are worse for this:
+`tracemalloc` only sees Python's allocator, not torch's C++ one; process RSS (psutil, ru_maxrss)
+includes the Python heap, allocator caching and fragmentation, and is noisy at the scale of the
+differences we compare. As an explanation of the peak we also total the activations saved for
+backward (`torch.autograd.graph.saved_tensors_hooks`, deduplicated by storage, excluding model
+parameters and adapter leaves, which exist whether or not a step runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Measure the lora_func of this checkout, not whichever one is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import lora_func as lf  # noqa: E402
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANK, ALPHA = 8, 16
+BATCH, SEQ = 4, 128
+
+# DESIGN.md targets (CPU): contender / reference <= limit.
+TARGETS = {
+    "train: lora_func / ideal": 1.10,
+    "train: lora_func / peft": 1.0,
+    "train: lora_func DoRA / lora_func LoRA": 1.10,
+    "memory: lora_func / peft": 1.0,
+    "inference: unmerged / base": 1.03,
+    "inference: merged / base": 1.01,
+}
+
+
+def bench_model(seed: int = 0) -> nn.Module:
+    """The DESIGN.md bench model: Qwen3-shaped, ~22M parameters, random init."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=4096,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config)
+
+
+def bench_batch(vocab: int = 4096, seed: int = 1) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids}
+
+
+def peft_model(base: nn.Module, **extra) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(PROJECTIONS), lora_dropout=0.0, **extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(copy.deepcopy(base), cfg)
+
+
+# -- step functions -------------------------------------------------------------------------------
+
+
+def ideal_step(frozen: nn.Module, batch: dict) -> Callable[[], torch.Tensor]:
+    embed = frozen.get_input_embeddings()
+
+    def step():
+        x = embed(batch["input_ids"]).detach().requires_grad_()
+        loss = frozen(inputs_embeds=x, labels=batch["labels"]).loss
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def lora_func_step(model: nn.Module, params: lf.Params, batch: dict) -> Callable[[], torch.Tensor]:
+    leaves = lf.trainable_leaves(params)
+
+    def step():
+        loss = lf.apply(model, params, batch).loss
+        loss.backward()
+        for t in leaves:
+            t.grad = None
+        return loss.detach()
+
+    return step
+
+
+def peft_step(model: nn.Module, batch: dict) -> Callable[[], torch.Tensor]:
+    leaves = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        loss = model(**batch).loss
+        loss.backward()
+        for t in leaves:
+            t.grad = None
+        return loss.detach()
+
+    return step
+
+
+def no_grad(fn: Callable[[], object]) -> Callable[[], object]:
+    def call():
+        with torch.no_grad():
+            return fn()
+
+    return call
+
+
+# -- measurement ----------------------------------------------------------------------------------
+
+
+def time_alternating(
+    contenders: dict[str, Callable], repeats: int, warmup: int, label: str
+) -> dict[str, dict[str, list[float]]]:
+    """Wall and process-CPU seconds per call of each contender; each repeat runs all of them once, in a
+    rotating order. CPU time (all threads of this process) is less sensitive to other processes taking
+    the cores than wall time is, so on a shared machine it is the better guide to relative cost."""
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            contenders[name]()
+    samples: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
+    for i in range(repeats):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        for name in order:
+            gc.collect()
+            wall, cpu = time.perf_counter(), time.process_time()
+            contenders[name]()
+            samples[name]["cpu"].append(time.process_time() - cpu)
+            samples[name]["wall"].append(time.perf_counter() - wall)
+        print(f"  {label} {i + 1}/{repeats}", end="\r", file=sys.stderr, flush=True)
+    print(" " * 40, end="\r", file=sys.stderr)
+    return samples
+
+
+def peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of torch's CPU allocations during `fn()`, above what was allocated when it started."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    events = prof.profiler.kineto_results.experimental_event_tree()
+    allocations = sorted(
+        (node.start_time_ns, node.extra_fields.alloc_size) for node in walk(events) if node.tag == _EventType.Allocation
+    )
+    live = peak = 0
+    for _, size in allocations:
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def saved_activation_bytes(fn: Callable[[], object], resident: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward during `fn()`, minus `resident` ones."""
+    skip = {t.untyped_storage().data_ptr() for t in resident}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+# -- the benchmark --------------------------------------------------------------------------------
+
+
+def run(repeats: int, warmup: int) -> dict:
+    base = bench_model()
+    base.train()
+    batch = bench_batch(base.config.vocab_size)
+    frozen = copy.deepcopy(base).requires_grad_(False)  # for ideal
+    has_dora = hasattr(lf, "DoRAConfig")
+
+    lora_cfg = lf.LoRAConfig(r=RANK, alpha=ALPHA, target_names=tuple(rf"\.{p}$" for p in PROJECTIONS))
+    params = lf.init(base, lora_cfg, seed=0)
+    assert len(params.targets) == 7 * base.config.num_hidden_layers, len(params.targets)
+    peft = peft_model(base).train()
+
+    train = {
+        "ideal": ideal_step(frozen, batch),
+        "lora_func": lora_func_step(base, params, batch),
+        "peft": peft_step(peft, batch),
+    }
+    resident = {
+        "ideal": list(frozen.parameters()),
+        "lora_func": list(base.parameters()) + [t for _, _, t in params.leaves()],
+        "peft": list(peft.parameters()),
+    }
+    if has_dora:
+        dora_params = lf.init(base, lf.DoRAConfig(r=RANK, alpha=ALPHA, target_names=lora_cfg.target_names), seed=0)
+        peft_dora = peft_model(base, use_dora=True).train()
+        train["lora_func DoRA"] = lora_func_step(base, dora_params, batch)
+        train["peft DoRA"] = peft_step(peft_dora, batch)
+        resident["lora_func DoRA"] = list(base.parameters()) + [t for _, _, t in dora_params.leaves()]
+        resident["peft DoRA"] = list(peft_dora.parameters())
+
+    # Fairness check: every contender computes the same loss (all adapters are the identity at init).
+    losses = {name: fn().item() for name, fn in train.items()}
+    reference = losses["ideal"]
+    for name, value in losses.items():
+        if abs(value - reference) > 1e-4 * abs(reference):
+            raise RuntimeError(f"bench: {name} computes loss {value}, ideal computes {reference}")
+
+    print(f"training steps ({repeats} repeats, {warmup} warmup) ...", file=sys.stderr)
+    train_times = time_alternating(train, repeats, warmup, "train")
+    memory = {name: peak_bytes(fn) for name, fn in train.items()}
+    saved = {name: saved_activation_bytes(fn, resident[name]) for name, fn in train.items()}
+
+    base.eval()
+    peft.eval()
+    inputs = {"input_ids": batch["input_ids"]}
+    merged = {k: v.detach() for k, v in lf.merge(base, params).items()}
+    infer = {
+        "base": no_grad(lambda: base(**inputs).logits),
+        "lora_func unmerged": no_grad(lambda: lf.apply(base, params, inputs).logits),
+        "merged": no_grad(lambda: torch.func.functional_call(base, merged, (), inputs).logits),
+        "peft unmerged": no_grad(lambda: peft(**inputs).logits),
+    }
+    outputs = {name: fn() for name, fn in infer.items()}
+    for name, out in outputs.items():
+        torch.testing.assert_close(out, outputs["base"], rtol=1e-4, atol=1e-4, msg=f"bench: {name} output differs")
+    print(f"inference ({repeats * 2} repeats) ...", file=sys.stderr)
+    infer_times = time_alternating(infer, repeats * 2, warmup, "inference")
+
+    clocks = ("wall", "cpu")
+    t = {c: {name: median(xs[c]) for name, xs in train_times.items()} for c in clocks}
+    i = {c: {name: median(xs[c]) for name, xs in infer_times.items()} for c in clocks}
+    ratios = {c: timing_ratios(t[c], i[c]) for c in clocks}
+    ratios["memory"] = {
+        "memory: lora_func / peft": memory["lora_func"] / memory["peft"],
+        "memory: lora_func / ideal": memory["lora_func"] / memory["ideal"],
+    }
+    if has_dora:
+        ratios["memory"]["memory: lora_func DoRA / peft DoRA"] = memory["lora_func DoRA"] / memory["peft DoRA"]
+    headline = {**ratios["wall"], **ratios["memory"]}
+    return {
+        "setup": {
+            "model": "Qwen3ForCausalLM hidden 512, 6 layers, intermediate 1408, vocab 4096, heads 8/4 x 64",
+            "base_params": sum(p.numel() for p in base.parameters()),
+            "adapter_params": params.num_params(),
+            "batch": BATCH,
+            "seq": SEQ,
+            "rank": RANK,
+            "alpha": ALPHA,
+            "threads": torch.get_num_threads(),
+            "repeats": repeats,
+            "warmup": warmup,
+            "dora": has_dora,
+            "lora_func": str(Path(lf.__file__).parent),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+        },
+        "train_s": {
+            name: {"median_wall": t["wall"][name], "median_cpu": t["cpu"][name], **xs}
+            for name, xs in train_times.items()
+        },
+        "peak_memory_bytes": memory,
+        "saved_activation_bytes": saved,
+        "inference_s": {
+            name: {"median_wall": i["wall"][name], "median_cpu": i["cpu"][name], **xs}
+            for name, xs in infer_times.items()
+        },
+        "ratios": headline,
+        "ratios_cpu_time": ratios["cpu"],
+        "targets": {
+            k: {
+                "limit": v,
+                "ratio": headline[k],
+                "met": headline[k] < v if k.startswith("memory") else headline[k] <= v,
+            }
+            for k, v in TARGETS.items()
+            if k in headline
+        },
+    }
+
+
+def timing_ratios(t: dict[str, float], i: dict[str, float]) -> dict[str, float]:
+    """The DESIGN.md ratios from median training-step times `t` and inference times `i`."""
+    ratios = {
+        "train: lora_func / ideal": t["lora_func"] / t["ideal"],
+        "train: lora_func / peft": t["lora_func"] / t["peft"],
+        "train: peft / ideal": t["peft"] / t["ideal"],
+        "inference: unmerged / base": i["lora_func unmerged"] / i["base"],
+        "inference: merged / base": i["merged"] / i["base"],
+        "inference: peft unmerged / base": i["peft unmerged"] / i["base"],
+    }
+    if "lora_func DoRA" in t:
+        ratios["train: lora_func DoRA / lora_func LoRA"] = t["lora_func DoRA"] / t["lora_func"]
+        ratios["train: peft DoRA / peft LoRA"] = t["peft DoRA"] / t["peft"]
+        ratios["train: lora_func DoRA / peft DoRA"] = t["lora_func DoRA"] / t["peft DoRA"]
+    return ratios
+
+
+def markdown(result: dict) -> str:
+    t, i = result["train_s"], result["inference_s"]
+    mem, saved = result["peak_memory_bytes"], result["saved_activation_bytes"]
+    ideal, ideal_cpu = t["ideal"]["median_wall"], t["ideal"]["median_cpu"]
+    lines = [
+        "| training step | wall s | × ideal | CPU s | × ideal (CPU) | peak MiB | saved activations MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in t.items():
+        w, c = row["median_wall"], row["median_cpu"]
+        lines.append(
+            f"| {name} | {w:.4f} | {w / ideal:.3f} | {c:.4f} | {c / ideal_cpu:.3f} "
+            f"| {mem[name] / 2**20:.2f} | {saved[name] / 2**20:.2f} |"
+        )
+    lines.append(f"\npeak lora_func − peft: {mem['lora_func'] - mem['peft']:+,} bytes")
+    base, base_cpu = i["base"]["median_wall"], i["base"]["median_cpu"]
+    lines += ["", "| inference forward | wall s | × base | CPU s | × base (CPU) |", "|---|---:|---:|---:|---:|"]
+    for name, row in i.items():
+        w, c = row["median_wall"], row["median_cpu"]
+        lines.append(f"| {name} | {w:.4f} | {w / base:.3f} | {c:.4f} | {c / base_cpu:.3f} |")
+    lines += ["", "| ratio (wall) | value | CPU-time value | target | met |", "|---|---:|---:|---:|:---:|"]
+    for name, value in result["ratios"].items():
+        target = result["targets"].get(name)
+        mark = ("yes" if target["met"] else "**no**") if target else ""
+        limit = f"{'<' if name.startswith('memory') else '≤'} {target['limit']:.2f}" if target else ""
+        cpu = result["ratios_cpu_time"].get(name)
+        cpu_text = f"{cpu:.3f}" if cpu is not None else ""
+        lines.append(f"| {name} | {value:.3f} | {cpu_text} | {limit} | {mark} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats: a smoke run, not a measurement")
+    parser.add_argument("--repeats", type=int, default=None, help="timed training steps per contender")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("results/bench_core.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats or (3 if args.quick else 15)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+
+    result = run(repeats, warmup)
+    print(markdown(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
