@@ -108,6 +108,8 @@ class LowRank(torch.autograd.Function):
 
 def _add_low_rank(x, A, B, s: float, y) -> torch.Tensor:
     A, B = A.to(x.dtype), B.to(x.dtype)
+    if torch.compiler.is_compiling():  # dynamo cannot trace a Function with a custom jvp; inductor fuses anyway
+        return _low_rank_forward(x, A, B, s, y)[0]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, y)):
         return LowRank.apply(x, A, B, s, y)[0]
     return _low_rank_forward(x, A, B, s, y)[0]  # nothing to differentiate: skip autograd.Function's overhead
