@@ -82,7 +82,7 @@ TARGETS = {
 }
 
 
-def bench_model(seed: int = 0) -> nn.Module:
+def bench_model(seed: int = 0, max_positions: int = SEQ) -> nn.Module:
     """The DESIGN.md bench model: Qwen3-shaped, ~22M parameters, random init."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -94,22 +94,22 @@ def bench_model(seed: int = 0) -> nn.Module:
         num_attention_heads=8,
         num_key_value_heads=4,
         head_dim=64,
-        max_position_embeddings=SEQ,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     return Qwen3ForCausalLM(config)
 
 
-def bench_batch(vocab: int = 4096, seed: int = 1) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+def bench_batch(vocab: int = 4096, seed: int = 1, seq: int = SEQ) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, vocab, (BATCH, seq), generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "labels": ids}
 
 
-def peft_model(base: nn.Module, **extra) -> nn.Module:
+def peft_model(base: nn.Module, r: int = RANK, alpha: float = ALPHA, **extra) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(PROJECTIONS), lora_dropout=0.0, **extra)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(PROJECTIONS), lora_dropout=0.0, **extra)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return get_peft_model(copy.deepcopy(base), cfg)

@@ -201,13 +201,16 @@ def test_merge_equals_apply(name, subject):
 
 
 def _only(params, target):
-    """The adapter of one target, addressed from inside that layer (path ""), with the shared leaves if any."""
+    """The adapter of one target, addressed from inside that layer (path ""), with the shared leaves if any.
+    Its config is the target's resolved one: rank/alpha patterns name paths that no longer exist there."""
     from dataclasses import replace
+
+    from lora_func._config import config_for
 
     entries = {"": params[target.path]}
     if SHARED in params:
         entries[SHARED] = params[SHARED]
-    return lf.Params(entries, params.config, (replace(target, path=""),))
+    return lf.Params(entries, config_for(params.config, target.path), (replace(target, path=""),))
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

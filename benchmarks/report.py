@@ -1,0 +1,283 @@
+"""Write `docs/benchmarks.md` and its plots from the JSON the benchmark scripts wrote.
+
+    python benchmarks/report.py [--results results] [--docs docs]
+
+Reads `bench_core.json`, `functional.json` and `scaling.json` (and `gpu.json` when a GPU run left one)
+from `--results`; writes `benchmarks.md` and `img/*.png` under `--docs`. A missing input is reported in
+the page as not run, never filled in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def version(name: str) -> str:
+    try:
+        from importlib.metadata import version as v
+
+        return v(name)
+    except Exception:
+        return "not installed"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_section(core: dict | None) -> list[str]:
+    threads = core["setup"]["threads"] if core else "?"
+    return [
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}; "
+        f"torch threads: {threads}",
+        f"- versions: Python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{version('transformers')}, peft {version('peft')}, lora_func {version('lora_func')}",
+        "- bench model (DESIGN.md): Qwen3ForCausalLM from config, hidden 512, 6 layers, intermediate 1408, "
+        "vocab 4096, 8/4 heads of 64 (~22M parameters), random weights; batch 4; LoRA on all seven "
+        "projections of every layer.",
+        "- method: contenders run alternately in one process, the order rotating each repeat; medians after "
+        "warmup; peak memory from torch's profiler (bytes allocated above what was resident before the step).",
+    ]
+
+
+def status(ratio: float, limit: float, strict: bool = False) -> str:
+    met = ratio < limit if strict else ratio <= limit
+    return "met" if met else "**not met**"
+
+
+def core_section(core: dict, img: Path) -> list[str]:
+    t, i, mem = core["train_s"], core["inference_s"], core["peak_memory_bytes"]
+    ideal, base = t["ideal"]["median_wall"], i["base"]["median_wall"]
+    out = [
+        f"Sequence {core['setup']['seq']}, r = {core['setup']['rank']}, alpha = {core['setup']['alpha']}; "
+        f"{core['setup']['repeats']} timed repeats per contender.",
+        "",
+        "| training step | median s | × ideal | peak MiB |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, row in t.items():
+        w = row["median_wall"]
+        out.append(f"| {name} | {w:.4f} | {w / ideal:.3f} | {mem[name] / 2**20:.1f} |")
+    out += ["", "| inference forward (no grad) | median s | × base |", "|---|---:|---:|"]
+    for name, row in i.items():
+        out.append(f"| {name} | {row['median_wall']:.4f} | {row['median_wall'] / base:.3f} |")
+    out += ["", "| ratio | measured | target | |", "|---|---:|---:|---|"]
+    targets = core["targets"]
+    for name, value in core["ratios"].items():
+        target = targets.get(name)
+        if target:
+            strict = name.startswith("memory")
+            out.append(
+                f"| {name} | {value:.3f} | {'<' if strict else '≤'} {target['limit']:.2f} "
+                f"| {status(value, target['limit'], strict)} |"
+            )
+        else:
+            out.append(f"| {name} | {value:.3f} | | |")
+    plot_core(core, img / "bench_core.png")
+    out += ["", "![training step and inference, relative to the limit](img/bench_core.png)"]
+    return out
+
+
+def functional_section(fn: dict, img: Path) -> list[str]:
+    setup = fn["setup"]
+    out = [
+        f"K = {setup['K']} adapters, batch {setup['batch']}, sequence {setup['seq']}, {setup['lora']}; "
+        f"medians of {setup['repeats']}.",
+        "",
+        "| section | contender | median ms | min ms |",
+        "|---|---|---:|---:|",
+    ]
+    for section, entries in fn["results"].items():
+        for name, e in entries.items():
+            out.append(f"| {section} | {name} | {1000 * e['median_s']:.1f} | {1000 * e['min_s']:.1f} |")
+    out += ["", "| ratio | measured | target | |", "|---|---:|---:|---|"]
+    for name, value in fn["ratios"].items():
+        target = fn["targets"].get(name)
+        shown = f"≤ {target['target']:.2f} | {status(value, target['target'])}" if target else " | "
+        out.append(f"| {name} | {value:.3f} | {shown} |")
+    if fn.get("compile"):
+        c = fn["compile"]
+        out.append(
+            f"\ntorch.compile: {c['graph_count']} graph(s), {c['graph_break_count']} graph break(s); first compiled "
+            f"call {c['first_compiled_call_s']:.1f} s."
+        )
+    plot_functional(fn, img / "bench_functional.png")
+    out += ["", "![functional benchmarks](img/bench_functional.png)"]
+    return out
+
+
+def scaling_section(sc: dict, img: Path) -> list[str]:
+    out = []
+    for sweep, key, label in (("rank", "r", "rank r (sequence 128)"), ("seq", "seq", "sequence length (r = 8)")):
+        rows = sc[sweep]
+        out += [
+            f"**{label}**",
+            "",
+            f"| {key} | ideal s | lora_func s | PEFT s | lora_func × ideal | PEFT × ideal | lora_func MiB | "
+            "PEFT MiB | memory lora_func / PEFT |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            out.append(
+                f"| {r[key]} | {r['ideal_s']:.4f} | {r['lora_func_s']:.4f} | {r['peft_s']:.4f} "
+                f"| {r['lora_func_s'] / r['ideal_s']:.3f} | {r['peft_s'] / r['ideal_s']:.3f} "
+                f"| {r['lora_func_peak_bytes'] / 2**20:.1f} | {r['peft_peak_bytes'] / 2**20:.1f} "
+                f"| {r['lora_func_peak_bytes'] / r['peft_peak_bytes']:.3f} |"
+            )
+        out.append("")
+        plot_scaling(rows, key, label, img / f"scaling_{sweep}.png")
+        out += [f"![step time and peak memory against {label}](img/scaling_{sweep}.png)", ""]
+    return out
+
+
+def gpu_section(gpu: dict | None) -> list[str]:
+    if gpu is None:
+        return [
+            "Not run yet: no GPU was available to the sessions that produced this page. `nox -s gpu` runs "
+            "`benchmarks/gpu.py` (sized for one H200, about 8 minutes) and writes `results/gpu.json`; "
+            "re-running this report then adds its figures here with their date."
+        ]
+    summary = gpu.get("markdown")
+    lines = [f"Run on {gpu.get('date', 'an unrecorded date')}, {gpu.get('device', 'unrecorded device')}.", ""]
+    if summary:
+        lines.append(summary)
+    else:
+        lines += ["```json", json.dumps(gpu, indent=2)[:6000], "```"]
+    return lines
+
+
+# -- plots ----------------------------------------------------------------------------------------
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_core(core: dict, path: Path) -> None:
+    plt = pyplot()
+    t, i = core["train_s"], core["inference_s"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(t)
+    a.bar(names, [t[n]["median_wall"] / t["ideal"]["median_wall"] for n in names], color="tab:blue")
+    a.axhline(1.10, color="tab:red", ls="--", lw=1, label="target 1.10 × ideal")
+    a.set(ylabel="step time / ideal", title="training step")
+    a.tick_params(axis="x", rotation=30)
+    a.legend(fontsize="small")
+    names = list(i)
+    b.bar(names, [i[n]["median_wall"] / i["base"]["median_wall"] for n in names], color="tab:green")
+    b.axhline(1.03, color="tab:red", ls="--", lw=1, label="target unmerged 1.03 × base")
+    b.set(ylabel="forward time / base", title="inference")
+    b.tick_params(axis="x", rotation=30)
+    b.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_functional(fn: dict, path: Path) -> None:
+    plt = pyplot()
+    sections = fn["results"]
+    fig, axes = plt.subplots(1, len(sections), figsize=(5 * len(sections), 4.5), squeeze=False)
+    for ax, (section, entries) in zip(axes[0], sections.items()):
+        names = list(entries)
+        ax.barh(names, [1000 * e["median_s"] for e in entries.values()], color="tab:purple")
+        ax.set(xlabel="median ms", title=section.replace("_", " "))
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scaling(rows: list[dict], key: str, label: str, path: Path) -> None:
+    plt = pyplot()
+    x = [r[key] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, style in (("ideal", ":"), ("lora_func", "-o"), ("peft", "-s")):
+        a.plot(x, [r[f"{name}_s"] for r in rows], style, label=name)
+        b.plot(x, [r[f"{name}_peak_bytes"] / 2**20 for r in rows], style, label=name)
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [str(v) for v in x])
+        ax.set_xlabel(label)
+        ax.legend(fontsize="small")
+    a.set(ylabel="training step, median s", title="step time")
+    b.set(ylabel="peak MiB during the step", title="peak memory")
+    if key == "seq":
+        a.set_yscale("log")
+        b.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--docs", type=Path, default=Path("docs"))
+    args = parser.parse_args(argv)
+    img = args.docs / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    core = load(args.results / "bench_core.json")
+    fn = load(args.results / "functional.json")
+    sc = load(args.results / "scaling.json")
+    gpu = load(args.results / "gpu.json")
+
+    page = [
+        "# Benchmarks",
+        "",
+        "Written by `nox -s bench` (`benchmarks/report.py`); do not edit by hand. Targets are the "
+        "limits-and-targets table of DESIGN.md: each measure against what a zero-cost adapter would take.",
+        "",
+        "## Machine",
+        "",
+        *machine_section(core),
+        "",
+        "## LoRA and DoRA training, memory, inference (`benchmarks/bench_core.py`)",
+        "",
+        *(core_section(core, img) if core else ["Not run (no results/bench_core.json)."]),
+        "",
+        "## K adapters, mixed batches, torch.compile (`benchmarks/bench_functional.py`)",
+        "",
+        *(functional_section(fn, img) if fn else ["Not run (no results/functional.json)."]),
+        "",
+        "## How cost grows with rank and sequence length (`benchmarks/bench_scaling.py`)",
+        "",
+        *(scaling_section(sc, img) if sc else ["Not run (no results/scaling.json)."]),
+        "",
+        "## GPU (`nox -s gpu`, `benchmarks/gpu.py`)",
+        "",
+        *gpu_section(gpu),
+        "",
+    ]
+    (args.docs / "benchmarks.md").write_text("\n".join(page))
+    print(f"wrote {args.docs / 'benchmarks.md'} and plots in {img}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
