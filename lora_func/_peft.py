@@ -34,6 +34,12 @@ VeRA. The shared projections are stored under `base_model.vera_A` / `base_model.
 `save_projection=True`, which `to_peft` always writes). A file saved with `save_projection=False` holds only the
 per-target vectors; its projections are regenerated from `projection_prng_key` as `lf.init` draws them, which is
 PEFT's draw.
+
+ROAD. `road_theta` / `road_alpha` are lora_func's `theta` / `alpha` as they are, and `variant` maps one to one.
+PEFT's `group_size` is one int for all targets (64 by default, also when the field is absent); lora_func's may be
+None, which resolves per target to the largest power of two <= 64 dividing d_out. `to_peft` writes that int where
+it is the same for every target (the same pairing, so the same function) and refuses the adapter, naming
+`group_size`, where targets resolve differently; `from_peft` reads the int as it is.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from ._variant import Init, Leaves
 from .variants import REGISTRY, variant_for
 from .variants import dora as dora_variant
 from .variants import pissa as pissa_variant
+from .variants import road as road_variant
 from .variants.lora import LoRAConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -368,6 +375,49 @@ DELORA_INERT = {
 }
 
 
+# ---- ROAD (PEFT type ROAD) ------------------------------------------------------------------------------------
+
+ROAD_KEYS = {"theta": "road_theta", "alpha": "road_alpha"}
+ROAD_DEFAULTS = {"variant": "road_1", "group_size": 64}  # RoadConfig's defaults, for a file that omits them
+ROAD_ABSENT = ("exclude_modules", "layers_to_transform", "layers_pattern", "bias")  # RoadConfig has none of these
+
+
+def _road_one_group_size(params: Params) -> Params:
+    """`params` with `group_size` an int: PEFT's RoadConfig has one for all targets, lora_func's None resolves per
+    target (the largest power of two <= 64 dividing d_out). Same int everywhere: written as that int, which pairs
+    every target's outputs exactly as before; different ones: refused, naming `group_size`."""
+    cfg = params.config
+    if cfg.group_size is not None:
+        return params
+    sizes = {t.path: road_variant.group_size(t, cfg) for t in params.targets}
+    if len(set(sizes.values())) > 1:
+        by_size: dict[int, list[str]] = {}
+        for path, g in sizes.items():
+            by_size.setdefault(g, []).append(path)
+        found = "; ".join(f"{g} for {_describe(paths)}" for g, paths in sorted(by_size.items(), reverse=True))
+        common = math.gcd(*sizes.values())
+        raise ValueError(
+            f"to_peft: ROADConfig `group_size`=None resolves to different group sizes per target ({found}), and "
+            f"PEFT's ROAD has one `group_size` for all targets; pairing differs with the group size, so this adapter "
+            f"has no PEFT equivalent: train with an explicit `group_size` (e.g. {common}, which fits every target)"
+        )
+    return Params(dict(params.items()), dataclasses.replace(cfg, group_size=next(iter(sizes.values()))), params.targets)
+
+
+def _road_fields_out(cfg: AdapterConfig, written: Mapping[str, Any]) -> dict[str, Any]:
+    return {"variant": cfg.variant, "group_size": cfg.group_size}
+
+
+def _road_fields_in(fields: Mapping[str, Any], where: str) -> dict[str, Any]:
+    variant = fields.get("variant", ROAD_DEFAULTS["variant"])
+    group_size = fields.get("group_size", ROAD_DEFAULTS["group_size"])
+    if not isinstance(variant, str):
+        raise ValueError(f"{where}: `variant` must be a string (road_1, road_2 or road_4), got {json.dumps(variant)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise ValueError(f"{where}: `group_size` must be an int (PEFT's RoadConfig), got {json.dumps(group_size)}")
+    return {"variant": variant, "group_size": group_size}
+
+
 METHODS: tuple[PeftMethod, ...] = (
     # Entries sharing a peft_type are tried in order: the more specific claim first.
     PeftMethod(
@@ -466,6 +516,19 @@ METHODS: tuple[PeftMethod, ...] = (
         handled=("projection_prng_key", "d_initial", "save_projection"),
         shared_keys=VERA_SHARED_KEYS,
         shared_stored=lambda fields: fields.get("save_projection", True) is True,
+    ),
+    PeftMethod(
+        variant="road",
+        peft_type="ROAD",
+        keys=ROAD_KEYS,
+        rank_fields=None,
+        alpha_fields=None,
+        inert={"init_weights": True},  # init-time only: the saved angles and scales are all there is
+        absent=ROAD_ABSENT,
+        fields_out=_road_fields_out,
+        fields_in=_road_fields_in,
+        handled=("variant", "group_size"),
+        export_as=_road_one_group_size,
     ),
 )
 
@@ -652,7 +715,8 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
 
     Methods: LoRA (rsLoRA, rank/alpha patterns), PiSSA (written as the equivalent rank-2r LoRA, see the module
     docstring), DeLoRA, DoRA (PEFT LoRA with `use_dora`), IA3 and IA3-FF (PEFT IA3, `feedforward_modules` none or
-    all of the targets), HRA, VeRA (projections stored, `save_projection=True`).
+    all of the targets), HRA, VeRA (projections stored, `save_projection=True`), ROAD (`group_size=None` written as
+    the int it resolves to, where that is one int for all targets).
 
     >>> lf.to_peft(params, "out/peft-adapter", model=model)
     >>> peft_model = peft.PeftModel.from_pretrained(model, "out/peft-adapter")

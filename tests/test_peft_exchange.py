@@ -80,6 +80,11 @@ EXPORT_CASES = {
     "ia3ff": lambda: lf.IA3FFConfig(target_names=(r"_proj$",)),
     "hra": lambda: lf.HRAConfig(r=4, target_names=(r"(q|up)_proj$",)),
     "vera": lambda: lf.VeRAConfig(r=4, d_initial=0.2, projection_prng_key=3, target_names=(r"(q|up|down)_proj$",)),
+    "road-1": lambda: lf.ROADConfig(variant="road_1", group_size=16),
+    "road-2": lambda: lf.ROADConfig(variant="road_2", group_size=32, target_names=(r"(k|o|gate)_proj$",)),
+    "road-4": lambda: lf.ROADConfig(variant="road_4", group_size=8, target_names=(r"(v|up|down)_proj$",), layers=(1,)),
+    # group_size=None resolves to 64 on every one of these targets: written as PEFT's int 64.
+    "road-none": lambda: lf.ROADConfig(variant="road_4", target_names=(r"(q|o|up)_proj$",)),
 }
 
 
@@ -134,6 +139,14 @@ SAVE_CASES = {
     "vera": (
         lambda: peft.VeraConfig(r=4, d_initial=0.2, projection_prng_key=9, target_modules=["q_proj", "up_proj"]),
         lambda: lf.VeRAConfig(r=4, d_initial=0.2, projection_prng_key=9, target_names=("q_proj", "up_proj")),
+    ),
+    "road": (
+        lambda: peft.RoadConfig(variant="road_2", group_size=32, target_modules=["q_proj", "down_proj"]),
+        lambda: lf.ROADConfig(variant="road_2", group_size=32, target_names=("q_proj", "down_proj")),
+    ),
+    "road-default-group": (
+        lambda: peft.RoadConfig(target_modules=["o_proj"]),
+        lambda: lf.ROADConfig(target_names=("o_proj",)),  # None resolves to 64 on o_proj: PEFT's default
     ),
 }
 
@@ -240,6 +253,12 @@ IMPORT_CASES = {
     "hra": lambda: peft.HRAConfig(r=4, target_modules=["q_proj", "up_proj"], layers_to_transform=[0]),
     "vera": lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "up_proj", "down_proj"], projection_prng_key=5),
     "vera-no-projection": lambda: vera_without_projection(),
+    # init_weights=False: PEFT's random angles and scales, far from the identity before training.
+    "road-1": lambda: peft.RoadConfig(variant="road_1", group_size=16, target_modules="all-linear", init_weights=False),
+    "road-2": lambda: peft.RoadConfig(variant="road_2", group_size=32, target_modules=["k_proj", "up_proj"]),
+    "road-4": lambda: peft.RoadConfig(
+        variant="road_4", group_size=8, target_modules=r".*\.(self_attn\.v|mlp\.down)_proj", init_weights=False
+    ),
 }
 
 
@@ -380,6 +399,45 @@ def test_dora_on_a_4bit_base_rebuilds_the_norms_from_the_dequantized_weight(tmp_
     assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(back.leaves(), params.leaves()))
     theirs = logits(peft.PeftModel.from_pretrained(tiny_qwen3_4bit(), tmp_path).train())
     torch.testing.assert_close(logits(model, back), theirs, rtol=0, atol=ATOL)
+
+
+def test_round_trip_road_writes_group_size_none_as_its_int(tmp_path):
+    """ROADConfig `group_size=None` that resolves to one int on every target comes back as that int: the same
+    pairing, so the same leaves (bitwise) and the same logits."""
+    model = tiny_qwen3().eval()
+    params = perturbed(lf.init(model, EXPORT_CASES["road-none"](), seed=0))
+    lf.to_peft(params, tmp_path)
+    assert (read_json(tmp_path)["variant"], read_json(tmp_path)["group_size"]) == ("road_4", 64)
+    back = lf.from_peft(tmp_path, model)
+    assert (back.config.variant, back.config.group_size) == ("road_4", 64)
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(back.leaves(), params.leaves()))
+    assert torch.equal(logits(model, back), logits(model, params))
+
+
+def test_from_peft_road_reads_peft_defaults_for_absent_fields(tmp_path):
+    """A config without `variant` / `group_size` means PEFT's defaults, road_1 and 64, as PEFT reads it too."""
+    theirs = peft_trained(peft.RoadConfig(target_modules=["q_proj", "o_proj"], init_weights=False), tmp_path)
+    fields = read_json(tmp_path)
+    del fields["variant"], fields["group_size"]
+    write_json(tmp_path, fields)
+    model = tiny_qwen3().eval()
+    params = lf.from_peft(tmp_path, model)
+    assert (params.config.variant, params.config.group_size) == ("road_1", 64)
+    torch.testing.assert_close(logits(model, params), theirs, rtol=0, atol=ATOL)
+    torch.testing.assert_close(logits(peft.PeftModel.from_pretrained(tiny_qwen3().eval(), tmp_path)), theirs)
+
+
+def test_to_peft_refuses_road_group_size_none_that_differs_per_target(tmp_path):
+    """None resolves per target (64 on q_proj, 32 on the 32-wide k_proj); PEFT has one `group_size` for all."""
+    params = lf.init(tiny_qwen3(), lf.ROADConfig(target_names=("q_proj", "k_proj")), seed=0)
+    with pytest.raises(
+        ValueError,
+        match=r"to_peft: ROADConfig `group_size`=None resolves to different group sizes per target \(64 for q_proj "
+        r"\(2 modules\); 32 for k_proj \(2 modules\)\), and PEFT's ROAD has one `group_size` for all targets.*"
+        r"explicit `group_size` \(e.g. 32",
+    ):
+        lf.to_peft(params, tmp_path)
+    assert not (tmp_path / _peft.CONFIG_NAME).exists()
 
 
 def test_round_trip_pissa_gives_the_equivalent_lora(tmp_path):
@@ -645,6 +703,36 @@ METHOD_REFUSALS = {
         lambda: peft.VeraConfig(r=4, target_modules=["q_proj"]),
         {"save_projection": "yes"},
         r"`save_projection` must be true or false",
+    ),
+    "road-group-size-null": (
+        lambda: peft.RoadConfig(group_size=16, target_modules=["q_proj"]),
+        {"group_size": None},
+        r"`group_size` must be an int \(PEFT's RoadConfig\), got null",
+    ),
+    "road-group-size-misfit": (
+        lambda: peft.RoadConfig(group_size=32, target_modules=["k_proj"]),
+        {"group_size": 64},
+        r"ROADConfig: `group_size`=64 does not fit 'model.layers.0.self_attn.k_proj': d_out=32",
+    ),
+    "road-group-size-float": (
+        lambda: peft.RoadConfig(group_size=16, target_modules=["q_proj"]),
+        {"group_size": 6.5},
+        r"`group_size` must be an int",
+    ),
+    "road-variant": (
+        lambda: peft.RoadConfig(group_size=16, target_modules=["q_proj"]),
+        {"variant": "road_3"},
+        r"cannot be expressed in lora_func: ROADConfig: `variant` must be one of \['road_1', 'road_2', 'road_4'\]",
+    ),
+    "road-field-it-lacks": (
+        lambda: peft.RoadConfig(group_size=16, target_modules=["q_proj"]),
+        {"layers_to_transform": [0]},
+        r"`layers_to_transform`=\[0\] is not supported: lora_func does not know this ROAD field",
+    ),
+    "road-modules-to-save": (
+        lambda: peft.RoadConfig(group_size=16, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        {},
+        r"`modules_to_save`=\[\"lm_head\"\] is not supported",
     ),
 }
 
