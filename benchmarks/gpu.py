@@ -5,6 +5,12 @@
 
 Needs torch, transformers, peft (and lora_func's own dependencies); bitsandbytes is optional: if it does not
 import, the bnb part is reported as SKIPPED, loudly. Nothing is downloaded: every model is built from a config.
+On a GPU machine without network that has only torch, transformers and peft, bring the rest as wheels, made
+where there is network for that machine's Python (e.g. 3.12):
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+        -d .whl bitsandbytes optree
+and there: `pip install --no-deps .whl/*.whl && python benchmarks/gpu.py` (from the repository root, which
+puts this checkout's lora_func first on the path).
 
 Parts, in the order they run. Each has a time budget (a SIGALRM stops it when it runs over; timing loops also
 stop early on their own), a part that fails or runs out of time is recorded with its error and the next one
@@ -66,7 +72,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -1433,6 +1439,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = settings(args)
     report: dict[str, Any] = {
         "setup": {
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": str(cfg.device),
             "device_name": torch.cuda.get_device_name(cfg.device)
             if cfg.device.type == "cuda"

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 
 def load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
@@ -157,13 +159,12 @@ def gpu_section(gpu: dict | None) -> list[str]:
             "`benchmarks/gpu.py` (sized for one H200, about 8 minutes) and writes `results/gpu.json`; "
             "re-running this report then adds its figures here with their date."
         ]
-    summary = gpu.get("markdown")
-    lines = [f"Run on {gpu.get('date', 'an unrecorded date')}, {gpu.get('device', 'unrecorded device')}.", ""]
-    if summary:
-        lines.append(summary)
-    else:
-        lines += ["```json", json.dumps(gpu, indent=2)[:6000], "```"]
-    return lines
+    from gpu import markdown  # benchmarks/gpu.py renders its own report
+
+    setup = gpu.get("setup", {})
+    when, device = setup.get("date", "an unrecorded date"), setup.get("device_name", "an unrecorded device")
+    smoke = " (smoke run: tiny shapes, not a measurement)" if setup.get("smoke") else ""
+    return [f"Run on {when}, {device}{smoke}.", "", markdown(gpu)]
 
 
 # -- plots ----------------------------------------------------------------------------------------

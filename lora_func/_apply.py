@@ -66,9 +66,16 @@ def call_model(model: nn.Module, batch: Any, overrides: Mapping[str, torch.Tenso
     return model(*args, **kwargs)
 
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed
+    DTensor = ()  # isinstance(x, ()) is always False
+
+
 def _is_plain_parameter(p: torch.Tensor) -> bool:
-    # bnb weights are tensor subclasses whose detach() drops their quantization state.
-    return type(p) is nn.Parameter or type(p) is torch.Tensor
+    """A parameter whose `detach()` keeps what it is: plain tensors, and DTensors (FSDP2's sharded
+    parameters). Not bnb weights: tensor subclasses whose detach() drops their quantization state."""
+    return type(p) is nn.Parameter or type(p) is torch.Tensor or isinstance(p, DTensor)
 
 
 def _trainable_base(model: nn.Module) -> dict[str, torch.Tensor]:

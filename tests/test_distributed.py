@@ -125,3 +125,28 @@ def test_all_reduce_grads_needs_a_process_group():
     _, params = fresh()
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         lf.all_reduce_grads(params)
+
+
+def test_fsdp2_sharded_base_gets_no_gradients_and_adapter_gradients_match(tmp_path):
+    """FSDP2 (`fully_shard`) holds the base as DTensor parameters: with the base left requiring grad (as a
+    loaded HF model has it), `lf.apply` still gives it no gradient (invariant 4), and the adapter gradients
+    equal those on the unsharded model. One gloo process: the sharding machinery without a second rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model, params = fresh()
+        batch = global_batch()
+        expected_params = lf.unstack(lf.stack([params]))[0]  # a copy with its own leaves
+        lf.apply(model, expected_params, batch).loss.backward()
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "DTensor"
+        lf.apply(model, params, batch).loss.backward()
+        given = [n for n, p in model.named_parameters() if p.grad is not None]
+        assert given == [], f"base parameters got gradients: {given[:3]}"
+        for path, leaf, t in params.leaves():
+            torch.testing.assert_close(t.grad, expected_params[path][leaf].grad, rtol=1e-5, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
