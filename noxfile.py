@@ -1,4 +1,4 @@
-"""Every job on a fresh machine: `pip install nox`, then `nox -s tests` or `nox -s demo`.
+"""Every job on a fresh machine: `pip install nox`, then `nox -s tests`, `nox -s demo` or `nox -s notebooks`.
 
 Each session installs the pinned CPU torch first: an unpinned torch requirement can pull a
 multi-GB CUDA build.
@@ -47,11 +47,18 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def notebooks(session: nox.Session) -> None:
+    """Execute the research notebooks top to bottom on 1 thread; executed copies and plots in results/notebooks."""
+    install(session, "notebooks")
+    session.run("python", "notebooks/run.py", *session.posargs, env=OFFLINE)
+
+
+@nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff: lint and format check."""
     session.install("ruff")
-    session.run("ruff", "check", "lora_func", "tests", "benchmarks", "noxfile.py")
-    session.run("ruff", "format", "--check", "lora_func", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "lora_func", "tests", "benchmarks", "notebooks", "noxfile.py")
+    session.run("ruff", "format", "--check", "lora_func", "tests", "benchmarks", "notebooks", "noxfile.py")
 
 
 @nox.session(python=PYTHON)
