@@ -91,7 +91,7 @@ pytree.register_pytree_node(
 optree.register_pytree_node(
     Params,
     _flatten_with_entries,
-    _unflatten,
+    lambda context, children: _unflatten(children, context),  # optree passes (metadata, children)
     namespace=getattr(optree.registry, "__GLOBAL_NAMESPACE"),
 )
 
