@@ -49,12 +49,13 @@ class Recipe:
 # AdamW learning rate per variant (no weight decay), picked by short sweeps on this task (40 steps).
 # Variants with few, multiplicative parameters (IA3 gains, VeRA scaling vectors, SSVD's singular-value
 # shifts and rotation, ROAD's rotations) need a larger lr; PiSSA's factors are large (√ of the top
-# singular values) and DeLoRA's update norm is set by λ = alpha (15) from the first step, so smaller.
+# singular values), so smaller. DeLoRA's update norm is set by its bound λ = alpha as soon as B ≠ 0, not by
+# the lr: PEFT's default λ = 15 overshoots on this task (76% held-out after 50 steps vs 84% with λ = 2).
 # AntiPaSTO adapts r directions with ~r·(block_size + 1) values per layer, too few at r = 8: it gets r = 32.
 RECIPES: dict[str, Recipe] = {
     "lora": Recipe(lr=2e-3),
     "pissa": Recipe(lr=5e-4),
-    "delora": Recipe(lr=5e-4),
+    "delora": Recipe(lr=5e-3, options={"alpha": 2.0}),
     "dora": Recipe(lr=2e-3),
     "eva": Recipe(lr=1e-3),
     "ia3": Recipe(lr=2e-2),
