@@ -418,6 +418,25 @@ def _road_fields_in(fields: Mapping[str, Any], where: str) -> dict[str, Any]:
     return {"variant": variant, "group_size": group_size}
 
 
+def _ia3_method(variant: str, *, feedforward: bool, tensor_out, tensor_in) -> PeftMethod:
+    """PEFT's IA3 as lora_func's IA3 (no feed-forward targets) or IA3-FF (all targets feed-forward)."""
+    return PeftMethod(
+        variant=variant,
+        peft_type="IA3",
+        keys=IA3_KEYS,
+        rank_fields=None,
+        alpha_fields=None,
+        required=IA3_REQUIRED,
+        inert=IA3_INERT,
+        absent=IA3_ABSENT,
+        fields_out=_ia3_fields_out(feedforward=feedforward),
+        handled=("feedforward_modules",),
+        claims=_ia3_claims(feedforward=feedforward),
+        tensor_out=tensor_out,
+        tensor_in=tensor_in,
+    )
+
+
 METHODS: tuple[PeftMethod, ...] = (
     # Entries sharing a peft_type are tried in order: the more specific claim first.
     PeftMethod(
@@ -461,36 +480,8 @@ METHODS: tuple[PeftMethod, ...] = (
         alpha_fields=("delora_lambda", "lambda_pattern"),
         inert=DELORA_INERT,
     ),
-    PeftMethod(
-        variant="ia3",
-        peft_type="IA3",
-        keys=IA3_KEYS,
-        rank_fields=None,
-        alpha_fields=None,
-        required=IA3_REQUIRED,
-        inert=IA3_INERT,
-        absent=IA3_ABSENT,
-        fields_out=_ia3_fields_out(feedforward=False),
-        handled=("feedforward_modules",),
-        claims=_ia3_claims(feedforward=False),
-        tensor_out=IA3_OUT,
-        tensor_in=IA3_IN,
-    ),
-    PeftMethod(
-        variant="ia3ff",
-        peft_type="IA3",
-        keys=IA3_KEYS,
-        rank_fields=None,
-        alpha_fields=None,
-        required=IA3_REQUIRED,
-        inert=IA3_INERT,
-        absent=IA3_ABSENT,
-        fields_out=_ia3_fields_out(feedforward=True),
-        handled=("feedforward_modules",),
-        claims=_ia3_claims(feedforward=True),
-        tensor_out=IA3FF_OUT,
-        tensor_in=IA3FF_IN,
-    ),
+    _ia3_method("ia3", feedforward=False, tensor_out=IA3_OUT, tensor_in=IA3_IN),
+    _ia3_method("ia3ff", feedforward=True, tensor_out=IA3FF_OUT, tensor_in=IA3FF_IN),
     PeftMethod(
         variant="hra",
         peft_type="HRA",
