@@ -40,6 +40,9 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_core  # noqa: E402
+
 import lora_func as lf  # noqa: E402
 
 PROJECTIONS = (r"q_proj$", r"k_proj$", r"v_proj$", r"o_proj$", r"gate_proj$", r"up_proj$", r"down_proj$")
@@ -48,22 +51,9 @@ SEQ, BATCH, VOCAB = 128, 4, 4096
 
 
 def bench_model() -> torch.nn.Module:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=64,
-        max_position_embeddings=SEQ,
-        tie_word_embeddings=False,
-    )
-    model = Qwen3ForCausalLM(config).train()
-    model.requires_grad_(False)  # frozen base, as in any adapter training (PEFT does the same)
+    """bench_core's model (DESIGN.md), in train mode with its base frozen, as in any adapter training."""
+    model = bench_core.bench_model(max_positions=SEQ).train()
+    model.requires_grad_(False)
     return model
 
 
