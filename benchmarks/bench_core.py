@@ -20,8 +20,10 @@ optimizer step for anyone:
 - peft: `get_peft_model` with the same LoRA config (`lora_dropout=0`), which freezes its base copy.
 - DoRA rows (lora_func DoRA, PEFT `use_dora=True`) only when `lf.DoRAConfig` exists.
 
-Inference (no_grad, eval mode, no labels): the base forward; lora_func unmerged (`lf.apply`); merged
-(`functional_call` with the weights from `lf.merge`, computed once outside the timing); PEFT unmerged.
+Inference (no_grad, eval mode, no labels): the base forward; lora_func unmerged (`lf.apply`); merged, as
+deployed (a copy of the model holding the weights from `lf.merge`, computed once outside the timing) and
+without a copy (`functional_call` with those weights, which pays for swapping them in on every call);
+PEFT unmerged.
 At init every adapter is the identity (B = 0), which does not change the work done; the script checks
 that all contenders compute the same loss before timing them.
 
@@ -285,10 +287,14 @@ def run(repeats: int, warmup: int) -> dict:
     peft.eval()
     inputs = {"input_ids": batch["input_ids"]}
     merged = {k: v.detach() for k, v in lf.merge(base, params).items()}
+    merged_model = copy.deepcopy(base)
+    loaded = merged_model.load_state_dict(merged, strict=False)  # strict=False: merge returns the adapted weights only
+    assert not loaded.unexpected_keys, loaded.unexpected_keys
     infer = {
         "base": no_grad(lambda: base(**inputs).logits),
         "lora_func unmerged": no_grad(lambda: lf.apply(base, params, inputs).logits),
-        "merged": no_grad(lambda: torch.func.functional_call(base, merged, (), inputs).logits),
+        "merged": no_grad(lambda: merged_model(**inputs).logits),
+        "merged, functional_call": no_grad(lambda: torch.func.functional_call(base, merged, (), inputs).logits),
         "peft unmerged": no_grad(lambda: peft(**inputs).logits),
     }
     outputs = {name: fn() for name, fn in infer.items()}
@@ -359,6 +365,7 @@ def timing_ratios(t: dict[str, float], i: dict[str, float]) -> dict[str, float]:
         "train: peft / ideal": t["peft"] / t["ideal"],
         "inference: unmerged / base": i["lora_func unmerged"] / i["base"],
         "inference: merged / base": i["merged"] / i["base"],
+        "inference: merged via functional_call / base": i["merged, functional_call"] / i["base"],
         "inference: peft unmerged / base": i["peft unmerged"] / i["base"],
     }
     if "lora_func DoRA" in t:
