@@ -168,6 +168,17 @@ def no_grad(fn: Callable[[], object]) -> Callable[[], object]:
 
 # -- measurement ----------------------------------------------------------------------------------
 
+PROGRESS = True  # tqdm bars on stderr; `--no-progress` turns them off
+
+
+def rounds(repeats: int, label: str):
+    """range(repeats), under a tqdm bar (left behind on nothing) when PROGRESS is on."""
+    if not PROGRESS:
+        return range(repeats)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(repeats), desc=label, leave=False, file=sys.stderr)
+
 
 def time_alternating(
     contenders: dict[str, Callable], repeats: int, warmup: int, label: str
@@ -180,7 +191,7 @@ def time_alternating(
         for name in names:
             contenders[name]()
     samples: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
-    for i in range(repeats):
+    for i in rounds(repeats, label):
         order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
             gc.collect()
@@ -188,8 +199,6 @@ def time_alternating(
             contenders[name]()
             samples[name]["cpu"].append(time.process_time() - cpu)
             samples[name]["wall"].append(time.perf_counter() - wall)
-        print(f"  {label} {i + 1}/{repeats}", end="\r", file=sys.stderr, flush=True)
-    print(" " * 40, end="\r", file=sys.stderr)
     return samples
 
 
@@ -413,7 +422,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("results/bench_core.json"))
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
+    global PROGRESS
+    PROGRESS = args.progress
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 15)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)

@@ -95,14 +95,16 @@ def peft_model(model: torch.nn.Module, params: list[lf.Params]) -> torch.nn.Modu
     return peft
 
 
-def alternate(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def alternate(
+    contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, label: str = "repeats"
+) -> dict[str, list[float]]:
     """Seconds per call of each contender, interleaved round by round (the order rotates each round)."""
     names = list(contenders)
     for _ in range(warmup):
         for name in names:
             contenders[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
+    for r in bench_core.rounds(repeats, label):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
             contenders[name]()
@@ -167,6 +169,7 @@ def k_adapters(model, params, batch, repeats: int) -> dict[str, list[float]]:
             "PEFT set_adapter loop": peft_loop,
         },
         repeats,
+        label="K adapters",
     )
 
 
@@ -196,7 +199,9 @@ def mixed_batch(model, params, repeats: int) -> dict[str, list[float]]:
 
     try:
         return alternate(
-            {"base forward": base, "lora_func adapter_ids": lora_func, "PEFT adapter_names": peft_mixed}, repeats
+            {"base forward": base, "lora_func adapter_ids": lora_func, "PEFT adapter_names": peft_mixed},
+            repeats,
+            label="mixed batch",
         )
     finally:
         model.train()
@@ -232,7 +237,7 @@ def compiled_step(model, params, batch, repeats: int) -> tuple[dict[str, list[fl
         "graph_break_count": explained.graph_break_count,
         "first_compiled_call_s": compile_s,
     }
-    return alternate({"eager step": eager, "compiled step (inductor)": inductor}, repeats), info
+    return alternate({"eager step": eager, "compiled step (inductor)": inductor}, repeats, label="compile"), info
 
 
 def summarize(samples: dict[str, list[float]]) -> dict[str, dict[str, object]]:
@@ -245,7 +250,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     sections = ("k", "mixed", "compile")
     parser.add_argument("--sections", nargs="+", choices=sections, default=sections, help="which sections to run")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--quick", action="store_true", help="2 repeats: a smoke run, not a measurement")
     args = parser.parse_args()
+    bench_core.PROGRESS = args.progress
+    if args.quick:
+        args.repeats = 2
 
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_core  # noqa: E402
 import torch  # noqa: E402
 from bench_core import (  # noqa: E402
     PROJECTIONS,
@@ -87,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("results/scaling.json"))
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
+    bench_core.PROGRESS = args.progress
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 7)
     sweeps = {"ranks": RANKS[:2], "seqs": SEQS[:2]} if args.quick else {}
