@@ -81,11 +81,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core, bench_functional
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's lora_func
+sys.path.insert(2, str(Path(__file__).resolve().parents[1] / "tests"))  # components.py (no pytest needed)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 try:
+    import components
+    from components import changes, perturbed, quantize, snapshot
+
     import lora_func as lf
     from lora_func._base import dense_weight
     from lora_func.variants import REGISTRY
@@ -186,41 +190,12 @@ def build_qwen3(config, device: torch.device, dtype: torch.dtype = torch.float32
 
 
 def tiny_qwen3(device: torch.device, seed: int = 0, **overrides) -> nn.Module:
-    """The test suite's tiny Qwen3 (tests/conftest.py), fp32."""
-    from transformers import Qwen3Config
-
-    fields = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    fields.update(overrides)
-    return build_qwen3(Qwen3Config(**fields), torch.device("cpu"), seed=seed).to(device)
+    """The test suite's tiny Qwen3 (tests/components.py), fp32, on `device`."""
+    return components.tiny_qwen3(seed, **overrides).to(device)
 
 
 def lm_batch(rows: int, seq: int, vocab: int, device: torch.device, seed: int = 1) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, vocab, (rows, seq), generator=torch.Generator().manual_seed(seed)).to(device)
-    return {"input_ids": ids, "labels": ids}
-
-
-def perturbed(params, scale: float = 0.05, seed: int = 3):
-    """Every trainable leaf moved off its init (test_contract.py's), so that every leaf acts on the output."""
-    gen = torch.Generator().manual_seed(seed)
-    trainable, frozen = lf.split(params)
-    moved = {
-        path: {
-            k: (v.detach() + scale * torch.randn(v.shape, generator=gen).to(v.device, v.dtype)).requires_grad_()
-            for k, v in entry.items()
-        }
-        for path, entry in trainable.items()
-    }
-    return lf.combine(trainable.replace(moved), frozen)
+    return {k: v.to(device) for k, v in components.qwen3_batch(rows, seq, vocab, seed).items()}
 
 
 def copied(params):
@@ -233,41 +208,6 @@ def copied(params):
 def init_variant(name: str, model: nn.Module, batch: dict, seed: int = 0):
     kwargs = {"calibration_data": [batch], "progress": False} if REGISTRY[name].calibrated else {}
     return lf.init(model, REGISTRY[name].config(r=4), seed=seed, **kwargs)
-
-
-# ---- what "untouched" means (tests/conftest.py's snapshot, without pytest) ------------------------------------
-
-
-def hook_count(model: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._forward_hooks_with_kwargs)
-        for m in model.modules()
-    )
-
-
-def snapshot(model: nn.Module) -> dict[str, Any]:
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "flags": {n: p.requires_grad for n, p in model.named_parameters()},
-        "grads": {n for n, p in model.named_parameters() if p.grad is not None},
-        "hooks": hook_count(model),
-        "attributes": {n: sorted(vars(m)) for n, m in model.named_modules()},
-    }
-
-
-def changes(model: nn.Module, before: dict[str, Any]) -> list[str]:
-    """What differs from `before`: empty when the model is untouched."""
-    now = snapshot(model)
-    found = [
-        f"state {k}" for k, v in before["state"].items() if k not in now["state"] or not torch.equal(v, now["state"][k])
-    ]
-    found += [f"new state {k}" for k in set(now["state"]) - set(before["state"])]
-    found += [f"requires_grad {n}" for n, f in before["flags"].items() if now["flags"].get(n) != f]
-    found += [f"base gradient {n}" for n in sorted(now["grads"] - before["grads"])]
-    if now["hooks"] != before["hooks"]:
-        found.append(f"hooks {before['hooks']} -> {now['hooks']}")
-    found += [f"attributes of {n!r}" for n, a in before["attributes"].items() if now["attributes"].get(n) != a]
-    return found
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -558,31 +498,6 @@ BNB_TOL = {4: {"logits": 1e-3, "grads": 1e-2}, 8: {"logits": 5e-2, "grads": 1.5e
 # torch.func.grad (bnb layers through lora_func's QuantizedLinear: backward grad @ deq(W) in fp32) vs autograd
 # (bnb's own backward); on CUDA bnb's 8-bit backward may round through fp16.
 BNB_FUNC_TOL = {4: 1e-4, 8: 1e-3}
-
-
-def quantize(model: nn.Module, bits: int, device: torch.device) -> nn.Module:
-    """Every nn.Linear inside `model.model` (not lm_head) as bnb Linear4bit (nf4, fp32 compute) or Linear8bitLt."""
-    import bitsandbytes as bnb
-
-    for module in list(model.model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is not nn.Linear:
-                continue
-            if bits == 4:
-                q = bnb.nn.Linear4bit(
-                    child.in_features,
-                    child.out_features,
-                    bias=child.bias is not None,
-                    compute_dtype=torch.float32,
-                    quant_type="nf4",
-                )
-            else:
-                q = bnb.nn.Linear8bitLt(
-                    child.in_features, child.out_features, bias=child.bias is not None, has_fp16_weights=False
-                )
-            q.load_state_dict(child.state_dict())
-            setattr(module, name, q.to(device))  # moving the layer quantizes it
-    return model.to(device)
 
 
 def dequantized_twin(quantized: nn.Module, device: torch.device, **shape) -> nn.Module:

@@ -17,6 +17,16 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from components import (  # noqa: E402, F401
+    changes,
+    hook_count,
+    perturbed,
+    quantize,
+    qwen3_batch,
+    qwen3_config,
+    snapshot,
+    tiny_qwen3,
+)
 from torch import nn  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -35,36 +45,6 @@ class Subject:
 
     def calibration_data(self) -> list:
         return self.calibration if self.calibration is not None else [self.batch]
-
-
-def qwen3_config(**overrides):
-    from transformers import Qwen3Config
-
-    fields = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    fields.update(overrides)
-    return Qwen3Config(**fields)
-
-
-def tiny_qwen3(seed: int = 0, **overrides) -> nn.Module:
-    from transformers import Qwen3ForCausalLM
-
-    torch.manual_seed(seed)
-    return Qwen3ForCausalLM(qwen3_config(**overrides)).train()
-
-
-def qwen3_batch(batch: int = 2, seq: int = 12, vocab: int = 128, seed: int = 1) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "labels": ids}
 
 
 _MINILM_CACHE: dict[str, Any] = {}
@@ -126,31 +106,6 @@ def _minilm_loss(out) -> torch.Tensor:
     return ((_minilm_out(out) - target) ** 2).mean()
 
 
-def quantize(model: nn.Module, bits: int) -> nn.Module:
-    """Replace every nn.Linear inside `model.model` (not lm_head) by a bnb Linear4bit (nf4) or Linear8bitLt."""
-    import bitsandbytes as bnb
-
-    for module in list(model.model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is not nn.Linear:
-                continue
-            if bits == 4:
-                q = bnb.nn.Linear4bit(
-                    child.in_features,
-                    child.out_features,
-                    bias=child.bias is not None,
-                    compute_dtype=torch.float32,
-                    quant_type="nf4",
-                )
-            else:
-                q = bnb.nn.Linear8bitLt(
-                    child.in_features, child.out_features, bias=child.bias is not None, has_fp16_weights=False
-                )
-            q.load_state_dict(child.state_dict())
-            setattr(module, name, q.to("cpu"))  # .to() quantizes
-    return model
-
-
 def tiny_qwen3_4bit() -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -185,31 +140,6 @@ def subject(request) -> Subject:
     return SUBJECTS[request.param]()
 
 
-def hook_count(model: nn.Module) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._forward_hooks_with_kwargs)
-        for m in model.modules()
-    )
-
-
-def snapshot(model: nn.Module) -> dict[str, Any]:
-    """Everything about a model that lora_func must leave as it was."""
-    return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "flags": {n: p.requires_grad for n, p in model.named_parameters()},
-        "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
-        "hooks": hook_count(model),
-        "attrs": {n: sorted(vars(m)) for n, m in model.named_modules()},
-        "params": {n: id(p) for n, p in model.named_parameters()},
-        "training": model.training,
-    }
-
-
 def assert_untouched(model: nn.Module, before: dict[str, Any]) -> None:
-    after = snapshot(model)
-    assert after["state"].keys() == before["state"].keys()
-    for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), f"state {key} changed"
-    for key in ("flags", "hooks", "attrs", "params", "training"):
-        assert after[key] == before[key], f"model {key} changed"
-    assert not after["grads"], f"base parameters got gradients: {sorted(after['grads'])[:3]}"
+    found = changes(model, before)
+    assert not found, f"the model changed: {found[:5]}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_untouched, qwen3_batch, snapshot, tiny_qwen3
+from conftest import assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qwen3
 
 import lora_func as lf
 
@@ -21,16 +21,6 @@ def dynamo():
     with torch._dynamo.config.patch(error_on_recompile=True):
         yield
     torch._dynamo.reset()
-
-
-def moved(params, seed):
-    gen = torch.Generator().manual_seed(seed)
-    trainable, frozen = lf.split(params)
-    entries = {
-        path: {k: (v.detach() + 0.05 * torch.randn(v.shape, generator=gen)).requires_grad_() for k, v in e.items()}
-        for path, e in trainable.items()
-    }
-    return lf.combine(trainable.replace(entries), frozen)
 
 
 def hook_dicts(model):
@@ -44,7 +34,7 @@ def hook_dicts(model):
 def test_compiled_training_step_matches_eager_without_breaks_or_recompiles(dynamo, cfg):
     model = tiny_qwen3(num_hidden_layers=1)
     batch = qwen3_batch()
-    adapters = [moved(lf.init(model, cfg, seed=s), seed=10 + s) for s in range(2)]
+    adapters = [perturbed(lf.init(model, cfg, seed=s), seed=10 + s) for s in range(2)]
     frozen = lf.split(adapters[0])[1]
 
     def loss_fn(trainable, batch):

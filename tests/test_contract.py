@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_untouched, snapshot
+from conftest import assert_untouched, perturbed, snapshot
 
 import lora_func as lf
 from lora_func._params import SHARED
@@ -24,17 +24,6 @@ def make_params(name, subject, model, seed=0):
     if REGISTRY[name].calibrated:  # data-driven variants calibrate on the subject's calibration batches
         return lf.init(model, cfg, seed=seed, calibration_data=subject.calibration_data(), progress=False)
     return lf.init(model, cfg, seed=seed)
-
-
-def perturbed(params, scale=0.05, seed=3):
-    """Every trainable leaf moved off its init, so that every leaf influences the output."""
-    gen = torch.Generator().manual_seed(seed)
-    trainable, frozen = lf.split(params)
-    moved = {
-        path: {k: (v.detach() + scale * torch.randn(v.shape, generator=gen)).requires_grad_() for k, v in entry.items()}
-        for path, entry in trainable.items()
-    }
-    return lf.combine(trainable.replace(moved), frozen)
 
 
 def trainable_grads(params):

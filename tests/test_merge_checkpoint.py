@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_untouched, qwen3_batch, snapshot, tiny_qwen3
+from conftest import assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qwen3
 
 import lora_func as lf
 from lora_func.variants import REGISTRY
@@ -14,20 +14,10 @@ from lora_func.variants import REGISTRY
 VARIANTS = sorted(REGISTRY)
 
 
-def moved(params, seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    trainable, frozen = lf.split(params)
-    entries = {
-        path: {k: (v.detach() + 0.05 * torch.randn(v.shape, generator=gen)).requires_grad_() for k, v in e.items()}
-        for path, e in trainable.items()
-    }
-    return lf.combine(trainable.replace(entries), frozen)
-
-
 def make(name, model):
     variant = REGISTRY[name]
     calibration = [qwen3_batch(seed=7)] if variant.calibrated else None
-    return moved(lf.init(model, variant.config(r=4), seed=0, calibration_data=calibration))
+    return perturbed(lf.init(model, variant.config(r=4), seed=0, calibration_data=calibration))
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -70,7 +60,7 @@ def test_merge_refuses_non_finite_weights_naming_the_module(name):
 
 def test_merge_refuses_inf():
     model = tiny_qwen3()
-    params = moved(lf.init(model, lf.LoRAConfig(r=4), seed=0))
+    params = perturbed(lf.init(model, lf.LoRAConfig(r=4), seed=0))
     path = params.targets[-1].path
     entries = {p: dict(e) for p, e in params.items()}
     entries[path]["B"] = entries[path]["B"].detach().clone()

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_untouched, qwen3_batch, snapshot, tiny_qwen3, tiny_qwen3_4bit
+from conftest import assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qwen3, tiny_qwen3_4bit
 
 import lora_func as lf
 from lora_func.variants import REGISTRY
@@ -20,17 +20,6 @@ ID_PATTERNS = {
     "one-adapter": [1, -1, 1, 1],  # looped: one adapter and base rows, permuted
     "skewed": [0, 0, 0, 0, 0, 1, 2],  # looped: padding would more than double the rows; contiguous slices
 }
-
-
-def perturbed(params, seed):
-    """`params` with every trainable leaf moved off its init, so that every leaf matters."""
-    gen = torch.Generator().manual_seed(seed)
-    trainable, frozen = lf.split(params)
-    entries = {
-        path: {k: (v.detach() + 0.05 * torch.randn(v.shape, generator=gen)).requires_grad_() for k, v in e.items()}
-        for path, e in trainable.items()
-    }
-    return lf.combine(trainable.replace(entries), frozen)
 
 
 def assert_grad_close(got, expected, msg):

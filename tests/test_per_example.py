@@ -5,19 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_untouched, minilm, minilm_batch, qwen3_batch, snapshot, tiny_qwen3, tiny_qwen3_4bit
+from conftest import (
+    assert_untouched,
+    minilm,
+    minilm_batch,
+    perturbed,
+    qwen3_batch,
+    snapshot,
+    tiny_qwen3,
+    tiny_qwen3_4bit,
+)
 
 import lora_func as lf
-
-
-def moved(params, seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    trainable, frozen = lf.split(params)
-    entries = {
-        path: {k: (v.detach() + 0.05 * torch.randn(v.shape, generator=gen)).requires_grad_() for k, v in e.items()}
-        for path, e in trainable.items()
-    }
-    return lf.combine(trainable.replace(entries), frozen)
 
 
 def token_losses(labels):
@@ -51,7 +50,7 @@ def assert_grads_equal(grads, params, expected, rtol=1e-5, atol=1e-6):
 @pytest.mark.parametrize("build", [tiny_qwen3, tiny_qwen3_4bit], ids=["qwen3", "qwen3-4bit"])
 def test_per_example_grads_equal_a_loop_over_examples(build):
     model = build()
-    params = moved(lf.init(model, lf.DeLoRAConfig(r=4)))  # a frozen half too
+    params = perturbed(lf.init(model, lf.DeLoRAConfig(r=4)))  # a frozen half too
     batch = qwen3_batch(batch=4)
     before = snapshot(model)
     grads = lf.per_example_grads(model, params, batch, token_losses(batch["labels"]))
@@ -66,7 +65,7 @@ def test_per_example_grads_with_padding_and_attention_mask():
     """BERT with a padded batch: HF's mask code branches on `attention_mask.all()`, which vmap over the
     model cannot run; the helper runs the real batch, so it works."""
     model = minilm()
-    params = moved(lf.init(model, lf.LoRAConfig(r=4, target_names=(r"query$", r"value$"))))
+    params = perturbed(lf.init(model, lf.LoRAConfig(r=4, target_names=(r"query$", r"value$"))))
     batch = dict(minilm_batch())
     assert not batch["attention_mask"].all()  # the batch really is padded
 
@@ -91,7 +90,7 @@ def test_vmap_grad_recipe_over_examples_equals_the_helper():
     """The torch.func recipe, `vmap(grad(loss), in_dims=(None, 0))`, equals the loop and the helper
     (for models without a padding mask; see the test above)."""
     model = tiny_qwen3()
-    params = moved(lf.init(model, lf.LoRAConfig(r=4)))
+    params = perturbed(lf.init(model, lf.LoRAConfig(r=4)))
     batch = qwen3_batch(batch=3)
     trainable, frozen = lf.split(params)
 
@@ -108,7 +107,7 @@ def test_vmap_grad_recipe_over_examples_equals_the_helper():
 
 def test_grad_dots_scores_training_examples_for_a_query():
     model = tiny_qwen3()
-    params = moved(lf.init(model, lf.LoRAConfig(r=4)))
+    params = perturbed(lf.init(model, lf.LoRAConfig(r=4)))
     train = qwen3_batch(batch=4, seed=1)
     query = {k: v[[2, 0]] for k, v in train.items()}  # queries that are training examples 2 and 0
     g_train = lf.per_example_grads(model, params, train, token_losses(train["labels"]))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_untouched, qwen3_batch, snapshot, tiny_qwen3, tiny_qwen3_8bit
-from test_contract import _only, perturbed
+from conftest import assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qwen3, tiny_qwen3_8bit
+from test_contract import _only
 
 import lora_func as lf
 from lora_func._base import dense_weight

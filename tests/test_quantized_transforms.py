@@ -10,27 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_untouched, qwen3_batch, snapshot, tiny_qwen3_8bit
+from conftest import assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qwen3_8bit
 
 import lora_func as lf
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented")
 
 
-def moved(params, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return params.replace(
-        {
-            path: {k: (v.detach() + 0.05 * torch.randn(v.shape, generator=gen)).requires_grad_() for k, v in e.items()}
-            for path, e in params.items()
-        }
-    )
-
-
 def test_func_grad_on_8bit_base_equals_autograd():
     model = tiny_qwen3_8bit()
     batch = qwen3_batch()
-    params = moved(lf.init(model, lf.LoRAConfig(r=4), seed=0), seed=1)
+    params = perturbed(lf.init(model, lf.LoRAConfig(r=4), seed=0), seed=1)
     before = snapshot(model)
     loss = lf.apply(model, params, batch).loss
     loss.backward()
@@ -45,7 +35,7 @@ def test_func_grad_on_8bit_base_equals_autograd():
 def test_vmap_and_vmap_grad_on_8bit_base_equal_separate_runs():
     model = tiny_qwen3_8bit()
     batch = qwen3_batch()
-    adapters = [moved(lf.init(model, lf.LoRAConfig(r=4), seed=s), seed=10 + s) for s in range(3)]
+    adapters = [perturbed(lf.init(model, lf.LoRAConfig(r=4), seed=s), seed=10 + s) for s in range(3)]
     stacked = lf.stack(adapters)
     before = snapshot(model)
     logits = torch.func.vmap(lambda p: lf.apply(model, p, batch).logits)(stacked)

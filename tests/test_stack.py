@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import assert_untouched, qwen3_batch, snapshot, tiny_qwen3, tiny_qwen3_4bit
+from conftest import assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qwen3, tiny_qwen3_4bit
 
 import lora_func as lf
 
@@ -16,20 +16,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop beca
 K = 3
 
 
-def moved(params, seed):
-    """`params` with every trainable leaf moved off its init (B = 0 would make gradients of A vanish)."""
-    gen = torch.Generator().manual_seed(seed)
-    trainable, frozen = lf.split(params)
-    entries = {
-        path: {k: (v.detach() + 0.05 * torch.randn(v.shape, generator=gen)).requires_grad_() for k, v in e.items()}
-        for path, e in trainable.items()
-    }
-    return lf.combine(trainable.replace(entries), frozen)
-
-
 def k_adapters(model, cfg=None):
     cfg = cfg or lf.LoRAConfig(r=4)
-    return [moved(lf.init(model, cfg, seed=s), seed=10 + s) for s in range(K)]
+    return [perturbed(lf.init(model, cfg, seed=s), seed=10 + s) for s in range(K)]
 
 
 def test_stack_unstack_roundtrip():
