@@ -92,13 +92,16 @@ def load_minilm() -> tuple[nn.Module, Any]:
 class Task:
     """Tokenized batches and the cosine-similarity classifier over the labels' descriptions."""
 
-    def __init__(self, data: Dataset, tokenizer: Any) -> None:
+    def __init__(self, data: Dataset, tokenizer: Any, max_tokens: int = MAX_TOKENS) -> None:
         self.data = data
         self.tokenizer = tokenizer
+        self.max_tokens = max_tokens  # texts are cut to this many tokens
         self.label_batch = self.tokenize(data.label_texts)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
         return dict(batch)
 
     def batch(self, examples: Sequence[Example]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

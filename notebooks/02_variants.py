@@ -53,21 +53,12 @@ print(f"{len(REGISTRY)} variants: {', '.join(REGISTRY)}; {torch.get_num_threads(
 
 
 # %%
-class ShortTask(demo.Task):
-    """The demo's task with inputs cut to MAX_TOKENS tokens."""
-
-    def tokenize(self, texts):
-        return dict(
-            self.tokenizer(list(texts), padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
-        )
-
-
 model, tokenizer = demo.load_minilm()
 model.eval()
 base_state = {k: v.clone() for k, v in model.state_dict().items()}
 data = build_dataset(seed=SEED)
 data = dataclasses.replace(data, test=data.test[::3])  # the held-out set is sorted by module: every third one
-task = ShortTask(data, tokenizer)
+task = demo.Task(data, tokenizer, max_tokens=MAX_TOKENS)
 batches = [task.batch([data.train[i] for i in rows]) for rows in demo.batch_order(len(data.train), STEPS, BATCH, SEED)]
 print(f"{len(data.labels)} modules; {len(data.train)} training docstrings, {len(data.test)} held out")
 print("e.g.", data.train[0].name, "->", data.train[0].text[:100], "...")

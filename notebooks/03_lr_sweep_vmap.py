@@ -44,22 +44,13 @@ print(f"{K} learning rates, {STEPS} steps of {BATCH}; {torch.get_num_threads()} 
 
 
 # %%
-class ShortTask(demo.Task):
-    """The demo's task with inputs cut to MAX_TOKENS tokens."""
-
-    def tokenize(self, texts):
-        return dict(
-            self.tokenizer(list(texts), padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
-        )
-
-
 model, tokenizer = demo.load_minilm()
 model.eval()  # no dropout: both ways compute the same thing
 # PyTorch's CPU scaled-dot-product attention has no vmap rule (vmap would loop over K); eager attention batches.
 model.set_attn_implementation("eager")
 data = build_dataset(seed=SEED)
 data = dataclasses.replace(data, test=data.test[::3])
-task = ShortTask(data, tokenizer)
+task = demo.Task(data, tokenizer, max_tokens=MAX_TOKENS)
 batches = [task.batch([data.train[i] for i in rows]) for rows in demo.batch_order(len(data.train), STEPS, BATCH, SEED)]
 cfg = lf.LoRAConfig(r=8, alpha=16, layers=(4, 5), exclude_names=demo.EXCLUDE)
 

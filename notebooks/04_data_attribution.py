@@ -52,19 +52,10 @@ print(f"{torch.get_num_threads()} thread(s)")
 
 
 # %%
-class ShortTask(demo.Task):
-    """The demo's task with inputs cut to MAX_TOKENS tokens."""
-
-    def tokenize(self, texts):
-        return dict(
-            self.tokenizer(list(texts), padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
-        )
-
-
 model, tokenizer = demo.load_minilm()
 model.eval()
 data = build_dataset(seed=SEED)
-task = ShortTask(data, tokenizer)
+task = demo.Task(data, tokenizer, max_tokens=MAX_TOKENS)
 
 
 def pool(hidden, mask):
