@@ -68,6 +68,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lora_func as lf  # noqa: E402
+from lora_func._progress import progress  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK, ALPHA = 8, 16
@@ -172,12 +173,8 @@ PROGRESS = True  # tqdm bars on stderr; `--no-progress` turns them off
 
 
 def rounds(repeats: int, label: str):
-    """range(repeats), under a tqdm bar (left behind on nothing) when PROGRESS is on."""
-    if not PROGRESS:
-        return range(repeats)
-    from tqdm.auto import tqdm
-
-    return tqdm(range(repeats), desc=label, leave=False, file=sys.stderr)
+    """range(repeats), under a progress bar when PROGRESS is on."""
+    return progress(range(repeats), PROGRESS, label)
 
 
 def time_alternating(

@@ -18,20 +18,11 @@ import torch
 from torch import nn
 
 from ._base import quantization
+from ._progress import progress as progress_bar
 from ._targets import Target, is_linear_like
 from ._variant import InputStats
 
 _CHUNK_ROWS = 4096  # rows cast to float64 at a time, to bound the transient copy of a long batch
-
-
-def _progress(iterable: Iterable, enabled: bool, desc: str) -> Iterable:
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc=desc, leave=False)
 
 
 def _token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -158,7 +149,7 @@ def collect_input_stats(
                 continue
             module.training = False
         with torch.no_grad():
-            for batch in _progress(batches, progress, "calibration"):
+            for batch in progress_bar(batches, progress, "calibration"):
                 attention = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                 mask[0] = attention if isinstance(attention, torch.Tensor) and attention.dim() == 2 else None
                 call_model(model, batch)

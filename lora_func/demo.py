@@ -35,6 +35,7 @@ from torch import nn
 
 import lora_func as lf
 from lora_func._demo_data import Dataset, Example, build_dataset
+from lora_func._progress import progress as progress_bar
 from lora_func.variants import REGISTRY, Variant
 
 
@@ -183,7 +184,7 @@ def run_variant(
     optimizer = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=0.0)
     train = task.data.train
     curve, seconds = [], []
-    bar = progress_bar(batch_order(len(train), steps, batch_size, seed), name, progress)
+    bar = progress_bar(batch_order(len(train), steps, batch_size, seed), progress, f"{name:>10}")
     model.train()
     for indices in bar:
         start = time.perf_counter()
@@ -194,7 +195,7 @@ def run_variant(
         optimizer.step()
         seconds.append(time.perf_counter() - start)
         curve.append(loss.item())
-        if progress:
+        if hasattr(bar, "set_postfix"):  # a tqdm bar
             bar.set_postfix(loss=f"{curve[-1]:.3f}")
     if not all(math.isfinite(v) for v in curve):
         print(f"demo: {name} diverged (non-finite loss); try a smaller lr in RECIPES", file=sys.stderr)
@@ -209,14 +210,6 @@ def run_variant(
         "train_loss": curve,
         "seconds_per_step": statistics.median(seconds) if seconds else float("nan"),
     }
-
-
-def progress_bar(items: list, name: str, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=f"{name:>10}", leave=False, file=sys.stderr)
 
 
 # -- reporting ------------------------------------------------------------------------------------
