@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -175,8 +176,8 @@ def _check_weights(weights: Any, count: int, caller: str) -> list[float]:
         raise ValueError(f"{caller}: `weights` has {len(weights)} values for {count} adapters; give one per adapter")
     out = []
     for i, w in enumerate(weights):
-        if isinstance(w, bool) or not isinstance(w, (int, float)):
-            raise TypeError(f"{caller}: `weights[{i}]` must be a number, got {w!r}")
+        if isinstance(w, bool) or not isinstance(w, numbers.Real):
+            raise TypeError(f"{caller}: `weights[{i}]` must be a real number, got {w!r}")
         if not math.isfinite(w):
             raise ValueError(f"{caller}: `weights[{i}]` is {w}; weights must be finite")
         out.append(float(w))
@@ -319,6 +320,7 @@ def delta_weights(model: nn.Module, params: Params) -> dict[str, torch.Tensor]:
     `lf.merge(model, params)[k]` equals `base[k] + delta_weights(model, params)[k]`.
     Float32 (float64 for float64 adapters), on each layer's device; bitsandbytes bases are dequantized.
     Differentiable with respect to `params` (a penalty on ‖ΔW‖, say). Pure: the model is not changed.
+    Stacked params (`lf.stack`) are refused: pass each of `lf.unstack(params)`.
 
     >>> dw = lf.delta_weights(model, params)
     >>> dw["model.layers.0.self_attn.q_proj.weight"].shape   # (d_out, d_in)

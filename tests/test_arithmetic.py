@@ -448,7 +448,7 @@ BAD_CALLS = {
     "weights length": (lambda k: lf.weighted_sum([k["a"], k["b"]], [1.0]), r"`weights` has 1 values for 2 adapters"),
     "nan weight": (lambda k: lf.weighted_sum([k["a"]], [float("nan")]), r"`weights\[0\]` is nan; weights must be"),
     "inf weight": (lambda k: lf.dare([k["a"]], [math.inf], density=0.5, r=4, seed=0), r"`weights\[0\]` is inf"),
-    "bool weight": (lambda k: lf.weighted_sum([k["a"]], [True]), r"`weights\[0\]` must be a number"),
+    "bool weight": (lambda k: lf.weighted_sum([k["a"]], [True]), r"`weights\[0\]` must be a real number"),
     "density 0": (
         lambda k: lf.ties([k["a"]], [1.0], density=0.0, r=4),
         r"ties: `density` must be a number in \(0, 1\]",
