@@ -20,7 +20,7 @@ from lora_func.variants import REGISTRY
 merge_utils = pytest.importorskip("peft.utils.merge_utils")
 
 VARIANTS = sorted(REGISTRY)
-ATOL = 1e-5  # ΔW entries are O(0.01–1); float32 products and SVD reconstruction: measured <= 2e-6
+ATOL = 1e-5  # ΔW entries are O(0.01–1); float32 products and SVD reconstruction: measured <= 3.4e-6
 
 
 def make(name, model, seed=0, **fields):
