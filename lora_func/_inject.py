@@ -163,7 +163,7 @@ def _output_hook(module, args, *rest):  # rest: (kwargs, output), or (output,) w
     if injection is None:
         return None
     binding = injection.bindings.get(module)
-    if binding is None:
+    if binding is None or injection.input_form:  # another thread's adapter of the input form shares the module
         return None
     if task == -1 and injection.needs_detach and not _local.detaching and torch.is_grad_enabled():
         injection.refuse_direct_call(module)
@@ -178,7 +178,7 @@ def _input_hook(module, args, *rest):  # rest: (kwargs,), or () when registered 
     if injection is None:
         return None
     binding = injection.bindings.get(module)
-    if binding is None:
+    if binding is None or not injection.input_form:  # another thread's adapter of the output form shares it
         return None
     if task == -1 and injection.needs_detach and not _local.detaching and torch.is_grad_enabled():
         injection.refuse_direct_call(module)
