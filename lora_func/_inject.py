@@ -40,6 +40,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.autograd import Variable
 from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
 
 from ._base import QuantizedLinear, quantization
 from ._mixed import AdapterRows
@@ -80,11 +81,6 @@ def _is_plain_parameter(p: torch.Tensor) -> bool:
     """A parameter whose `detach()` keeps what it is: plain tensors, and DTensors (FSDP2's sharded
     parameters). Not bnb weights: tensor subclasses whose detach() drops their quantization state."""
     return type(p) is nn.Parameter or type(p) is torch.Tensor or isinstance(p, DTensor)
-
-
-def checkpointed_layers(model: nn.Module) -> list[nn.Module]:
-    """Modules under HF gradient checkpointing (`gradient_checkpointing is True`)."""
-    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
 
 
 # -- the base parameters, detached ------------------------------------------------------------------------------
@@ -263,26 +259,44 @@ class _Restore:
             self.module.forward = self.own
 
 
+class _Hook:
+    """A with-kwargs forward (pre-)hook put into the module's hook dicts, as `register_forward_hook` does but
+    without building a RemovableHandle: `apply` registers and removes one per target on every call. The flags
+    go in before the hook and come out after it, so a forward running in another thread meanwhile sees a
+    consistent set (and the dispatchers take either calling convention)."""
+
+    __slots__ = ("dicts", "key")
+
+    def __init__(self, module: nn.Module, hook: Callable, *, pre: bool, always_call: bool = False) -> None:
+        key = RemovableHandle.next_id
+        RemovableHandle.next_id += 1
+        if pre:
+            hooks, flags = module._forward_pre_hooks, [module._forward_pre_hooks_with_kwargs]
+        else:
+            hooks, flags = module._forward_hooks, [module._forward_hooks_with_kwargs]
+            if always_call:
+                flags.append(module._forward_hooks_always_called)
+        for flag in flags:
+            flag[key] = True
+        hooks[key] = hook
+        self.dicts, self.key = (hooks, *flags), key
+
+    def remove(self) -> None:
+        for d in self.dicts:
+            d.pop(self.key, None)
+
+
 def _register(module: nn.Module, role: str) -> list:
     if role == "output":
-        return [module.register_forward_hook(_output_hook, with_kwargs=True)]
+        return [_Hook(module, _output_hook, pre=False)]
     if role == "input":
-        return [module.register_forward_pre_hook(_input_hook, with_kwargs=True)]
+        return [_Hook(module, _input_hook, pre=True)]
     if role == "layer":
-        return [
-            module.register_forward_pre_hook(_layer_pre_hook, with_kwargs=True),
-            module.register_forward_hook(_layer_hook, with_kwargs=True, always_call=True),
-        ]
+        return [_Hook(module, _layer_pre_hook, pre=True), _Hook(module, _layer_hook, pre=False, always_call=True)]
     if role == "root":
-        return [
-            module.register_forward_pre_hook(_root_pre_hook, with_kwargs=True),
-            module.register_forward_hook(_root_hook, with_kwargs=True, always_call=True),
-        ]
+        return [_Hook(module, _root_pre_hook, pre=True), _Hook(module, _root_hook, pre=False, always_call=True)]
     if role == "recompute":
-        return [
-            module.register_forward_pre_hook(_recompute_pre_hook, with_kwargs=True),
-            module.register_forward_hook(_root_hook, with_kwargs=True, always_call=True),
-        ]
+        return [_Hook(module, _recompute_pre_hook, pre=True), _Hook(module, _root_hook, pre=False, always_call=True)]
     if role == "route":
         own = module.__dict__.get("forward", _MISSING)
         module.forward = partial(_routed, module, own)
@@ -417,20 +431,33 @@ class Injection:
             )
         self.model, self.params, self.caller = model, params, caller
         self.input_form = variant.forward_input is not None
+        # One pass over the model finds everything this call touches besides the targets.
+        modules: dict[str, nn.Module] = {}
+        self.layers: list[nn.Module] = []  # under HF gradient checkpointing
+        quantized: list[nn.Module] = []
+        self.needs_detach = False  # a base parameter requires grad
+        for name, module in model.named_modules():
+            modules[name] = module
+            if getattr(module, "gradient_checkpointing", False) is True:
+                self.layers.append(module)
+            own = module._parameters
+            if own and not self.needs_detach:
+                self.needs_detach = any(
+                    p is not None and p.requires_grad and _is_plain_parameter(p) for p in own.values()
+                )
+            if "weight" in own and is_linear_like(module) and quantization(module) is not None:
+                quantized.append(module)
         self.bindings: dict[nn.Module, tuple[Callable, dict, Site]] = {}
+        form = "input" if self.input_form else "output"
         roles: list[tuple[nn.Module, str]] = []
         rows = self.rows
-        for module, site in resolve_sites(model, params, caller):
-            leaves = with_shared(params, site.target.path)
-            if variant.forward_input is not None:
+        for module, site in resolve_sites(model, params, caller, modules):
+            if self.input_form:
                 fn = variant.forward_input if rows is None else partial(rows.forward_input, variant.forward_input)
-                roles.append((module, "input"))
             else:
                 fn = variant.forward if rows is None else partial(rows.forward, variant.forward)
-                roles.append((module, "output"))
-            self.bindings[module] = (fn, leaves, site)
-        self.layers = checkpointed_layers(model)
-        self.needs_detach = any(p.requires_grad and _is_plain_parameter(p) for p in model.parameters())
+            self.bindings[module] = (fn, with_shared(params, site.target.path), site)
+            roles.append((module, form))
         self._detached: dict[int, torch.Tensor] | None = None
         touched = [model, *self.bindings]  # the model itself: one injection per model and thread
         if self.needs_detach:
@@ -442,10 +469,9 @@ class Injection:
                 for module in layer.modules():
                     if any(p is not None and p.requires_grad for p in module._parameters.values()):
                         roles.append((module, "recompute"))
-        for module in model.modules():
-            if is_linear_like(module) and quantization(module) is not None:
-                roles.append((module, "route"))
-                touched.append(module)
+        for module in quantized:
+            roles.append((module, "route"))
+            touched.append(module)
         self.roles = roles
         self.touched = list(dict.fromkeys(touched))
         self.leases = 0

@@ -27,14 +27,16 @@ def call_model(model: nn.Module, batch: Any, overrides: Mapping[str, torch.Tenso
     return model(*args, **kwargs)
 
 
-def resolve_sites(model: nn.Module, params: Params, caller: str) -> list[tuple[nn.Module, Site]]:
-    """Each target of `params` located in `model`, checked against its recorded shape."""
+def resolve_sites(
+    model: nn.Module, params: Params, caller: str, modules: Mapping[str, nn.Module] | None = None
+) -> list[tuple[nn.Module, Site]]:
+    """Each target of `params` located in `model` (or in `modules`, its `named_modules()` when the caller has
+    them already), checked against its recorded shape."""
     sites = []
     for target in params.targets:
-        try:
-            module = model.get_submodule(target.path)
-        except AttributeError:
-            raise ValueError(f"{caller}: target {target.path!r} is not a module of {type(model).__name__}") from None
+        module = _submodule(model, target.path) if modules is None else modules.get(target.path)
+        if module is None:
+            raise ValueError(f"{caller}: target {target.path!r} is not a module of {type(model).__name__}")
         if not is_linear_like(module):
             raise ValueError(f"{caller}: target {target.path!r} is a {type(module).__name__}, not linear-like")
         if (module.in_features, module.out_features) != (target.d_in, target.d_out):
@@ -47,6 +49,13 @@ def resolve_sites(model: nn.Module, params: Params, caller: str) -> list[tuple[n
         target_cfg = config_for(cfg, target.path) if cfg.rank_pattern or cfg.alpha_pattern else cfg
         sites.append((module, Site(target, target_cfg, module)))
     return sites
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def with_shared(params: Params, path: str) -> dict[str, torch.Tensor]:
