@@ -18,6 +18,7 @@ from ._config import AdapterConfig as AdapterConfig
 from ._distributed import all_reduce_grads as all_reduce_grads
 from ._init import init as init
 from ._init import targets as targets
+from ._inject import inject as inject
 from ._merge import merge as merge
 from ._params import Params as Params
 from ._params import combine as combine
