@@ -55,7 +55,7 @@ from .variants import variant_for
 _LOCK = threading.RLock()  # guards hook registration, reference counts and the records of running backwards
 _local = threading.local()  # .active: {module: Injection} for this thread; .layers, .modes: stacks
 _HOOKED: dict[tuple[nn.Module, str], list] = {}  # (module, role) -> [count, handles]
-_ENTERED: dict[int, tuple[bool, list]] = {}  # graph task -> (keep_graph, layer calls its backward reached)
+_ENTERED: dict[int, tuple[bool, list]] = {}  # graph task -> (keep_graph, weakrefs to the layer calls it reached)
 _MISSING = object()
 
 try:
@@ -358,24 +358,31 @@ class _LayerCall:
 
 
 def _entered(call: _LayerCall, grad_outputs):
-    """A backward reached the layer's output: its recompute belongs to `call` (see `_recompute_call`)."""
+    """A backward reached the layer's output: its recompute belongs to `call` (see `_recompute_call`).
+
+    The graph task's list holds weak references: if that backward fails before its end-of-task callback
+    runs, the records still die with their graph (and release their leases)."""
     task = _graph_task()
     with _LOCK:
         entry = _ENTERED.get(task)
         if entry is None:
+            for stale in [t for t, (_, refs) in _ENTERED.items() if all(r() is None for r in refs)]:
+                del _ENTERED[stale]  # tasks that ended in an error, whose records are gone
             entry = _ENTERED[task] = (torch._C._autograd._get_current_graph_task_keep_graph(), [])
             Variable._execution_engine.queue_callback(partial(_task_done, task))
-        if not any(c is call for c in entry[1]):
-            entry[1].append(call)
+        if not any(r() is call for r in entry[1]):
+            entry[1].append(weakref.ref(call))
     return None
 
 
 def _task_done(task: int) -> None:
     with _LOCK:
-        keep, calls = _ENTERED.pop(task, (True, []))
+        keep, refs = _ENTERED.pop(task, (True, []))
     if not keep:  # the graph's buffers are freed: no later backward recomputes these layers
-        for call in calls:
-            call.lease.release()
+        for ref in refs:
+            call = ref()
+            if call is not None:
+                call.lease.release()
 
 
 def _recompute_call(task: int) -> _LayerCall | None:
@@ -388,8 +395,9 @@ def _recompute_call(task: int) -> _LayerCall | None:
         return None
     seq = node._sequence_nr()
     found = None
-    for call in entry[1]:
-        if call.start <= seq < call.stop:
+    for ref in entry[1]:
+        call = ref()
+        if call is not None and call.start <= seq < call.stop:
             if found is not None and not found.injection.same_adapter(call.injection):
                 raise RuntimeError(
                     f"{call.injection.caller}: a backward recomputes a checkpointed layer that two injected calls "

@@ -10,6 +10,8 @@ parameters require grad, as a freshly built HF model's do) gets no gradient.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from conftest import assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qwen3
@@ -137,13 +139,14 @@ def test_two_adapters_and_the_base_model_in_one_checkpointed_backward(mode):
         torch.testing.assert_close(got["base"][n], ref["base"][n], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", [*MODES, "off"])
 def test_outputs_of_an_inject_block_differentiate_after_it_exits(mode):
     model = tiny_qwen3()
     params = make("lora", model)
     b1, b2 = qwen3_batch(seed=1), qwen3_batch(seed=2)
     ref = grads_of(params, lambda: (lf.apply(model, params, b1).loss + lf.apply(model, params, b2).loss).backward())
-    checkpointed(model, MODES[mode])
+    if mode != "off":
+        checkpointed(model, MODES[mode])
     before = snapshot(model)
     with lf.inject(model, params):
         loss = model(**b1).loss + model(**b2).loss
@@ -155,6 +158,28 @@ def test_outputs_of_an_inject_block_differentiate_after_it_exits(mode):
     del loss, plain
     model.zero_grad(set_to_none=True)
     nothing_left(model, before)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_backward_that_fails_leaves_nothing_behind_once_the_graph_is_freed(mode):
+    model = checkpointed(tiny_qwen3(), MODES[mode])
+    params = make("lora", model)
+    before = snapshot(model)
+
+    def fail(grad):
+        raise ZeroDivisionError
+
+    # The backward fails between the layers: layer 1 was reached (its record entered), layer 0 not yet.
+    handle = model.model.layers[0].register_forward_hook(lambda m, args, out: out.register_hook(fail) and None)
+    loss = lf.apply(model, params, qwen3_batch()).loss
+    handle.remove()
+    with pytest.raises(ZeroDivisionError):
+        loss.backward()
+    assert any(ref() is not None for _, refs in _inject._ENTERED.values() for ref in refs)
+    del loss
+    gc.collect()
+    nothing_left(model, before)
+    assert not any(ref() is not None for _, refs in _inject._ENTERED.values() for ref in refs)
 
 
 def test_base_parameters_that_require_grad_get_no_gradient_and_keep_their_flags():
