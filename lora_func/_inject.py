@@ -440,21 +440,7 @@ class Injection:
         self.model, self.params, self.caller = model, params, caller
         self.input_form = variant.forward_input is not None
         # One pass over the model finds everything this call touches besides the targets.
-        modules: dict[str, nn.Module] = {}
-        self.layers: list[nn.Module] = []  # under HF gradient checkpointing
-        quantized: list[nn.Module] = []
-        self.needs_detach = False  # a base parameter requires grad
-        for name, module in model.named_modules():
-            modules[name] = module
-            if getattr(module, "gradient_checkpointing", False) is True:
-                self.layers.append(module)
-            own = module._parameters
-            if own and not self.needs_detach:
-                self.needs_detach = any(
-                    p is not None and p.requires_grad and _is_plain_parameter(p) for p in own.values()
-                )
-            if "weight" in own and is_linear_like(module) and quantization(module) is not None:
-                quantized.append(module)
+        modules, self.layers, quantized, self.needs_detach = _survey(model)
         self.bindings: dict[nn.Module, tuple[Callable, dict, Site]] = {}
         form = "input" if self.input_form else "output"
         roles: list[tuple[nn.Module, str]] = []
@@ -592,6 +578,41 @@ class Injection:
                     return fn(x, output, leaves, site)
 
                 self.compiled.append(_SwappedHooks(module, hook, pre=False))
+
+
+def _survey(model: nn.Module) -> tuple[dict[str, nn.Module], list[nn.Module], list[nn.Module], bool]:
+    """One walk over the model (`apply` pays it on every call, so it reads the module dicts directly, never
+    through `nn.Module.__getattr__`): {name: module} as `named_modules` gives it, the layers under HF gradient
+    checkpointing, the bitsandbytes layers, and whether any plain base parameter requires grad."""
+    modules: dict[str, nn.Module] = {}
+    layers: list[nn.Module] = []
+    quantized: list[nn.Module] = []
+    needs_detach = False
+    seen: set[int] = set()
+    stack = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:  # a module registered twice keeps its first name, as in named_modules
+            continue
+        seen.add(id(module))
+        modules[name] = module
+        flag = module.__dict__.get("gradient_checkpointing", _MISSING)
+        if flag is _MISSING:
+            flag = getattr(type(module), "gradient_checkpointing", False)
+        if flag is True:
+            layers.append(module)
+        own = module._parameters
+        if own:
+            if not needs_detach:
+                needs_detach = any(p is not None and p.requires_grad and _is_plain_parameter(p) for p in own.values())
+            weight = own.get("weight")
+            if weight is not None and not _is_plain_parameter(weight) and is_linear_like(module):
+                if quantization(module) is not None:
+                    quantized.append(module)
+        prefix = name + "." if name else ""
+        children = [(prefix + child_name, child) for child_name, child in module._modules.items() if child is not None]
+        stack.extend(reversed(children))  # depth first, children in order: named_modules' order
+    return modules, layers, quantized, needs_detach
 
 
 def _name(model: nn.Module, module: nn.Module) -> str:
