@@ -66,6 +66,33 @@ def fits(shape: tuple[int, ...], want: tuple[int, ...], larger: tuple[int, ...] 
     )
 
 
+_LAYOUTS: dict[tuple[int, int], tuple[AdapterConfig, tuple[Target, ...], Shapes, dict[str, tuple[int, ...]]]] = {}
+
+
+def _layout(cfg: AdapterConfig, targets: tuple[Target, ...], caller: str, name: str):
+    """(declared shapes, growing shared dims) of a config and target tuple, the targets checked; cached by the
+    identity of both (every Params made from one `init` shares them), as `apply` checks on every call."""
+    key = (id(cfg), id(targets))
+    hit = None if torch.compiler.is_compiling() else _LAYOUTS.get(key)
+    if hit is not None and hit[0] is cfg and hit[1] is targets:
+        return hit[2], hit[3]
+    if not targets:
+        raise ValueError(f"{caller}: `{name}` has no targets")
+    paths = [t.path for t in targets]
+    if len(set(paths)) != len(paths):
+        twice = next(p for p in paths if paths.count(p) > 1)
+        raise ValueError(f"{caller}: `{name}` lists the target {twice!r} twice")
+    if SHARED in paths:
+        raise ValueError(f"{caller}: `{name}` has a target named {SHARED!r}, the name of the shared entry")
+    declared = declared_shapes(cfg, targets, caller)
+    grows = growing_dims(cfg, targets) if SHARED in declared else {}
+    if not torch.compiler.is_compiling():
+        if len(_LAYOUTS) >= 64:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+        _LAYOUTS[key] = (cfg, targets, declared, grows)  # holds both: their ids stay theirs while cached
+    return declared, grows
+
+
 def check(
     params: Any,
     caller: str,
@@ -88,74 +115,86 @@ def check(
         raise TypeError(f"{caller}: `{name}` must be lora_func Params, got {type(params).__name__}")
     variant = variant_for(params.config, caller=caller)
     cfg = params.config
-    targets = params.targets
-    if not targets:
-        raise ValueError(f"{caller}: `{name}` has no targets")
-    paths = [t.path for t in targets]
-    if len(set(paths)) != len(paths):
-        twice = next(p for p in paths if paths.count(p) > 1)
-        raise ValueError(f"{caller}: `{name}` lists the target {twice!r} twice")
-    if SHARED in paths:
-        raise ValueError(f"{caller}: `{name}` has a target named {SHARED!r}, the name of the shared entry")
-    declared = declared_shapes(cfg, targets, caller)
-    if list(params) != list(declared):
-        missing = [p for p in declared if p not in params]
-        extra = [p for p in params if p not in declared]
-        if missing or extra:
-            raise ValueError(
-                f"{caller}: `{name}` has entries for paths {extra[:3]} that are not among its targets, and none for "
-                f"{missing[:3]}; an entry per target{' and the shared one' if SHARED in declared else ''}"
-            )
-    _check_leaf_names(params, declared, variant.frozen, caller, name, halves)
-
-    grows = growing_dims(cfg, targets) if SHARED in declared else {}
-    sizes: dict[int | None, str] = {}
-    devices: dict[str, tuple[torch.device, str]] = {}  # path -> (device, the leaf first seen there)
-    for path, leaf, tensor in params.leaves():
-        where = f"{path}.{leaf}"
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{caller}: leaf {where} is a {type(tensor).__name__}, not a torch.Tensor")
-        if tensor.dtype != cfg.dtype:
-            raise ValueError(f"{caller}: leaf {where} has dtype {tensor.dtype}, the config says {cfg.dtype}")
-        want = declared[path][leaf]
-        larger = grows.get(leaf, ()) if path == SHARED else ()
-        shape = tuple(tensor.shape)
-        if fits(shape, want, larger):
-            sizes.setdefault(None, where)
-        elif len(shape) == len(want) + 1 and fits(shape[1:], want, larger):
-            sizes.setdefault(shape[0], where)
-        else:
-            raise ValueError(
-                f"{caller}: leaf {where} has shape {shape}; its variant declares {want} "
-                f"(or (K, {', '.join(map(str, want))}) for K stacked adapters)"
-            )
-        if values and tensor.device.type == "meta":
-            raise ValueError(f"{caller}: leaf {where} is on the meta device, which holds no values to {caller}")
-        device, first = devices.setdefault(path, (tensor.device, where))
-        if tensor.device != device:
-            raise ValueError(
-                f"{caller}: leaf {where} is on {tensor.device} and leaf {first} on {device}; the leaves of one "
-                "target sit on one device, its module's"
-            )
-    if len(sizes) > 1:
-        shown = ", ".join(f"{leaf} ({'unstacked' if k is None else f'K={k}'})" for k, leaf in sizes.items())
+    declared, grows = _layout(cfg, params.targets, caller, name)
+    entries = params._entries  # the Params' own dict: this runs on every `apply`
+    if entries.keys() != declared.keys():
+        missing = [p for p in declared if p not in entries]
+        extra = [p for p in entries if p not in declared]
         raise ValueError(
-            f"{caller}: the leaves of `{name}` disagree on the stack size: {shown}; under torch.func.vmap, "
-            "vmap over both halves of lf.split (or over the combined params), not one of them"
+            f"{caller}: `{name}` has entries for paths {extra[:3]} that are not among its targets, and none for "
+            f"{missing[:3]}; an entry per target{' and the shared one' if SHARED in declared else ''}"
         )
+    dtype = cfg.dtype
+    names_checked = False
+    sizes: set[int | None] = set()
+    devices: dict[str, torch.device] = {}
+    for path, entry in entries.items():
+        want = declared[path]
+        if not names_checked and entry.keys() != want.keys():
+            _check_leaf_names(params, declared, variant.frozen, caller, name, halves)  # a half, or an error
+            names_checked = True
+        device = None
+        for leaf, tensor in entry.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"{caller}: leaf {path}.{leaf} is a {type(tensor).__name__}, not a torch.Tensor")
+            if tensor.dtype != dtype:
+                raise ValueError(f"{caller}: leaf {path}.{leaf} has dtype {tensor.dtype}, the config says {dtype}")
+            shape, w = tensor.shape, want[leaf]
+            if shape == w:
+                sizes.add(None)
+            elif len(shape) == len(w) + 1 and shape[1:] == w:
+                sizes.add(shape[0])
+            elif path == SHARED and fits(tuple(shape), w, grows.get(leaf, ())):
+                sizes.add(None)
+            elif path == SHARED and len(shape) == len(w) + 1 and fits(tuple(shape[1:]), w, grows.get(leaf, ())):
+                sizes.add(shape[0])
+            else:
+                raise ValueError(
+                    f"{caller}: leaf {path}.{leaf} has shape {tuple(shape)}; its variant declares {w} "
+                    f"(or (K, {', '.join(map(str, w))}) for K stacked adapters)"
+                )
+            here = tensor.device
+            if device is None:
+                device, first = here, leaf
+            elif here != device:
+                raise ValueError(
+                    f"{caller}: leaf {path}.{leaf} is on {here} and leaf {path}.{first} on {device}; the leaves of "
+                    "one target sit on one device, its module's"
+                )
+            if values and here.type == "meta":
+                raise ValueError(
+                    f"{caller}: leaf {path}.{leaf} is on the meta device, which holds no values to {caller}"
+                )
+        if device is not None:
+            devices[path] = device
+    if len(sizes) > 1:
+        _disagreeing_stack_sizes(params, declared, caller, name)
     count = next(iter(sizes), None)
-    if SHARED in devices and paths[0] in devices and devices[SHARED][0] != devices[paths[0]][0]:
+    first_path = params.targets[0].path
+    if SHARED in devices and first_path in devices and devices[SHARED] != devices[first_path]:
         raise ValueError(
-            f"{caller}: the shared leaves of `{name}` are on {devices[SHARED][0]}, the first target's on "
-            f"{devices[paths[0]][0]}; they sit with the first target, as lf.init puts them"
+            f"{caller}: the shared leaves of `{name}` are on {devices[SHARED]}, the first target's on "
+            f"{devices[first_path]}; they sit with the first target, as lf.init puts them"
         )
     if model is not None:
-        _check_devices(model, params, {p: d for p, (d, _) in devices.items()}, caller)
+        _check_devices(model, params, devices, caller)
     if stacked is False and count is not None:
         raise ValueError(f"{caller}: `{name}` stacks {count} adapters; {caller} each of lf.unstack({name})")
     if stacked is True and count is None:
         raise ValueError(f"{caller}: `{name}` is not stacked (its leaves have the shapes of one adapter)")
     return count
+
+
+def _disagreeing_stack_sizes(params: Params, declared: Shapes, caller: str, name: str) -> None:
+    seen: dict[int | None, str] = {}
+    for path, leaf, tensor in params.leaves():
+        stacked = tensor.dim() == len(declared[path][leaf]) + 1
+        seen.setdefault(tensor.shape[0] if stacked else None, f"{path}.{leaf}")
+    shown = ", ".join(f"{leaf} ({'unstacked' if k is None else f'K={k}'})" for k, leaf in seen.items())
+    raise ValueError(
+        f"{caller}: the leaves of `{name}` disagree on the stack size: {shown}; under torch.func.vmap, "
+        "vmap over both halves of lf.split (or over the combined params), not one of them"
+    )
 
 
 def _check_leaf_names(
