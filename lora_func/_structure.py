@@ -72,8 +72,9 @@ _LAYOUTS: dict[tuple[int, int], tuple[AdapterConfig, tuple[Target, ...], Shapes,
 def _layout(cfg: AdapterConfig, targets: tuple[Target, ...], caller: str, name: str):
     """(declared shapes, growing shared dims) of a config and target tuple, the targets checked; cached by the
     identity of both (every Params made from one `init` shares them), as `apply` checks on every call."""
-    key = (id(cfg), id(targets))
-    hit = None if torch.compiler.is_compiling() else _LAYOUTS.get(key)
+    compiling = torch.compiler.is_compiling()  # then nothing is cached: dynamo would guard on the ids
+    key = None if compiling else (id(cfg), id(targets))
+    hit = None if key is None else _LAYOUTS.get(key)
     if hit is not None and hit[0] is cfg and hit[1] is targets:
         return hit[2], hit[3]
     if not targets:
@@ -86,7 +87,7 @@ def _layout(cfg: AdapterConfig, targets: tuple[Target, ...], caller: str, name: 
         raise ValueError(f"{caller}: `{name}` has a target named {SHARED!r}, the name of the shared entry")
     declared = declared_shapes(cfg, targets, caller)
     grows = growing_dims(cfg, targets) if SHARED in declared else {}
-    if not torch.compiler.is_compiling():
+    if key is not None:
         if len(_LAYOUTS) >= 64:
             _LAYOUTS.pop(next(iter(_LAYOUTS)))
         _LAYOUTS[key] = (cfg, targets, declared, grows)  # holds both: their ids stay theirs while cached
