@@ -15,6 +15,7 @@ from ._arithmetic import weighted_sum as weighted_sum
 from ._attribution import grad_dots as grad_dots
 from ._attribution import per_example_grads as per_example_grads
 from ._config import AdapterConfig as AdapterConfig
+from ._config import ConfigError as ConfigError
 from ._distributed import all_reduce_grads as all_reduce_grads
 from ._init import init as init
 from ._init import targets as targets
@@ -24,6 +25,7 @@ from ._params import Params as Params
 from ._params import combine as combine
 from ._params import split as split
 from ._params import trainable_leaves as trainable_leaves
+from ._serialize import AdapterFileError as AdapterFileError
 from ._serialize import load as load
 from ._serialize import save as save
 from ._stack import stack as stack

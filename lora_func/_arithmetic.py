@@ -46,9 +46,9 @@ import torch
 from torch import nn
 
 from ._base import base_bias, dense_weight
-from ._config import _as_pairs, _pattern_value, config_for
+from ._config import _pattern_value, config_for, normalize
 from ._params import SHARED, Params
-from ._stack import declared_shapes, stack_size
+from ._structure import check
 from ._targets import Target
 from ._variant import Site, Variant
 from .variants import antipasto, delora, hra, lora, ssvd, variant_for, vera
@@ -130,22 +130,7 @@ def _check_params(params: Any, where: str, caller: str) -> Params:
     """A whole, unstacked adapter: every declared leaf present, nothing extra, declared shapes."""
     if not isinstance(params, Params):
         raise TypeError(f"{caller}: {where} must be lora_func Params, got {type(params).__name__}")
-    variant_for(params.config, caller=caller)
-    declared = declared_shapes(params, caller)
-    for path, leaves in declared.items():
-        if path not in params:
-            raise ValueError(f"{caller}: {where} has no entry for its target {path!r}")
-        missing = [leaf for leaf in leaves if leaf not in params[path]]
-        if missing:
-            raise ValueError(
-                f"{caller}: {where} lacks leaves {missing} of {path!r} (a half from lf.split? lf.combine it first)"
-            )
-    extra = [path for path in params if path not in declared]
-    if extra:
-        raise ValueError(f"{caller}: {where} has entries {extra[:3]} that are not among its targets")
-    count = stack_size(params, caller)  # also checks every leaf's shape
-    if count is not None:
-        raise ValueError(f"{caller}: {where} stacks {count} adapters; pass the adapters of lf.unstack(params)")
+    check(params, caller, stacked=False, name=where.strip("`"))  # whole, unstacked, every leaf as declared
     for target in params.targets:
         if target.kind not in LINEAR_KINDS:
             raise ValueError(
@@ -194,6 +179,13 @@ def _check_density(density: Any, caller: str) -> float:
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
         raise ValueError(f"{caller}: `density` must be a number in (0, 1], got {density!r}")
     return float(density)
+
+
+def _pairs(rank_pattern: Any, caller: str) -> tuple[tuple[str, int], ...]:
+    """`rank_pattern` as config fields take it ({regex: rank} or pairs), checked as they are."""
+    return normalize(
+        rank_pattern if rank_pattern is not None else (), tuple[tuple[str, int], ...], "rank_pattern", caller
+    )
 
 
 def _rank_for(r: int, rank_pattern: tuple, caller: str) -> Callable[[Target], int]:
@@ -473,7 +465,7 @@ def resize(
     """
     caller = "resize"
     params = _check_params(params, "`params`", caller)
-    rank_of = _rank_for(_check_rank(r, caller), _as_pairs(rank_pattern, "rank_pattern", caller), caller)
+    rank_of = _rank_for(_check_rank(r, caller), _pairs(rank_pattern, caller), caller)
     dtype = _compute_dtype(params)
     with torch.no_grad():
         deltas = _deltas(params, "`params`", caller, model)
@@ -541,7 +533,7 @@ def _dense_merge(
     adapters = _check_adapters(adapters, caller)
     weights = _check_weights(weights, len(adapters), caller)
     _check_density(density, caller)
-    rank_of = _rank_for(_check_rank(r, caller), _as_pairs(rank_pattern, "rank_pattern", caller), caller)
+    rank_of = _rank_for(_check_rank(r, caller), _pairs(rank_pattern, caller), caller)
     targets = _union(adapters, caller)
     dtype = _result_dtype(adapters)
     compute = torch.promote_types(dtype, torch.float32)

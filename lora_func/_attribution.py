@@ -19,6 +19,7 @@ from torch import nn
 
 from ._apply import apply
 from ._params import Params, combine, split
+from ._structure import check
 
 
 def per_example_grads(model: nn.Module, params: Params, batch: Any, loss: Callable[[Any], torch.Tensor]) -> Params:
@@ -36,8 +37,7 @@ def per_example_grads(model: nn.Module, params: Params, batch: Any, loss: Callab
     >>> train = lf.per_example_grads(model, params, batch, token_loss)
     >>> scores = lf.grad_dots(query, train)  # (n_query, n_train): which examples pushed each query
     """
-    if not isinstance(params, Params):
-        raise TypeError(f"per_example_grads: `params` must be lora_func Params, got {type(params).__name__}")
+    check(params, "per_example_grads", stacked=False)
     tensors = [
         v for v in pytree.tree_leaves(dict(batch) if isinstance(batch, Mapping) else batch) if torch.is_tensor(v)
     ]

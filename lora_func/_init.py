@@ -11,6 +11,7 @@ from ._base import dense_weight
 from ._calibration import collect_input_stats
 from ._config import AdapterConfig, config_for
 from ._params import SHARED, Params
+from ._structure import check, declared_shapes
 from ._targets import Target, find_targets
 from ._variant import Init, Variant
 from .variants import variant_for
@@ -21,10 +22,9 @@ def targets(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
 
     >>> for t in lf.targets(model, lf.LoRAConfig(target_roles=("reader",))): print(t)
     """
-    variant = variant_for(cfg, caller="targets")
+    variant_for(cfg, caller="targets")
     found = find_targets(model, cfg, caller="targets")
-    for target in found:
-        variant.shapes(target, config_for(cfg, target.path))  # rank limits are part of "would adapt"
+    declared_shapes(cfg, tuple(found), "targets")  # rank limits are part of "would adapt"
     return found
 
 
@@ -68,7 +68,7 @@ def init(
     """
     variant = variant_for(cfg, caller="init")
     found = tuple(find_targets(model, cfg, caller="init"))
-    shapes = {t.path: variant.shapes(t, config_for(cfg, t.path)) for t in found}  # validates ranks first
+    shapes = declared_shapes(cfg, found, "init")  # validates ranks first
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     stats = {}
@@ -83,7 +83,7 @@ def init(
                 raise ValueError(f"init: `calibration_data` gave {seen} tokens to {target.path!r}, fewer than `r`={r}")
         if variant.allocate is not None:  # e.g. EVA's rank redistribution: a refined config, fewer targets
             cfg, found = variant.allocate(found, cfg, stats)
-            shapes = {t.path: variant.shapes(t, config_for(cfg, t.path)) for t in found}
+            shapes = declared_shapes(cfg, found, "init")
     elif calibration_data is not None:
         raise ValueError(f"init: {type(cfg).__name__} takes no `calibration_data`")
 
@@ -98,5 +98,7 @@ def init(
         if variant.create_shared is not None:
             leaves = variant.create_shared(found, cfg, Init(lambda: None, generator))
             device = model.get_submodule(found[0].path).weight.device  # shared leaves sit with the first target
-            entries[SHARED] = finish_leaves(variant, SHARED, cfg, leaves, variant.shared_shapes(found, cfg), device)
-    return Params(entries, cfg, found)
+            entries[SHARED] = finish_leaves(variant, SHARED, cfg, leaves, shapes[SHARED], device)
+    params = Params(entries, cfg, found)
+    check(params, "init", stacked=False)
+    return params

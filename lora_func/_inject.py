@@ -46,7 +46,7 @@ from ._base import QuantizedLinear, quantization
 from ._mixed import AdapterRows
 from ._params import Params
 from ._sites import resolve_sites, with_shared
-from ._stack import stack_size
+from ._structure import check
 from ._targets import is_linear_like
 from ._transform import in_transform
 from ._variant import Site
@@ -422,7 +422,9 @@ class Injection:
                 f"{caller}: `params` must be lora_func Params (from lf.init or lf.load), got {type(params).__name__}"
             )
         variant = variant_for(params.config, caller=caller)
-        count = stack_size(params, caller)
+        # One pass over the model finds everything this call touches besides the targets.
+        modules, self.layers, quantized, self.needs_detach = _survey(model)
+        count = check(params, caller, model=model, modules=modules)  # the structure check, before anything runs
         self.rows: AdapterRows | None = None
         if adapter_ids is not None:
             if count is None:
@@ -439,8 +441,6 @@ class Injection:
             )
         self.model, self.params, self.caller = model, params, caller
         self.input_form = variant.forward_input is not None
-        # One pass over the model finds everything this call touches besides the targets.
-        modules, self.layers, quantized, self.needs_detach = _survey(model)
         self.bindings: dict[nn.Module, tuple[Callable, dict, Site]] = {}
         form = "input" if self.input_form else "output"
         roles: list[tuple[nn.Module, str]] = []

@@ -8,7 +8,7 @@ from torch import nn
 from ._base import base_bias, dense_weight, quantization
 from ._params import Params
 from ._sites import resolve_sites, with_shared
-from ._stack import stack_size
+from ._structure import check
 from .variants import variant_for
 
 
@@ -22,12 +22,8 @@ def merge(model: nn.Module, params: Params) -> dict[str, torch.Tensor]:
     >>> merged = lf.merge(model, params)
     >>> model_copy.load_state_dict(merged, strict=False)
     """
-    if not isinstance(params, Params):
-        raise TypeError(f"merge: `params` must be lora_func Params, got {type(params).__name__}")
+    check(params, "merge", stacked=False, model=model)
     variant = variant_for(params.config, caller="merge")
-    count = stack_size(params, "merge")
-    if count is not None:
-        raise ValueError(f"merge: `params` stacks {count} adapters; merge each of lf.unstack(params)")
     merged: dict[str, torch.Tensor] = {}
     for module, site in resolve_sites(model, params, "merge"):
         path = site.target.path

@@ -3,9 +3,8 @@
 A stacked adapter is what `torch.func.vmap` maps over (K adapters in one pass, `vmap(grad(...))` trains
 K at once) and what `apply(..., adapter_ids=...)` picks rows from. Whether params are stacked is read
 from the leaves themselves: a leaf is stacked when its shape is `(K, *declared)`, `declared` being the
-variant's `shapes` for that target (for shared leaves, whose size depends on the target set, only the
-rank of `shared_shapes` is compared). Under `vmap` the K dimension is hidden, so the same params look
-unstacked to the `apply` inside.
+variant's shapes for that target (`_structure.declared_shapes`, which also checks everything else about the
+params). Under `vmap` the K dimension is hidden, so the same params look unstacked to the `apply` inside.
 """
 
 from __future__ import annotations
@@ -14,54 +13,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ._config import config_for
-from ._params import SHARED, Params
+from ._params import Params
+from ._structure import check
+from ._structure import stack_size as stack_size  # what `apply` calls: the full structure check, K or None
 from ._transform import in_transform
-from .variants import variant_for
-
-
-def declared_shapes(params: Params, caller: str) -> dict[str, dict[str, tuple[int, ...]]]:
-    """`{path: {leaf: shape}}` of one (unstacked) adapter with `params`' config and targets."""
-    variant = variant_for(params.config, caller=caller)
-    cfg = params.config
-    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-    for target in params.targets:
-        target_cfg = cfg if not (cfg.rank_pattern or cfg.alpha_pattern) else config_for(cfg, target.path)
-        shapes[target.path] = {k: tuple(v) for k, v in variant.shapes(target, target_cfg).items()}
-    if variant.shared_shapes is not None:
-        shapes[SHARED] = {k: tuple(v) for k, v in variant.shared_shapes(params.targets, cfg).items()}
-    return shapes
-
-
-def stack_size(params: Params, caller: str) -> int | None:
-    """K when every leaf is `(K, *declared)`, None when every leaf has its declared shape; else an error."""
-    declared = declared_shapes(params, caller)
-    sizes: dict[int | None, str] = {}
-    for path, leaf, tensor in params.leaves():
-        want = declared.get(path, {}).get(leaf)
-        if want is None:
-            raise ValueError(f"{caller}: `params` has a leaf {path}.{leaf} that its variant does not declare")
-        shape = tuple(tensor.shape)
-        if path == SHARED:
-            # Shared leaves are sized for the targets they were made for, which may be more than
-            # `params.targets` (an adapter cut down to some targets keeps them whole): rank only.
-            want = shape[len(shape) - len(want) :] if len(shape) in (len(want), len(want) + 1) else want
-        if shape == want:
-            sizes.setdefault(None, f"{path}.{leaf}")
-        elif len(shape) == len(want) + 1 and shape[1:] == want:
-            sizes.setdefault(shape[0], f"{path}.{leaf}")
-        else:
-            raise ValueError(
-                f"{caller}: leaf {path}.{leaf} has shape {shape}; its variant declares {want} "
-                f"(or (K, {', '.join(map(str, want))}) for K stacked adapters)"
-            )
-    if len(sizes) > 1:
-        shown = ", ".join(f"{leaf} ({'unstacked' if k is None else f'K={k}'})" for k, leaf in sizes.items())
-        raise ValueError(
-            f"{caller}: the leaves of `params` disagree on the stack size: {shown}; under torch.func.vmap, "
-            "vmap over both halves of lf.split (or over the combined params), not one of them"
-        )
-    return next(iter(sizes), None)
 
 
 def stack(adapters: Sequence[Params]) -> Params:
@@ -91,6 +46,7 @@ def stack(adapters: Sequence[Params]) -> Params:
         if not isinstance(p, Params):
             raise TypeError(f"stack: `adapters[{i}]` must be lora_func Params, got {type(p).__name__}")
     first = adapters[0]
+    check(first, "stack", stacked=False, halves=True, name="adapters[0]")  # the others must equal it, below
     for i, p in enumerate(adapters[1:], start=1):
         if p.config != first.config:
             raise ValueError(f"stack: `adapters[{i}]` has config {p.config!r}, `adapters[0]` has {first.config!r}")
@@ -133,11 +89,7 @@ def unstack(params: Params) -> list[Params]:
     Outside torch.func transforms each leaf is a new tensor (requires grad as the stacked leaf does);
     inside a transform `unstack` is a differentiable `unbind`.
     """
-    if not isinstance(params, Params):
-        raise TypeError(f"unstack: `params` must be lora_func Params, got {type(params).__name__}")
-    size = stack_size(params, "unstack")
-    if size is None:
-        raise ValueError("unstack: `params` is not stacked (its leaves have the shapes of one adapter)")
+    size = check(params, "unstack", stacked=True, halves=True)
     fresh = not in_transform()
     adapters: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(size)]
     for path, entry in params.items():

@@ -474,8 +474,14 @@ BAD_CALLS = {
         lambda k: lf.ties([k["a"]], [1.0], density=0.5, r=4, model=k["other_model"]),
         r"ties: target 'model.layers.1.self_attn.q_proj' is not a module",
     ),
-    "stacked": (lambda k: lf.resize(k["stacked"], 4), r"resize: `params` stacks 2 adapters; pass the adapters of lf"),
-    "split half": (lambda k: lf.weighted_sum([k["half"]], [1.0]), r"`adapters\[0\]` lacks leaves \['A0', 'B0'\]"),
+    "stacked": (
+        lambda k: lf.resize(k["stacked"], 4),
+        r"resize: `params` stacks 2 adapters; resize each of lf.unstack\(params\)",
+    ),
+    "split half": (
+        lambda k: lf.weighted_sum([k["half"]], [1.0]),
+        r"`adapters\[0\]` is the trainable half of lf.split .*lf.combine\(trainable, frozen\)",
+    ),
     "dense without model": (
         lambda k: lf.ties([k["a"], k["dora"]], [1.0, 1.0], density=0.5, r=4),
         r"ties: `adapters\[1\]` \(DoRAConfig\) has a ΔW that is W' − W.*pass the base model as `model=`",

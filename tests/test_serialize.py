@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lora_func as lf
+from lora_func._serialize import checksum
 from lora_func.variants import REGISTRY
 
 VARIANTS = sorted(REGISTRY)
@@ -31,14 +32,18 @@ def read(path):
         return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
 
 
-def rewrite(path, tensors, metadata):
+def rewrite(path, tensors, metadata, *, seal=True):
+    """Write an edited adapter; `seal` recomputes its checksum, so that what is tested is the check of the edit."""
+    if seal and "sha256" in metadata:
+        metadata = {**metadata, "sha256": checksum(metadata, tensors)}
     save_file(tensors, str(path), metadata=metadata)
 
 
 def test_metadata_holds_format_variant_config_and_version(tmp_path):
     _, params, path = saved(tmp_path, use_rslora=True)
     metadata, tensors = read(path)
-    assert metadata["format"] == "lora_func" and metadata["format_version"] == "1"
+    assert metadata["format"] == "lora_func" and metadata["format_version"] == "2"
+    assert metadata["sha256"] == checksum(metadata, tensors)
     assert metadata["variant"] == "lora" and metadata["library_version"] == lf.__version__
     assert json.loads(metadata["config"])["dtype"] == "float32"
     assert json.loads(metadata["config"])["use_rslora"] is True
@@ -82,7 +87,7 @@ def test_unknown_format_version_and_variant(tmp_path):
     rewrite(path, tensors, {**metadata, "format_version": "99"})
     with pytest.raises(ValueError, match="format_version '99'"):
         lf.load(path)
-    rewrite(path, tensors, {**metadata, "format_version": "1", "variant": "bogus"})
+    rewrite(path, tensors, {**metadata, "variant": "bogus"})
     with pytest.raises(ValueError, match="holds variant 'bogus'"):
         lf.load(path)
 

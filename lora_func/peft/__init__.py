@@ -30,7 +30,8 @@ from torch import nn
 from .._config import AdapterConfig, config_for
 from .._init import finish_leaves
 from .._params import SHARED, Params
-from .._serialize import check_model
+from .._serialize import AdapterFileError, check_model
+from .._structure import check, declared_shapes
 from .._targets import find_targets, is_linear_like
 from .._variant import Init
 from ..variants import REGISTRY, variant_for
@@ -47,6 +48,7 @@ from ._fields import (
     read_config,
     read_tensors,
     resolved,
+    written,
 )
 from ._method import PeftMethod
 from ._targeting import exact_regex, peft_selection, target_modules_out, targeting_config
@@ -91,8 +93,7 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
     >>> lf.to_peft(params, "out/peft-adapter", model=model)
     >>> peft_model = peft.PeftModel.from_pretrained(model, "out/peft-adapter")
     """
-    if not isinstance(params, Params):
-        raise TypeError(f"to_peft: `params` must be lora_func Params, got {type(params).__name__}")
+    check(params, "to_peft", stacked=False, values=True)  # PEFT's tensors are one adapter's, whole
     directory = os.fspath(directory)
     if os.path.isfile(directory):
         raise ValueError(f"to_peft: `directory` {directory!r} is a file, not a directory")
@@ -141,10 +142,10 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
     ):
         if names is None:
             continue
-        fields[names[0]] = number(value)
+        fields[names[0]] = written(value)
         if names[1] is not None:
             pattern = patterns_out(pairs, value, paths, pattern_name, "to_peft")
-            fields[names[1]] = {k: number(v) for k, v in pattern.items()}
+            fields[names[1]] = {k: written(v) for k, v in pattern.items()}
         elif any(resolved(pairs, p, value) != value for p in paths):
             raise ValueError(
                 f"to_peft: `{pattern_name}` gives some targets another value, and PEFT's {method.peft_type} has one "
@@ -194,9 +195,9 @@ def config_from_peft(
         if names is not None:
             if names[0] not in fields:
                 raise ValueError(f"{where}: `{names[0]}` is missing")
-            kwargs[value] = fields[names[0]]
+            kwargs[value] = number(fields[names[0]], f"`{names[0]}`", where, rank=value == "r")
             if names[1] is not None:
-                kwargs[pattern] = patterns_in(fields, names[1], where)
+                kwargs[pattern] = patterns_in(fields, names[1], where, rank=value == "r")
     try:
         cfg = REGISTRY[method.variant].config(
             **kwargs,
@@ -214,9 +215,11 @@ def from_peft(directory: str | os.PathLike, model: nn.Module) -> Params:
     """Read a PEFT checkpoint directory (`adapter_model.safetensors` + `adapter_config.json`) as lora_func Params.
 
     `lf.apply(model, params, batch)` then computes what PEFT's `PeftModel.from_pretrained(model, directory)`
-    does. Validated as strictly as `lf.load`: a config field lora_func cannot honour, a module PEFT would
-    adapt that is not linear-like, missing or unexpected tensors, and wrong shapes are errors naming the
-    field, key or module. `model` is only read.
+    does. Validated as strictly as `lf.load`: JSON with a key twice or NaN, a required field
+    missing (`r`, `lora_alpha`, `target_modules`) or of the wrong type, a config field lora_func cannot honour, a
+    module PEFT would adapt that is not linear-like, a key twice in the tensor header, missing or unexpected
+    tensors, wrong shapes, NaN or infinite values: each an `lf.AdapterFileError` naming the file and the field,
+    key or module. `model` is only read.
 
     The config's `target_names` select exactly the modules PEFT's `target_modules` (and `exclude_modules`,
     `layers_to_transform`) select in `model`. `lora_dropout`/`module_dropout` are accepted and dropped: they do
@@ -226,10 +229,20 @@ def from_peft(directory: str | os.PathLike, model: nn.Module) -> Params:
 
     >>> params = lf.from_peft("peft-adapter/", model)
     """
-    directory = os.fspath(directory)
+    try:
+        return _from_peft(os.fspath(directory), model)
+    except AdapterFileError:
+        raise
+    except ValueError as e:
+        if not str(e).startswith("from_peft:"):
+            raise
+        raise AdapterFileError(str(e)) from None  # the method entries' refusals, of the same class as the rest
+
+
+def _from_peft(directory: str, model: nn.Module) -> Params:
     where = f"from_peft: {os.path.join(directory, CONFIG_NAME)!r}"
     if not os.path.isdir(directory):
-        raise ValueError(f"from_peft: `directory` {directory!r} is not a directory")
+        raise AdapterFileError(f"from_peft: `directory` {directory!r} is not a directory")
     fields = read_config(directory)
     method, cfg, selection = config_from_peft(fields, model, where=where)
     variant = REGISTRY[method.variant]
@@ -243,28 +256,31 @@ def from_peft(directory: str | os.PathLike, model: nn.Module) -> Params:
     missing = sorted(expected - set(tensors))
     unexpected = sorted(set(tensors) - expected)
     if missing or unexpected:
-        raise ValueError(f"{where_weights} has missing keys {missing[:5]} and unexpected keys {unexpected[:5]}")
+        raise AdapterFileError(f"{where_weights} has missing keys {missing[:5]} and unexpected keys {unexpected[:5]}")
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        raise ValueError(f"{where_weights}: tensors must share one floating dtype, found {sorted(map(str, dtypes))}")
+        raise AdapterFileError(
+            f"{where_weights}: tensors must share one floating dtype, found {sorted(map(str, dtypes))}"
+        )
     cfg = dataclasses.replace(cfg, dtype=next(iter(dtypes)))
     found = tuple(find_targets(model, cfg, caller="from_peft"))
+    try:
+        declared = declared_shapes(cfg, found, "from_peft")
+    except ValueError as e:  # a rank the model's layers cannot hold
+        raise AdapterFileError(f"{where}: {e}") from None
 
     entries: dict[str, dict[str, torch.Tensor]] = {}
     for target in found:
         target_cfg = config_for(cfg, target.path)
-        try:
-            shapes = variant.shapes(target, target_cfg)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        shapes = declared[target.path]
         rank = f"r={target_cfg.r}, " if method.rank_fields is not None else ""
         leaves = {}
         for leaf, name in method.keys.items():
             key = f"{KEY_PREFIX}{target.path}.{name}"
-            tensor = method.tensor_in(leaf, tensors[key], tuple(shapes[leaf]))
-            if tuple(tensor.shape) != tuple(shapes[leaf]):
+            tensor = method.tensor_in(leaf, tensors[key], shapes[leaf])
+            if tuple(tensor.shape) != shapes[leaf]:
                 stored = method.tensor_out(leaf, torch.empty(shapes[leaf], device="meta"))  # the PEFT layout
-                raise ValueError(
+                raise AdapterFileError(
                     f"{where_weights} key {key!r} has shape {tuple(tensors[key].shape)}, expected "
                     f"{tuple(stored.shape)} ({rank}{target.d_in} -> {target.d_out})"
                 )
@@ -275,22 +291,24 @@ def from_peft(directory: str | os.PathLike, model: nn.Module) -> Params:
                 leaves.update(method.rebuild(module, target_cfg, leaves))
         entries[target.path] = finish_leaves(variant, target.path, cfg, leaves, shapes, module.weight.device)
     if variant.create_shared is not None:
-        shapes = variant.shared_shapes(found, cfg)
+        shapes = declared[SHARED]
         if shared_stored:
             leaves = {}
             for leaf, key in method.shared_keys.items():
-                tensor = method.tensor_in(leaf, tensors[key], tuple(shapes[leaf]))
-                if tuple(tensor.shape) != tuple(shapes[leaf]):
-                    raise ValueError(
+                tensor = method.tensor_in(leaf, tensors[key], shapes[leaf])
+                if tuple(tensor.shape) != shapes[leaf]:
+                    raise AdapterFileError(
                         f"{where_weights} key {key!r} has shape {tuple(tensors[key].shape)}, expected "
-                        f"{tuple(shapes[leaf])} (shared by all {len(found)} targets)"
+                        f"{shapes[leaf]} (shared by all {len(found)} targets)"
                     )
                 leaves[leaf] = tensor
         else:
             leaves = variant.create_shared(found, cfg, Init(lambda: None, None))  # as `lf.init` draws them
         device = model.get_submodule(found[0].path).weight.device  # shared leaves sit with the first target, as in init
         entries[SHARED] = finish_leaves(variant, SHARED, cfg, leaves, shapes, device)
-    return Params(entries, cfg, found)
+    params = Params(entries, cfg, found)
+    check(params, "from_peft", stacked=False, model=model)
+    return params
 
 
 def _exact_targets(cfg: AdapterConfig, model: nn.Module, selection: list[str]) -> AdapterConfig:

@@ -9,8 +9,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
+from .._config import strict_json
+from .._serialize import AdapterFileError, read_safetensors
 from ._method import REASONS, PeftMethod, refuse
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -27,32 +28,47 @@ SHARED_REQUIRED = {"bias": "none", "modules_to_save": None}
 
 
 def read_config(directory: str) -> dict[str, Any]:
+    """`adapter_config.json`, strictly: JSON without a key twice or NaN/Infinity, an object."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
-        raise ValueError(f"from_peft: {directory!r} has no {CONFIG_NAME}")
+        raise AdapterFileError(f"from_peft: {directory!r} has no {CONFIG_NAME}")
+    where = f"from_peft: {path!r}"
     try:
-        with open(path) as f:
-            fields = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"from_peft: {path!r} is not JSON: {e}") from None
+        with open(path, encoding="utf-8") as f:
+            fields = strict_json(f.read(), where)
+    except UnicodeDecodeError as e:
+        raise AdapterFileError(f"{where} is not JSON: {e}") from None
+    except ValueError as e:
+        raise AdapterFileError(str(e)) from None
     if not isinstance(fields, dict):
-        raise ValueError(f"from_peft: {path!r} is not a JSON object")
+        raise AdapterFileError(f"{where} is not a JSON object")
     return fields
 
 
 def read_tensors(directory: str) -> dict[str, torch.Tensor]:
+    """`adapter_model.safetensors`, read as `lf.load` reads (no key twice in the header), each tensor finite."""
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
         pickled = os.path.isfile(os.path.join(directory, "adapter_model.bin"))
         extra = " (adapter_model.bin is a pickle, which lora_func does not read)" if pickled else ""
-        raise ValueError(f"from_peft: {directory!r} has no {WEIGHTS_NAME}{extra}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            # Copies, not views into the file's buffer: CPU BLAS results depend on the data's alignment, and a
-            # round trip must give bitwise the outputs of the written params (as `lf.load`).
-            return {key: f.get_tensor(key).clone() for key in f.keys()}
-    except SafetensorError as e:
-        raise ValueError(f"from_peft: {path!r} is not a valid safetensors file ({e})") from None
+        raise AdapterFileError(f"from_peft: {directory!r} has no {WEIGHTS_NAME}{extra}")
+    where = f"from_peft: {path!r}"
+    _, tensors = read_safetensors(path, where)
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterFileError(f"{where} key {key!r} holds NaN or infinite values")
+    # Copies, not views into the file's buffer: CPU BLAS results depend on the data's alignment, and a
+    # round trip must give bitwise the outputs of the written params (as `lf.load`).
+    return {key: tensor.clone() for key, tensor in tensors.items()}
+
+
+def number(value: Any, label: str, where: str, *, rank: bool) -> int | float:
+    """A PEFT rank (a positive int) or scale (a finite number); a bool is neither. `label` names it."""
+    if rank and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise AdapterFileError(f"{where}: {label} is invalid: {json.dumps(value)} (must be a positive int)")
+    if not rank and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise AdapterFileError(f"{where}: {label} is invalid: {json.dumps(value)} (must be a number)")
+    return value
 
 
 def check_fields(fields: Mapping[str, Any], method: PeftMethod, where: str) -> None:
@@ -71,18 +87,21 @@ def check_fields(fields: Mapping[str, Any], method: PeftMethod, where: str) -> N
             refuse(where, name, value, f"lora_func does not know this {method.peft_type} field, so cannot honour it")
 
 
-def patterns_in(fields: Mapping[str, Any], name: str, where: str) -> tuple[tuple[str, Any], ...]:
-    value = fields.get(name) or {}
+def patterns_in(fields: Mapping[str, Any], name: str, where: str, *, rank: bool) -> tuple[tuple[str, Any], ...]:
+    """PEFT's `{pattern: value}` (absent, null or {} for none), each value a rank or a scale (see `number`)."""
+    value = fields.get(name)
+    if value is None:
+        return ()
     if not isinstance(value, dict):
-        raise ValueError(f"{where}: `{name}` must be an object mapping patterns to values")
-    return tuple(value.items())
+        raise AdapterFileError(f"{where}: `{name}` must be an object mapping patterns to values")
+    return tuple((p, number(v, f"`{name}` value for {p!r}", where, rank=rank)) for p, v in value.items())
 
 
 def unset(value: Any) -> bool:
     return value is None or value is False or (isinstance(value, (dict, list, str)) and len(value) == 0)
 
 
-def number(value: float) -> int | float:
+def written(value: float) -> int | float:
     """An integral float as an int, as PEFT's configs write `lora_alpha=16`."""
     return int(value) if float(value).is_integer() else value
 

@@ -52,19 +52,19 @@ def peft_selection(model: nn.Module, fields: Mapping[str, Any], where: str) -> l
     layers_pattern = fields.get("layers_pattern")
     if target_modules is None:
         raise ValueError(f"{where}: `target_modules` is null; lora_func needs the adapted modules named")
-    if not isinstance(target_modules, (str, list)) or (
-        isinstance(target_modules, list) and not all(isinstance(t, str) for t in target_modules)
-    ):
+    if not _names_or_regex(target_modules, "target_modules", where):
         raise ValueError(f"{where}: `target_modules` must be a regex string or a list of names")
+    if exclude is not None and not _names_or_regex(exclude, "exclude_modules", where):
+        raise ValueError(f"{where}: `exclude_modules` must be a regex string, a list of names or null")
+    if layers_pattern is not None and not _names_or_regex(layers_pattern, "layers_pattern", where, regexes=True):
+        raise ValueError(f"{where}: `layers_pattern` must be a regex string, a list of them or null")
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         target_modules = all_linear(model, fields.get("task_type"))
     if isinstance(target_modules, str) and layers is not None:
         raise ValueError(f"{where}: `layers_to_transform` needs a list `target_modules`, not a regex (as in PEFT)")
     if layers_pattern and layers is None:
         raise ValueError(f"{where}: `layers_pattern` needs `layers_to_transform` (as in PEFT)")
-    if layers is not None and not (
-        isinstance(layers, int) or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))
-    ):
+    if layers is not None and not (_int(layers) or (isinstance(layers, list) and all(_int(i) for i in layers))):
         raise ValueError(f"{where}: `layers_to_transform` must be an int or a list of ints, got {json.dumps(layers)}")
     use_layers = layers is not None and (layers != [] if isinstance(layers, list) else True)
 
@@ -89,6 +89,22 @@ def peft_selection(model: nn.Module, fields: Mapping[str, Any], where: str) -> l
         if hit:
             selected.append(key)
     return selected
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _names_or_regex(value: Any, name: str, where: str, *, regexes: bool = False) -> bool:
+    """A string (a regex, which must compile) or a list of strings (module names; with `regexes`, each a regex)."""
+    if isinstance(value, list) and not all(isinstance(v, str) for v in value) or not isinstance(value, (str, list)):
+        return False
+    for pattern in [value] if isinstance(value, str) else value if regexes else []:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{where}: `{name}`={json.dumps(pattern)} is not a regex: {e}") from None
+    return True
 
 
 def alternation(items: list[str]) -> str:

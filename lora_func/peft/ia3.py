@@ -36,6 +36,11 @@ def feedforward(fields: Mapping[str, Any], paths: list[str], where: str) -> list
         )
     if not isinstance(ff, (str, list)) or (isinstance(ff, list) and not all(isinstance(f, str) for f in ff)):
         raise ValueError(f"{where}: `feedforward_modules` must be a regex string or a list of names")
+    if isinstance(ff, str):
+        try:
+            re.compile(ff)
+        except re.error as e:
+            raise ValueError(f"{where}: `feedforward_modules`={json.dumps(ff)} is not a regex: {e}") from None
     targets = fields.get("target_modules")
     if isinstance(ff, list) and isinstance(targets, list) and not set(ff) <= set(targets):
         raise ValueError(f"{where}: `feedforward_modules` must be a subset of `target_modules` (PEFT refuses it too)")

@@ -43,16 +43,23 @@ def create(target, cfg: DeLoRAConfig, init: Init) -> Leaves:
 
 
 def rank_scale(leaves: Leaves, r: int) -> torch.Tensor:
-    """λ / (r ‖b_i‖ ‖a_i‖), shape (r,)."""
-    a_norm = leaves["A"].norm(dim=1).clamp(min=1e-4)
-    b_norm = leaves["B"].norm(dim=0).clamp(min=1e-4)
-    return leaves["lambda"] / r / (a_norm * b_norm)
+    """λ / (r ‖b_i‖ ‖a_i‖), shape (r,), in at least float32: with B ≈ 0 it is ~1e5, beyond float16."""
+    acc = torch.promote_types(leaves["A"].dtype, torch.float32)
+    a_norm = leaves["A"].to(acc).norm(dim=1).clamp(min=1e-4)
+    b_norm = leaves["B"].to(acc).norm(dim=0).clamp(min=1e-4)
+    return leaves["lambda"].to(acc) / r / (a_norm * b_norm)
 
 
 def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
     dtype = x.dtype
     h = F.linear(x * leaves["w_norm"].to(dtype), leaves["A"].to(dtype))  # (..., r)
-    h = h * rank_scale(leaves, site.config.r).to(dtype)
+    scale = rank_scale(leaves, site.config.r)  # (r,)
+    if dtype == torch.float16:
+        # h · λ/(r‖a_i‖‖b_i‖) overflows fp16 while B ≈ 0 (inf · 0 = NaN); B's columns times the scale have norm
+        # λ/(r‖a_i‖), so fold the scale into B there, in float32. Other dtypes keep PEFT's order.
+        B = (leaves["B"].to(scale.dtype) * scale).to(dtype)
+        return y + F.linear(h, B).to(y.dtype)
+    h = h * scale.to(dtype)
     return y + F.linear(h, leaves["B"].to(dtype)).to(y.dtype)
 
 

@@ -79,7 +79,8 @@ def update_factors(leaves: Leaves, dtype: torch.dtype) -> tuple[torch.Tensor, to
 
 
 def forward_input(x: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
-    A, B = update_factors(leaves, leaves["u"].dtype)
+    # At least float32: the triangular solve has no bf16/fp16 kernel on CPU, and the factors stay exact zeros at init.
+    A, B = update_factors(leaves, torch.promote_types(leaves["u"].dtype, torch.float32))
     return x - lora.low_rank(x, A, B, 1.0)
 
 
