@@ -19,8 +19,11 @@ Mechanics, and why:
   rank against the variant's `shapes`) run under `torch.func.vmap`, where `apply` sees one adapter,
   or row by row with `adapter_ids` (lora_func/_mixed.py); anything else is an error.
 - Under torch.func transforms, and for mixed batches (which vmap the variant), bnb layers run through
-  `QuantizedLinear` (lora_func/_base.py): bnb's own autograd.Functions refuse torch.func and its
+  `QuantizedLinear` (lora_func/kinds/linear.py): bnb's own autograd.Functions refuse torch.func and its
   kernels have no vmap rule.
+- Targets injected by parameters (`lora_func/kinds/`, `form_of`: fused experts, `modules_to_save` copies) get
+  their replacement tensors through the same functional_call overrides, computed once per call, and put in
+  again by the recompute hooks under gradient checkpointing.
 - Under torch.compile everything closes when the forward returns (backward is AOT-compiled, nothing
   recomputes after), and the hooks go in by swapping the modules' hook dicts (`_SwappedHooks`), since
   `register_forward_hook` graph-breaks: one graph, and new adapter values of the same shapes reuse it.
@@ -39,13 +42,12 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.autograd import Variable
 
-from ._base import QuantizedLinear, quantization
-from ._config import config_for
 from ._mixed import AdapterRows
 from ._params import SHARED, Params
 from ._stack import stack_size
-from ._targets import is_linear_like
 from ._variant import Site, Variant
+from .kinds import form_of, site_for
+from .kinds.linear import QuantizedLinear, is_linear_like, quantization
 from .variants import variant_for
 
 # Injections whose output awaits backward, per model: used to refuse ambiguous recomputes.
@@ -135,6 +137,7 @@ class Injection:
         self.tasks: set[int] = set()  # graph tasks of backwards through this call's output
         self.handles: list[Any] = []
         self.swapped: dict[nn.Module, dict[str, nn.Parameter]] = {}
+        self.replaced: dict[nn.Module, dict[str, torch.Tensor]] = {}  # parameter-form targets: name -> tensor
         self.patched: dict[nn.Module, Any] = {}  # module -> its own instance-level `forward`, if any
         self.open_outputs = 0
         self.pending = False  # registered in _PENDING (awaiting a backward)
@@ -218,13 +221,19 @@ class Injection:
             saved = {n: p for n, p in module._parameters.items() if p is not None and p.requires_grad}
             for name, p in saved.items():
                 module._parameters[name] = p.detach()
+            for name, tensor in self.replaced.get(module, {}).items():  # parameter-form targets, as in the forward
+                saved.setdefault(name, module._parameters[name])
+                module._parameters[name] = tensor
             self.swapped[module] = saved
 
         def swap_out(module, args, output):
             module._parameters.update(self.swapped.pop(module, {}))
 
         for module in self.model.modules():
-            if any(p.requires_grad and _is_plain_parameter(p) for p in module._parameters.values() if p is not None):
+            trainable = any(
+                p.requires_grad and _is_plain_parameter(p) for p in module._parameters.values() if p is not None
+            )
+            if trainable or module in self.replaced:
                 self.handles.append(module.register_forward_pre_hook(swap_in))
                 self.handles.append(module.register_forward_hook(swap_out, always_call=True))
 
@@ -287,24 +296,11 @@ class Injection:
 
 
 def resolve_sites(model: nn.Module, params: Params, caller: str) -> list[tuple[nn.Module, Site]]:
-    """Each target of `params` located in `model`, checked against its recorded shape."""
+    """Each target of `params` located in `model` and checked against it (`lora_func.kinds.site_for`)."""
     sites = []
     for target in params.targets:
-        try:
-            module = model.get_submodule(target.path)
-        except AttributeError:
-            raise ValueError(f"{caller}: target {target.path!r} is not a module of {type(model).__name__}") from None
-        if not is_linear_like(module):
-            raise ValueError(f"{caller}: target {target.path!r} is a {type(module).__name__}, not linear-like")
-        if (module.in_features, module.out_features) != (target.d_in, target.d_out):
-            raise ValueError(
-                f"{caller}: target {target.path!r} is {module.in_features} -> {module.out_features} in the model, "
-                f"but the adapter was built for {target.d_in} -> {target.d_out}"
-            )
-        cfg = params.config
-        # config_for is an lru_cache, which torch.compile warns about: only call it when it has work to do.
-        target_cfg = config_for(cfg, target.path) if cfg.rank_pattern or cfg.alpha_pattern else cfg
-        sites.append((module, Site(target, target_cfg, module)))
+        site = site_for(model, target, params.config, caller)
+        sites.append((site.base.module, site))
     return sites
 
 
@@ -360,12 +356,28 @@ def apply(
             "or keep checkpointing and train with loss.backward()"
         )
     injection = Injection(model, "apply")
+    replacements = {}  # parameter-form targets: state-dict name -> tensor, put in through functional_call
     for module, site in sites:
-        injection.add_target(module, variant, with_shared(params, site.target.path), site, rows)
+        form = form_of(variant, site.target)
+        leaves = with_shared(params, site.target.path)
+        if form.where != "parameters":
+            injection.add_target(module, variant, leaves, site, rows)
+            continue
+        if rows is not None:
+            raise ValueError(
+                f"apply: `adapter_ids` mixes adapters per row, but {site.target.path!r} ({site.target.kind}) is "
+                "injected by replacing its parameters, one set per call; run each adapter on its own rows"
+            )
+        named = form.run(leaves, site)
+        injection.replaced.setdefault(module, {}).update(named)
+        prefix = f"{form.module_path}." if form.module_path else ""
+        replacements.update({prefix + name: tensor for name, tensor in named.items()})
     if in_transform or rows is not None:  # mixed batches vmap the variants, which may call the base layer
         injection.route_quantized_layers()
     input_grad_handles = injection.require_input_grad(layers) if layers else []
     overrides = _trainable_base(model) if torch.is_grad_enabled() else None
+    if replacements:
+        overrides = {**(overrides or {}), **replacements}
     injection.running = True
     try:
         output = call_model(model, batch, overrides)

@@ -45,7 +45,15 @@ class AdapterConfig:
     target_roles: keep targets with any of these roles ("reader", "writer", "inner"); None keeps all.
     target_names: regexes; a target's path must match at least one (re.search). None keeps all.
     exclude_names: regexes; a target whose path matches any is dropped.
-    layers: keep only targets inside `.layers.<i>.` (or `.layer.<i>.`, `.h.<i>.`, `.blocks.<i>.`) for these i.
+    layers: keep only targets inside block i of the model, for these i: the first numbered segment
+        `.layers.<i>.`, `.layer.<i>.` (BERT), `.h.<i>.` (GPT-2), `.block.<i>.` (T5), `.blocks.<i>.` of the path,
+        so a sub-layer index inside a block (T5's `block.<i>.layer.<j>`) never counts.
+    target_parameters: names of 3-D expert parameters of fused MoE layers to adapt (PEFT's `target_parameters`):
+        a parameter is selected when its name in `named_parameters()` is one of these or ends with "." + one.
+        Module targets are chosen as before; `target_names=()` adapts the parameters alone.
+    modules_to_save: names of modules trained as full copies held in the adapter (PEFT's `modules_to_save`,
+        e.g. a new classifier head): a module is selected when its path is one of these or ends with "." + one.
+        Its parameters (and those of its submodules) become trainable leaves; it is not adapted otherwise.
     rank_pattern, alpha_pattern: per-target `r` / `alpha` overrides, `{pattern: value}` matched as PEFT does
         (the path ends with a match of the pattern, starting at a dot boundary, as PEFT's `get_pattern_key`);
         variants see each target's resolved config (`config_for`).
@@ -60,6 +68,8 @@ class AdapterConfig:
     layers: tuple[int, ...] | None = None
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
+    target_parameters: tuple[str, ...] = ()
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -76,6 +86,12 @@ class AdapterConfig:
             object.__setattr__(self, field, _as_tuple(getattr(self, field), field))
         if self.exclude_names is None:
             object.__setattr__(self, "exclude_names", ())
+        for field in ("target_parameters", "modules_to_save"):
+            names = _as_tuple(getattr(self, field), field) or ()
+            for item in names:
+                if not isinstance(item, str) or not item or item.startswith(".") or item.endswith("."):
+                    raise ValueError(f"{name}: `{field}` must hold module or parameter names, got {item!r}")
+            object.__setattr__(self, field, names)
         for role in self.target_roles or ():
             if role not in ROLES:
                 raise ValueError(f"{name}: `target_roles` has {role!r}; roles are {ROLES}")

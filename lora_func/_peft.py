@@ -58,13 +58,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ._base import dense_weight
 from ._config import AdapterConfig, config_for
 from ._init import finish_leaves
 from ._params import SHARED, Params
 from ._serialize import check_model
-from ._targets import find_targets, is_linear_like
+from ._targets import find_targets
 from ._variant import Init, Leaves
+from .kinds.linear import dense_weight, is_linear_like
 from .variants import REGISTRY, variant_for
 from .variants import dora as dora_variant
 from .variants import pissa as pissa_variant

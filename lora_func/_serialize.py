@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ._config import AdapterConfig, config_for, config_from_json, config_to_json
+from ._config import AdapterConfig, config_from_json, config_to_json
+from ._kind import Target
 from ._params import SHARED, Params
 from ._stack import stack_size
-from ._targets import Target, is_linear_like
 from ._version import __version__
+from .kinds import declared_shapes, device_of, frozen_leaves, locate, target_from_json, target_to_json, variant_targets
 from .variants import REGISTRY, variant_for
 
 FORMAT = "lora_func"
@@ -43,7 +43,7 @@ def save(params: Params, path: str | os.PathLike) -> None:
         "library_version": __version__,
         "variant": variant.name,
         "config": config_to_json(params.config),
-        "targets": json.dumps([asdict(t) for t in params.targets]),
+        "targets": json.dumps([target_to_json(t) for t in params.targets]),
     }
     save_file(tensors, os.fspath(path), metadata=metadata)
 
@@ -61,9 +61,11 @@ def _read(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
 def _parse_targets(text: str, where: str) -> tuple[Target, ...]:
     try:
         rows = json.loads(text)
-        found = tuple(Target(r["path"], int(r["d_in"]), int(r["d_out"]), tuple(r["roles"]), r["kind"]) for r in rows)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except json.JSONDecodeError as e:
         raise ValueError(f"{where}: the stored target list is malformed ({e})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{where}: the stored target list is not a JSON list")
+    found = tuple(target_from_json(row, where) for row in rows)
     if not found:
         raise ValueError(f"{where}: the stored target list is empty")
     return found
@@ -73,28 +75,16 @@ def expected_shapes(params_config: AdapterConfig, found: tuple[Target, ...]) -> 
     """`<path>.<leaf>` -> shape for every leaf an adapter of this config and these targets has."""
     variant = variant_for(params_config, caller="load")
     shapes = {}
-    for target in found:
-        for leaf, shape in variant.shapes(target, config_for(params_config, target.path)).items():
-            shapes[f"{target.path}.{leaf}"] = tuple(shape)
-    if variant.shared_shapes is not None:
-        for leaf, shape in variant.shared_shapes(found, params_config).items():
-            shapes[f"{SHARED}.{leaf}"] = tuple(shape)
+    for path, leaves in declared_shapes(variant, params_config, found).items():
+        for leaf, shape in leaves.items():
+            shapes[f"{path}.{leaf}"] = shape
     return shapes
 
 
 def check_model(model: nn.Module, found: tuple[Target, ...], caller: str) -> None:
-    modules = dict(model.named_modules())
+    """Every target exists in `model` as the kind and shape it was built for (`lora_func.kinds.locate`)."""
     for target in found:
-        module = modules.get(target.path)
-        if module is None:
-            raise ValueError(f"{caller}: target {target.path!r} is not a module of {type(model).__name__}")
-        if not is_linear_like(module):
-            raise ValueError(f"{caller}: target {target.path!r} is a {type(module).__name__}, not linear-like")
-        if (module.in_features, module.out_features) != (target.d_in, target.d_out):
-            raise ValueError(
-                f"{caller}: target {target.path!r} is {module.in_features} -> {module.out_features} in the model, "
-                f"the adapter holds {target.d_in} -> {target.d_out}"
-            )
+        locate(model, target, caller)
 
 
 def load(
@@ -143,20 +133,19 @@ def load(
         if tensor.dtype != cfg.dtype:
             raise ValueError(f"load: {path!r} key {key!r} has dtype {tensor.dtype}, the config says {cfg.dtype}")
 
+    # Entries in the order `init` makes them (targets in order, each in its declaration's order, shared last),
+    # leaves next to their base layer (shared ones with the first adapted target, as `init` puts them).
+    by_path = {t.path: t for t in found}
+    adapted = variant_targets(found)
     entries: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        path, leaf = key.rsplit(".", 1)
+    for entry, leaves in declared_shapes(variant, cfg, found).items():
         device = torch.device("cpu")
-        if model is not None:  # shared leaves sit with the first target, as `init` puts them
-            device = model.get_submodule(found[0].path if path == SHARED else path).weight.device
+        if model is not None:
+            device = device_of(locate(model, adapted[0] if entry == SHARED else by_path[entry], "load"))
+        frozen = frozen_leaves(variant, entry, by_path)
         # A copy, not a view into the file's buffer: CPU BLAS results depend on the data's alignment,
         # and outputs must be bitwise those of the saved params.
-        tensor = tensor.to(device, copy=True)
-        entries.setdefault(path, {})[leaf] = tensor.requires_grad_(leaf not in variant.frozen)
-    # Leaf order as `init` makes it: targets in order, each in its variant's order, shared last.
-    order = [t.path for t in found] + ([SHARED] if SHARED in entries else [])
-    shapes_of = {t.path: variant.shapes(t, config_for(cfg, t.path)) for t in found}
-    if SHARED in entries:
-        shapes_of[SHARED] = variant.shared_shapes(found, cfg)
-    entries = {p: {leaf: entries[p][leaf] for leaf in shapes_of[p]} for p in order}
+        entries[entry] = {
+            leaf: tensors[f"{entry}.{leaf}"].to(device, copy=True).requires_grad_(leaf not in frozen) for leaf in leaves
+        }
     return Params(entries, cfg, found)

@@ -14,22 +14,15 @@ from collections.abc import Sequence
 
 import torch
 
-from ._config import config_for
 from ._params import SHARED, Params
+from .kinds import declared_shapes as adapter_shapes
 from .variants import variant_for
 
 
 def declared_shapes(params: Params, caller: str) -> dict[str, dict[str, tuple[int, ...]]]:
     """`{path: {leaf: shape}}` of one (unstacked) adapter with `params`' config and targets."""
     variant = variant_for(params.config, caller=caller)
-    cfg = params.config
-    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-    for target in params.targets:
-        target_cfg = cfg if not (cfg.rank_pattern or cfg.alpha_pattern) else config_for(cfg, target.path)
-        shapes[target.path] = {k: tuple(v) for k, v in variant.shapes(target, target_cfg).items()}
-    if variant.shared_shapes is not None:
-        shapes[SHARED] = {k: tuple(v) for k, v in variant.shared_shapes(params.targets, cfg).items()}
-    return shapes
+    return adapter_shapes(variant, params.config, params.targets)
 
 
 def stack_size(params: Params, caller: str) -> int | None:

@@ -63,7 +63,7 @@ def test_bitsandbytes_layers_are_targets():
     from conftest import tiny_qwen3_4bit
 
     found = lf.targets(tiny_qwen3_4bit(), lf.LoRAConfig(r=4))
-    assert len(found) == 14 and all(t.kind == "Linear4bit" for t in found)
+    assert len(found) == 14 and all(t.module == "Linear4bit" for t in found)
 
 
 def test_plain_module_without_config_infers_width():
