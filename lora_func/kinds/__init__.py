@@ -77,9 +77,14 @@ def target_config(cfg: AdapterConfig, path: str) -> AdapterConfig:
     return config_for(cfg, path) if cfg.rank_pattern or cfg.alpha_pattern else cfg
 
 
+def supports(variant: Variant, kind: str) -> bool:
+    """Whether `variant` can adapt layers of `kind`: the kinds it lists, and saved copies (no variant's business)."""
+    return KINDS[kind].leaf_shapes is not None or kind in variant.kinds
+
+
 def require_support(variant: Variant, target: Target, cfg: AdapterConfig) -> None:
     """A variant adapts only the kinds it lists."""
-    if not owns_leaves(target) and target.kind not in variant.kinds:
+    if not supports(variant, kind_of(target).name):
         raise ValueError(
             f"{type(cfg).__name__} cannot adapt {target.path!r} ({target.module}): "
             f"{variant.name} supports {', '.join(variant.kinds)}"
