@@ -319,6 +319,9 @@ def apply(
     >>> loss = lf.apply(model, params, batch).loss
     >>> loss.backward()  # gradients land on the trainable leaves only
 
+    Only the adapter trains: a base parameter that requires grad and is not in the config's `modules_to_save`
+    still gets no gradient (its flag is left as it is); name a module in `modules_to_save` to train a copy of it.
+
     Stacked params (`lf.stack`, K adapters) run either under `torch.func.vmap`, all K on the whole batch,
     or with `adapter_ids`: one id per batch row (1-D integer tensor or ints), row i using adapter
     `adapter_ids[i]` and -1 the base model. Inference and training both work, for every variant; each

@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+SHARED = "<shared>"  # the params entry of leaves shared by all targets (VeRA's projections); never a module path
+
 
 @dataclass(frozen=True)
 class Target:

@@ -9,9 +9,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from ._config import AdapterConfig
+from ._kind import SHARED as SHARED
 from ._kind import Target
-
-SHARED = "<shared>"  # entry for leaves shared by all targets (VeRA's projections); never a module path
 
 
 class Params(Mapping):

@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 from .._config import ROLES, AdapterConfig, config_for
-from .._kind import BaseLayer, Kind, Target
-from .._params import SHARED
+from .._kind import SHARED, BaseLayer, Kind, Target
 from .._variant import Leaves, Site, Variant
 from . import conv, conv1d, embedding, experts, linear, saved
 
