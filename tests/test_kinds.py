@@ -343,3 +343,37 @@ def test_experts_under_gradient_checkpointing_give_the_same_gradients():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.gradient_checkpointing_disable()
+
+
+# ---- a target's file form ----------------------------------------------------------------------------------------
+
+
+def test_targets_round_trip_through_json_and_bad_rows_name_the_field():
+    import json
+
+    from components import tiny_bert_classifier
+
+    from lora_func.kinds import target_from_json, target_to_json
+
+    found = [
+        *lf.targets(tiny_cnn(), lf.LoRAConfig(r=2, target_names=("^stem$", "^conv$", "^dilated$", "^head$"))),
+        *lf.targets(tiny_qwen3_moe(), lf.LoRAConfig(r=2, target_names=(), target_parameters=EXPERTS)),
+        *lf.targets(tiny_qwen3(), lf.LoRAConfig(r=2, target_names=("embed_tokens",), exclude_names=())),
+        *lf.targets(tiny_gpt2(), lf.LoRAConfig(r=2, layers=(0,))),
+        *lf.targets(tiny_bert_classifier(), lf.LoRAConfig(r=2, target_names=(), modules_to_save=("classifier",))),
+    ]
+    assert {t.kind for t in found} == set(KINDS)
+    for target in found:
+        assert target_from_json(json.loads(json.dumps(target_to_json(target))), "here") == target
+    conv = target_to_json(found[0])
+    cases = [
+        ({"kind": "lstm"}, r"target 'stem': field `kind` must be one of"),
+        ({"d_in": -1}, r"field `d_in` must be an int >= 0"),
+        ({"roles": ["boss"]}, r"field `roles` must be a list of distinct roles"),
+        ({"layout": {**conv["layout"], "stride": "2"}}, r"field `layout`: `stride` must be a list of ints"),
+        ({"layout": {k: v for k, v in conv["layout"].items() if k != "groups"}}, r"`layout` must hold exactly"),
+        ({"extra": 1}, r"unknown fields \['extra'\]"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            target_from_json({**conv, **change}, "here")
