@@ -6,12 +6,19 @@
 """
 
 from ._apply import apply as apply
+from ._arithmetic import dare as dare
+from ._arithmetic import delta_weights as delta_weights
+from ._arithmetic import magnitude_prune as magnitude_prune
+from ._arithmetic import resize as resize
+from ._arithmetic import ties as ties
+from ._arithmetic import weighted_sum as weighted_sum
 from ._attribution import grad_dots as grad_dots
 from ._attribution import per_example_grads as per_example_grads
 from ._config import AdapterConfig as AdapterConfig
 from ._distributed import all_reduce_grads as all_reduce_grads
 from ._init import init as init
 from ._init import targets as targets
+from ._inject import inject as inject
 from ._kind import Target as Target
 from ._merge import merge as merge
 from ._params import Params as Params

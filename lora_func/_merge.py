@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._apply import resolve_sites, with_shared
 from ._params import Params
+from ._sites import resolve_sites, with_shared
 from ._stack import stack_size
 from .kinds import form_of, merged_parameters
 from .variants import variant_for

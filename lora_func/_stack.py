@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ._params import SHARED, Params
+from ._transform import in_transform
 from .kinds import declared_shapes as adapter_shapes
 from .variants import variant_for
 
@@ -100,9 +101,7 @@ def stack(adapters: Sequence[Params]) -> Params:
                     f"stack: `adapters[{i}]` leaf {path}.{leaf} is {tuple(tensor.shape)} {tensor.dtype} on "
                     f"{tensor.device}; `adapters[0]` has {tuple(ref.shape)} {ref.dtype} on {ref.device}"
                 )
-    from ._apply import _in_transform
-
-    fresh = not _in_transform()
+    fresh = not in_transform()
     entries = {}
     for path in first:
         entry = {}
@@ -132,9 +131,7 @@ def unstack(params: Params) -> list[Params]:
     size = stack_size(params, "unstack")
     if size is None:
         raise ValueError("unstack: `params` is not stacked (its leaves have the shapes of one adapter)")
-    from ._apply import _in_transform
-
-    fresh = not _in_transform()
+    fresh = not in_transform()
     adapters: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(size)]
     for path, entry in params.items():
         for adapter in adapters:

@@ -27,7 +27,7 @@ from conftest import assert_untouched
 from torch import nn
 
 import lora_func as lf
-from lora_func._apply import call_model
+from lora_func._sites import call_model
 from lora_func.kinds import KINDS, supports
 from lora_func.variants import REGISTRY
 

@@ -4,7 +4,7 @@ A kind says how to recognise a module, its features and layout, how to read its 
 low-rank family acts on it (see `lora_func/_kind.py`). A variant lists the kinds it supports
 (`Variant.kinds`); `leaf_shapes` refuses the others, naming the variant and the module.
 
-What the injection needs, per target of an adapter (the contract with `lora_func/_apply.py`):
+What the injection needs, per target of an adapter (the contract with `lora_func/_inject.py`):
 
     site = site_for(model, target, cfg, caller)      # the target located, checked, with its read-only base view
     form = form_of(variant, site.target)
@@ -117,13 +117,14 @@ def frozen_leaves(variant: Variant, path: str, targets_by_path: Mapping[str, Tar
     return variant.frozen
 
 
-def locate(model: nn.Module, target: Target, caller: str) -> BaseLayer:
-    """The read-only view of `target`'s base layer in `model`, checked to be the kind and shape it was built for."""
+def locate(model: nn.Module, target: Target, caller: str, modules: Mapping[str, nn.Module] | None = None) -> BaseLayer:
+    """The read-only view of `target`'s base layer in `model` (looked up in `modules`, its `named_modules()`, where
+    the caller has them), checked to be the kind and shape it was built for."""
     kind = kind_of(target)
     path = kind.module_path(target) if kind.module_path is not None else target.path
     try:
-        module = model.get_submodule(path)
-    except AttributeError:
+        module = model.get_submodule(path) if modules is None else modules[path]
+    except (AttributeError, KeyError):
         raise ValueError(f"{caller}: target {target.path!r} is not a module of {type(model).__name__}") from None
     problem = kind.check(module, target)
     if problem is not None:
@@ -131,9 +132,11 @@ def locate(model: nn.Module, target: Target, caller: str) -> BaseLayer:
     return BaseLayer(kind, target, module)
 
 
-def site_for(model: nn.Module, target: Target, cfg: AdapterConfig, caller: str) -> Site:
+def site_for(
+    model: nn.Module, target: Target, cfg: AdapterConfig, caller: str, modules: Mapping[str, nn.Module] | None = None
+) -> Site:
     """`target` located in `model` and checked against it, with the config it sees and its read-only base view."""
-    return Site(target, target_config(cfg, target.path), locate(model, target, caller))
+    return Site(target, target_config(cfg, target.path), locate(model, target, caller, modules))
 
 
 class Form(NamedTuple):
