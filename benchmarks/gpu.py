@@ -91,7 +91,7 @@ try:
     from components import changes, perturbed, quantize, snapshot
 
     import lora_func as lf
-    from lora_func._base import dense_weight
+    from lora_func.kinds.linear import dense_weight
     from lora_func.variants import REGISTRY
 except Exception as _import_error:  # e.g. a dependency of lora_func (optree, safetensors) missing on the machine
     lf = None

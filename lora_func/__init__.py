@@ -20,6 +20,7 @@ from ._distributed import all_reduce_grads as all_reduce_grads
 from ._init import init as init
 from ._init import targets as targets
 from ._inject import inject as inject
+from ._kind import Target as Target
 from ._merge import merge as merge
 from ._params import Params as Params
 from ._params import combine as combine
@@ -30,7 +31,6 @@ from ._serialize import load as load
 from ._serialize import save as save
 from ._stack import stack as stack
 from ._stack import unstack as unstack
-from ._targets import Target as Target
 from ._version import __version__ as __version__
 from .peft import from_peft as from_peft
 from .peft import to_peft as to_peft

@@ -32,7 +32,9 @@ def apply(
     >>> loss.backward()  # gradients land on the trainable leaves only
 
     Only the adapter trains: base parameters get no gradient, even those that require grad (as a freshly
-    loaded HF model's all do); their `requires_grad` flags are left as they are.
+    loaded HF model's all do); their `requires_grad` flags are left as they are. A base parameter that requires
+    grad and is not in the config's `modules_to_save` still gets no gradient: name a module there to train a
+    copy of it.
 
     Stacked params (`lf.stack`, K adapters) run either under `torch.func.vmap`, all K on the whole batch,
     or with `adapter_ids`: one id per batch row (1-D integer tensor or ints), row i using adapter

@@ -45,12 +45,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ._base import base_bias, dense_weight
 from ._config import _pattern_value, config_for, normalize
+from ._kind import Target
 from ._params import SHARED, Params
 from ._structure import check
-from ._targets import Target
 from ._variant import Site, Variant
+from .kinds import site_for
 from .variants import antipasto, delora, hra, lora, ssvd, variant_for, vera
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (B', A') with ΔW = B' @ A'
@@ -112,7 +112,7 @@ LOW_RANK: dict[str, LowRank] = {
     "antipasto": LowRank(_antipasto_factors),
     "hra": LowRank(_hra_factors, reads_weight=True),
 }
-# nn.Linear and its subclasses: weight (d_out, d_in), LoRA's layout. Other kinds are refused by name.
+# nn.Linear and its subclasses (`Target.module`): weight (d_out, d_in), LoRA's layout. Others are refused by name.
 LINEAR_KINDS = frozenset(
     {"Linear", "NonDynamicallyQuantizableLinear", "Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt"}
 )
@@ -132,9 +132,9 @@ def _check_params(params: Any, where: str, caller: str) -> Params:
         raise TypeError(f"{caller}: {where} must be lora_func Params, got {type(params).__name__}")
     check(params, caller, stacked=False, name=where.strip("`"))  # whole, unstacked, every leaf as declared
     for target in params.targets:
-        if target.kind not in LINEAR_KINDS:
+        if target.module not in LINEAR_KINDS:
             raise ValueError(
-                f"{caller}: target {target.path!r} of {where} is a {target.kind}; adapter arithmetic covers "
+                f"{caller}: target {target.path!r} of {where} is a {target.module}; adapter arithmetic covers "
                 f"nn.Linear-style targets only ({', '.join(sorted(LINEAR_KINDS))})"
             )
     return params
@@ -183,9 +183,8 @@ def _check_density(density: Any, caller: str) -> float:
 
 def _pairs(rank_pattern: Any, caller: str) -> tuple[tuple[str, int], ...]:
     """`rank_pattern` as config fields take it ({regex: rank} or pairs), checked as they are."""
-    return normalize(
-        rank_pattern if rank_pattern is not None else (), tuple[tuple[str, int], ...], "rank_pattern", caller
-    )
+    pairs = rank_pattern if rank_pattern is not None else ()
+    return normalize(pairs, tuple[tuple[str, int], ...], "rank_pattern", caller)
 
 
 def _rank_for(r: int, rank_pattern: tuple, caller: str) -> Callable[[Target], int]:
@@ -275,21 +274,24 @@ def _deltas(params: Params, where: str, caller: str, model: nn.Module | None) ->
     low = LOW_RANK.get(variant.name)
     out = {}
     for target in params.targets:
-        module = None if model is None else _module(model, target, caller)
-        site = Site(target, config_for(params.config, target.path), module)
+        if model is None:
+            site = Site(target, config_for(params.config, target.path), None)
+        else:
+            _module(model, target, caller)
+            site = site_for(model, target, params.config, caller)
         leaves = {k: v.to(dtype) for k, v in _leaves(params, target.path).items()}
         if low is not None:
-            B, A = low.factors(leaves, site, lambda m=module: dense_weight(m).to(dtype))
+            B, A = low.factors(leaves, site, lambda s=site: s.base.weight().to(dtype))
             if B.dim() != 2 or A.dim() != 2 or (B.shape[0], A.shape[1]) != (target.d_out, target.d_in):
                 raise ValueError(
-                    f"{caller}: the factors of {target.path!r} ({target.kind}) in {where} are not a "
+                    f"{caller}: the factors of {target.path!r} ({target.module}) in {where} are not a "
                     f"({target.d_out}, d) · (d, {target.d_in}) product"
                 )
             out[target.path] = _Delta((B, A), None, None)
             continue
         # Dense: W' − W, in float64 so that the difference keeps float32's precision of ΔW itself.
-        weight = dense_weight(module).to(torch.float64)
-        bias = base_bias(module)
+        weight = site.base.weight().to(torch.float64)
+        bias = site.base.bias
         bias = None if bias is None else bias.to(torch.float64)
         f64 = {k: v.to(torch.float64) for k, v in leaves.items()}
         merged, new_bias = variant.merge(weight, bias, f64, site)

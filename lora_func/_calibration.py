@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._base import quantization
+from ._kind import Target
 from ._progress import progress as progress_bar
-from ._targets import Target, is_linear_like
 from ._variant import InputStats
+from .kinds.linear import is_linear_like, quantization
 
 _CHUNK_ROWS = 4096  # rows cast to float64 at a time, to bound the transient copy of a long batch
 

@@ -56,6 +56,11 @@ def _pattern_rule(positive: bool) -> Callable[[tuple[tuple[str, Any], ...]], str
     return rule
 
 
+def _dotted_names(names: tuple[str, ...], what: str) -> str | None:
+    bad = next((n for n in names if not n or n.startswith(".") or n.endswith(".")), None)
+    return None if bad is None else f"must hold {what} names (dotted paths), got {bad!r}"
+
+
 # Value constraints beyond the annotation's type, by field name: value -> None, or what is wrong.
 RULES: dict[str, Callable[[Any], str | None]] = {
     "r": lambda r: None if r > 0 else f"must be a positive int, got {r!r}",
@@ -64,6 +69,9 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "exclude_names": _regexes,
     "rank_pattern": _pattern_rule(positive=True),
     "alpha_pattern": _pattern_rule(positive=False),
+    "target_parameters": lambda names: _dotted_names(names, "parameter"),
+    "modules_to_save": lambda names: _dotted_names(names, "module"),
+    "dropout": lambda p: None if 0 <= p < 1 else f"must be a number in [0, 1), got {p!r}",
 }
 
 
@@ -77,7 +85,15 @@ class AdapterConfig:
     target_roles: keep targets with any of these roles ("reader", "writer", "inner"); None keeps all.
     target_names: regexes; a target's path must match at least one (re.search). None keeps all.
     exclude_names: regexes; a target whose path matches any is dropped.
-    layers: keep only targets inside `.layers.<i>.` (or `.layer.<i>.`, `.h.<i>.`, `.blocks.<i>.`) for these i.
+    layers: keep only targets inside block i of the model, for these i: the first numbered segment
+        `.layers.<i>.`, `.layer.<i>.` (BERT), `.h.<i>.` (GPT-2), `.block.<i>.` (T5), `.blocks.<i>.` of the path,
+        so a sub-layer index inside a block (T5's `block.<i>.layer.<j>`) never counts.
+    target_parameters: names of 3-D expert parameters of fused MoE layers to adapt (PEFT's `target_parameters`):
+        a parameter is selected when its name in `named_parameters()` is one of these or ends with "." + one.
+        Module targets are chosen as before; `target_names=()` adapts the parameters alone.
+    modules_to_save: names of modules trained as full copies held in the adapter (PEFT's `modules_to_save`,
+        e.g. a new classifier head): a module is selected when its path is one of these or ends with "." + one.
+        Its parameters (and those of its submodules) become trainable leaves; it is not adapted otherwise.
     rank_pattern, alpha_pattern: per-target `r` / `alpha` overrides, `{pattern: value}` matched as PEFT does
         (the path ends with a match of the pattern, starting at a dot boundary, as PEFT's `get_pattern_key`);
         variants see each target's resolved config (`config_for`).
@@ -95,6 +111,8 @@ class AdapterConfig:
     layers: tuple[int, ...] | None = None
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
+    target_parameters: tuple[str, ...] = ()
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         owner = type(self).__name__

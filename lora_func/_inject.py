@@ -20,8 +20,12 @@ What lives where, and why:
   number. That is exact whatever else the same backward runs: outputs of other adapters, of the base model,
   of other threads. The dispatchers stay registered (inert for everyone else) until the block has exited
   and every record has been consumed by a backward that did not retain the graph, or freed with the graph.
+- Targets injected by parameters (`lora_func/kinds/`, `form_of`: fused MoE experts, `modules_to_save` copies):
+  for the module's forward, in this thread, a `TorchFunctionMode` hands its ops the replacement tensors (W + ΔW,
+  the copies) in place of those parameters, the way base parameters are handed out detached; the module's
+  parameters themselves stay as they are.
 - bitsandbytes layers under torch.func transforms and in mixed batches run through `QuantizedLinear`
-  (lora_func/_base.py): bnb's autograd.Functions refuse torch.func and its kernels have no vmap rule. The
+  (lora_func/kinds/linear.py): bnb's autograd.Functions refuse torch.func and its kernels have no vmap rule. The
   layer's `forward` attribute is a dispatcher while an injection is open; other threads get bnb's own.
 - Under torch.compile the hooks are closures of the one call, swapped into the hook dicts
   (`_SwappedHooks`: `register_forward_hook` graph-breaks); backward is compiled ahead, nothing recomputes.
@@ -42,14 +46,14 @@ from torch.autograd import Variable
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from ._base import QuantizedLinear, quantization
 from ._mixed import AdapterRows
 from ._params import Params
 from ._sites import resolve_sites, with_shared
 from ._structure import check
-from ._targets import is_linear_like
 from ._transform import in_transform
 from ._variant import Site
+from .kinds import form_of
+from .kinds.linear import QuantizedLinear, is_linear_like, quantization
 from .variants import variant_for
 
 _LOCK = threading.RLock()  # guards hook registration, reference counts and the records of running backwards
@@ -74,6 +78,7 @@ def _active() -> dict:
         _local.layers = []  # (layer, injection, first sequence number) of the checkpointed layers running
         _local.modes = []  # (module, detaching mode or None) pushed by the modules running
         _local.detaching = 0  # how many of those modes are entered
+        _local.replacing = []  # (module, replacing mode or None) of the parameter-form modules running
     return active
 
 
@@ -187,6 +192,38 @@ def _input_hook(module, args, *rest):  # rest: (kwargs,), or () when registered 
     return args, {**kwargs, key: fn(kwargs[key], leaves, site)}
 
 
+def _parameters_pre_hook(module, args, *rest):
+    """A module injected by parameters (fused experts, a saved copy): for its forward, in this thread, its ops see
+    the replacement tensors in place of those parameters (computed per call, so a recompute computes them again)."""
+    injection = _here(module, _graph_task())
+    bindings = None if injection is None else injection.parameter_bindings.get(module)
+    _active()
+    if not bindings:
+        _local.replacing.append((module, None))
+        return
+    # The parameter and its detached view (a detaching mode of a recompute may be entered after this one).
+    detached = injection.detached() if injection.needs_detach else {}
+    table = {}
+    for fn, leaves, site in bindings:
+        for name, tensor in fn(leaves, site).items():
+            param = module._parameters[name]
+            table[id(param)] = tensor
+            if id(param) in detached:
+                table[id(detached[id(param)])] = tensor
+    mode = _Detached(table)
+    mode.__enter__()
+    _local.replacing.append((module, mode))
+
+
+def _parameters_hook(module, args, *rest):
+    replacing = getattr(_local, "replacing", None)
+    if not replacing or replacing[-1][0] is not module:  # registered while this forward ran: nothing was pushed
+        return
+    _, mode = replacing.pop()
+    if mode is not None:
+        mode.__exit__(None, None, None)
+
+
 def _root_pre_hook(module, args, *rest):
     _push_detached(module, _here(module, _graph_task()))
 
@@ -295,6 +332,11 @@ def _register(module: nn.Module, role: str) -> list:
         return [_Hook(module, _layer_pre_hook, pre=True), _Hook(module, _layer_hook, pre=False, always_call=True)]
     if role == "root":
         return [_Hook(module, _root_pre_hook, pre=True), _Hook(module, _root_hook, pre=False, always_call=True)]
+    if role == "parameters":
+        return [
+            _Hook(module, _parameters_pre_hook, pre=True),
+            _Hook(module, _parameters_hook, pre=False, always_call=True),
+        ]
     if role == "recompute":
         return [_Hook(module, _recompute_pre_hook, pre=True), _Hook(module, _root_hook, pre=False, always_call=True)]
     if role == "route":
@@ -442,18 +484,32 @@ class Injection:
         self.model, self.params, self.caller = model, params, caller
         self.input_form = variant.forward_input is not None
         self.bindings: dict[nn.Module, tuple[Callable, dict, Site]] = {}
+        self.parameter_bindings: dict[nn.Module, list[tuple[Callable, dict, Site]]] = {}  # `form_of`: "parameters"
         form = "input" if self.input_form else "output"
         roles: list[tuple[nn.Module, str]] = []
         rows = self.rows
         for module, site in resolve_sites(model, params, caller, modules):
+            leaves = with_shared(params, site.target.path)
+            target_form = form_of(variant, site.target)
+            if target_form.where == "parameters":
+                if rows is not None:
+                    raise ValueError(
+                        f"{caller}: `adapter_ids` mixes adapters per row, but {site.target.path!r} "
+                        f"({site.target.kind}) is injected by replacing its parameters, one set per call; run each "
+                        "adapter on its own rows"
+                    )
+                self.parameter_bindings.setdefault(module, []).append((target_form.run, leaves, site))
+                continue
             if self.input_form:
                 fn = variant.forward_input if rows is None else partial(rows.forward_input, variant.forward_input)
             else:
                 fn = variant.forward if rows is None else partial(rows.forward, variant.forward)
-            self.bindings[module] = (fn, with_shared(params, site.target.path), site)
+            self.bindings[module] = (fn, leaves, site)
             roles.append((module, form))
+        roles += [(module, "parameters") for module in self.parameter_bindings]
         self._detached: dict[int, torch.Tensor] | None = None
-        touched = [model, *self.bindings]  # the model itself: one injection per model and thread
+        # the model itself too: one injection per model and thread
+        touched = [model, *self.bindings, *self.parameter_bindings]
         if self.needs_detach:
             roles.append((model, "root"))
         for layer in self.layers:
@@ -558,6 +614,11 @@ class Injection:
             raise RuntimeError(
                 f"{self.caller}: under torch.compile, lf.inject cannot keep gradients out of base parameters that "
                 "require grad; freeze the base (model.requires_grad_(False)) or call lf.apply inside the compiled code"
+            )
+        if self.parameter_bindings:
+            raise RuntimeError(
+                f"{self.caller}: under torch.compile, targets injected by replacing parameters (fused experts, "
+                "`modules_to_save`) are not supported; run them eagerly"
             )
         self.thread = 0  # entered (dynamo cannot trace threading.get_ident)
         self.compiled = []

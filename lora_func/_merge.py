@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._base import base_bias, dense_weight, quantization
 from ._params import Params
 from ._sites import resolve_sites, with_shared
 from ._structure import check
+from .kinds import form_of, merged_parameters
 from .variants import variant_for
 
 
@@ -16,8 +16,11 @@ def merge(model: nn.Module, params: Params) -> dict[str, torch.Tensor]:
     """New weights (state-dict keys of the targeted modules) with the adapter folded in.
 
     `torch.func.functional_call(model, lf.merge(model, params), batch)` equals `lf.apply(model, params, batch)`.
-    Float bases keep their dtype; bitsandbytes bases are dequantized and returned in float32.
-    Differentiable with respect to `params`; `.detach()` the result to write a checkpoint.
+    Float bases keep their dtype; bitsandbytes bases are dequantized and returned in float32. Weights come in
+    each module's own layout (transformers' Conv1D transposed, a conv's kernel shape); a fused-experts target's
+    key is its parameter's name; a `modules_to_save` copy gives its module's parameters. A grouped convolution
+    adapted by LoRA does not merge (an error names it). Differentiable with respect to `params`; `.detach()` the
+    result to write a checkpoint.
 
     >>> merged = lf.merge(model, params)
     >>> model_copy.load_state_dict(merged, strict=False)
@@ -25,17 +28,15 @@ def merge(model: nn.Module, params: Params) -> dict[str, torch.Tensor]:
     check(params, "merge", stacked=False, model=model)
     variant = variant_for(params.config, caller="merge")
     merged: dict[str, torch.Tensor] = {}
-    for module, site in resolve_sites(model, params, "merge"):
+    for _, site in resolve_sites(model, params, "merge"):
         path = site.target.path
-        dtype = torch.float32 if quantization(module) else module.weight.dtype
-        bias = base_bias(module)
-        bias = None if bias is None else bias.float()
-        weight, new_bias = variant.merge(dense_weight(module), bias, with_shared(params, path), site)
-        if not torch.isfinite(weight).all():
-            raise ValueError(f"merge: the merged weight of {path!r} has NaN or inf values")
-        merged[f"{path}.weight"] = weight.to(dtype)
-        if new_bias is not None and new_bias is not bias:
-            if not torch.isfinite(new_bias).all():
-                raise ValueError(f"merge: the merged bias of {path!r} has NaN or inf values")
-            merged[f"{path}.bias"] = new_bias.to(dtype)
+        try:
+            named = merged_parameters(variant, site, with_shared(params, path))
+        except ValueError as e:
+            raise ValueError(f"merge: {e}") from None
+        prefix = form_of(variant, site.target).module_path
+        for name, tensor in named.items():
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"merge: the merged {name} of {path!r} has NaN or inf values")
+            merged[f"{prefix}.{name}" if prefix else name] = tensor
     return merged

@@ -164,7 +164,9 @@ class AdapterRows:
         """The variant's output-form `forward`, each row with its own adapter."""
         self._check(x, site)
         if self.vmapped:
-            each = torch.func.vmap(lambda x_g, y_g, leaves_g: forward(x_g, y_g, leaves_g, site))
+            each = torch.func.vmap(
+                lambda x_g, y_g, leaves_g: forward(x_g, y_g, leaves_g, site), randomness=_random(site)
+            )
             return self._unblock(each(self._block(x), self._block(y), self._used_leaves(leaves)), y)
         parts = [
             y_g if a < 0 else forward(x_g, y_g, pick(leaves, a), site)
@@ -176,12 +178,17 @@ class AdapterRows:
         """The variant's input transform, each row with its own adapter; the base layer then runs once."""
         self._check(x, site)
         if self.vmapped:
-            each = torch.func.vmap(lambda x_g, leaves_g: transform(x_g, leaves_g, site))
+            each = torch.func.vmap(lambda x_g, leaves_g: transform(x_g, leaves_g, site), randomness=_random(site))
             return self._unblock(each(self._block(x), self._used_leaves(leaves)), x)
         parts = [
             x_g if a < 0 else transform(x_g, pick(leaves, a), site) for a, x_g in zip(self.adapters, self._grouped(x))
         ]
         return self._restored(parts)
+
+
+def _random(site: Site) -> str:
+    """vmap's randomness: with adapter dropout active, each adapter (group) draws its own mask."""
+    return "different" if getattr(site.config, "dropout", 0.0) and site.base.training else "error"
 
 
 def pick(leaves: Leaves, adapter: int) -> Leaves:

@@ -9,9 +9,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from ._config import AdapterConfig
-from ._targets import Target
-
-SHARED = "<shared>"  # entry for leaves shared by all targets (VeRA's projections); never a module path
+from ._kind import SHARED as SHARED
+from ._kind import Target
 
 
 class Params(Mapping):
@@ -102,11 +101,14 @@ def split(params: Params) -> tuple[Params, Params]:
     >>> trainable, frozen = lf.split(params)
     >>> grads = torch.func.grad(lambda t: lf.apply(model, lf.combine(t, frozen), batch).loss)(trainable)
     """
+    from .kinds import frozen_leaves
     from .variants import variant_for
 
-    frozen_names = variant_for(params.config, caller="split").frozen
+    variant = variant_for(params.config, caller="split")
+    by_path = {t.path: t for t in params.targets}
     trainable, frozen = {}, {}
     for path, entry in params.items():
+        frozen_names = frozen_leaves(variant, path, by_path)
         trainable[path] = {k: v for k, v in entry.items() if k not in frozen_names}
         frozen[path] = {k: v for k, v in entry.items() if k in frozen_names}
     return params.replace(trainable), params.replace(frozen)

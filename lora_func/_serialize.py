@@ -39,11 +39,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ._config import ROLES, AdapterConfig, config_from_json, config_to_json, strict_json
+from ._config import AdapterConfig, config_from_json, config_to_json, strict_json
+from ._kind import Target
 from ._params import SHARED, Params
 from ._structure import check, declared_shapes, fits, growing_dims
-from ._targets import Target, is_linear_like
 from ._version import __version__
+from .kinds import device_of, frozen_leaves, locate, target_from_json, target_to_json, variant_targets
 from .variants import REGISTRY, variant_for
 
 FORMAT = "lora_func"
@@ -54,7 +55,6 @@ METADATA_KEYS = ("format", "format_version", "library_version", "variant", "conf
 # Config field -> the format version that introduced it; a field not listed has been in every version.
 SINCE: dict[str, str] = {}
 MAX_HEADER = 100_000_000  # bytes; safetensors' own limit
-TARGET_ROLES = (("reader",), ("writer",), ("reader", "writer"), ("inner",))  # what `roles_of` gives
 
 
 class AdapterFileError(ValueError):
@@ -84,7 +84,7 @@ def save(params: Params, path: str | os.PathLike) -> None:
         "library_version": __version__,
         "variant": variant.name,
         "config": config_to_json(params.config),
-        "targets": json.dumps([dataclasses.asdict(t) for t in params.targets]),
+        "targets": json.dumps([target_to_json(t) for t in params.targets]),
     }
     metadata[CHECKSUM] = checksum(metadata, tensors)
     # Written next to `path`, then moved over it: an interrupted save leaves the old file as it was.
@@ -163,55 +163,38 @@ def read_safetensors(path: str, where: str) -> tuple[dict[str, str], dict[str, t
     return dict(metadata), tensors
 
 
-def _parse_targets(text: str, where: str) -> tuple[Target, ...]:
+def _parse_targets(text: str, where: str, version: str) -> tuple[Target, ...]:
     """The stored target list: a non-empty JSON list of objects with exactly Target's fields, each well-formed,
-    no path twice."""
+    no path twice. Format "1" stored only linear-like targets, with the module's class name as `kind`."""
     try:
         rows = strict_json(text, "the stored target list")
     except ValueError as e:
         raise AdapterFileError(f"{where}: {e}") from None
     if not isinstance(rows, list) or not rows:
         raise AdapterFileError(f"{where}: the stored target list is not a non-empty JSON list")
-    names = [f.name for f in dataclasses.fields(Target)]
     found: list[Target] = []
     seen: set[str] = set()
     for i, row in enumerate(rows):
         at = f"{where}: stored target {i}"
-        if not isinstance(row, dict) or set(row) != set(names):
-            raise AdapterFileError(f"{at} is not an object with exactly the fields {names}: {row!r:.200}")
-        path, d_in, d_out, roles, kind = (row[n] for n in ("path", "d_in", "d_out", "roles", "kind"))
-        if not isinstance(path, str) or path == SHARED:
-            raise AdapterFileError(f"{at}: `path` must be a module path (a string, not {SHARED!r}), got {path!r:.200}")
-        if path in seen:
-            raise AdapterFileError(f"{at}: the target {path!r} is listed twice")
-        seen.add(path)
-        for field, value in (("d_in", d_in), ("d_out", d_out)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise AdapterFileError(f"{at} ({path!r}): `{field}` must be a positive int, got {value!r:.200}")
-        if not isinstance(roles, list) or tuple(roles) not in TARGET_ROLES:
-            raise AdapterFileError(
-                f"{at} ({path!r}): `roles` must be one of {[list(r) for r in TARGET_ROLES]} (roles are {ROLES}), "
-                f"got {roles!r:.200}"
-            )
-        if not isinstance(kind, str) or not kind.isidentifier():
-            raise AdapterFileError(f"{at} ({path!r}): `kind` must be a module class name, got {kind!r:.200}")
-        found.append(Target(path, d_in, d_out, tuple(roles), kind))
+        if version == "1" and isinstance(row, dict) and set(row) == {"path", "d_in", "d_out", "roles", "kind"}:
+            row = {**row, "kind": "linear", "module": row["kind"], "layout": {}}
+        try:
+            target = target_from_json(row, at)  # every field, as its kind defines them
+        except ValueError as e:
+            raise AdapterFileError(str(e)) from None
+        if target.path == SHARED:
+            raise AdapterFileError(f"{at}: `path` must be a module path, not {SHARED!r}")
+        if target.path in seen:
+            raise AdapterFileError(f"{at}: the target {target.path!r} is listed twice")
+        seen.add(target.path)
+        found.append(target)
     return tuple(found)
 
 
 def check_model(model: nn.Module, found: tuple[Target, ...], caller: str) -> None:
-    modules = dict(model.named_modules())
+    """Every target exists in `model` as the kind and shape it was built for (`lora_func.kinds.locate`)."""
     for target in found:
-        module = modules.get(target.path)
-        if module is None:
-            raise ValueError(f"{caller}: target {target.path!r} is not a module of {type(model).__name__}")
-        if not is_linear_like(module):
-            raise ValueError(f"{caller}: target {target.path!r} is a {type(module).__name__}, not linear-like")
-        if (module.in_features, module.out_features) != (target.d_in, target.d_out):
-            raise ValueError(
-                f"{caller}: target {target.path!r} is {module.in_features} -> {module.out_features} in the model, "
-                f"the adapter holds {target.d_in} -> {target.d_out}"
-            )
+        locate(model, target, caller)
 
 
 def _added_fields(cls: type[AdapterConfig], version: str) -> dict[str, Any]:
@@ -275,7 +258,7 @@ def load(
     if isinstance(config, type) and config is not type(cfg) or isinstance(config, AdapterConfig) and config != cfg:
         want = config.__name__ if isinstance(config, type) else repr(config)
         raise AdapterFileError(f"{where} holds {cfg!r}, expected {want}")
-    found = _parse_targets(metadata["targets"], where)
+    found = _parse_targets(metadata["targets"], where, version)
     if model is not None:
         try:
             check_model(model, found, where)
@@ -311,16 +294,20 @@ def load(
             "edited after lf.save"
         )
 
+    # Entries in the order `init` makes them (targets in order, each in its declaration's order, shared last),
+    # leaves next to their base layer (shared ones with the first adapted target, as `init` puts them).
+    by_path = {t.path: t for t in found}
+    adapted = variant_targets(found)
     entries: dict[str, dict[str, torch.Tensor]] = {}
-    for p, entry in declared.items():  # leaf order as `init` makes it: targets in order, shared last
+    for entry, leaves in declared.items():  # leaf order as `init` makes it: targets in order, shared last
         device = torch.device("cpu")
-        if model is not None:  # shared leaves sit with the first target, as `init` puts them
-            device = model.get_submodule(found[0].path if p == SHARED else p).weight.device
+        if model is not None:
+            device = device_of(locate(model, adapted[0] if entry == SHARED else by_path[entry], "load"))
+        frozen = frozen_leaves(variant, entry, by_path)
         # A copy, not a view into the file's buffer: CPU BLAS results depend on the data's alignment,
         # and outputs must be bitwise those of the saved params.
-        entries[p] = {
-            leaf: tensors[f"{p}.{leaf}"].to(device, copy=True).requires_grad_(leaf not in variant.frozen)
-            for leaf in entry
+        entries[entry] = {
+            leaf: tensors[f"{entry}.{leaf}"].to(device, copy=True).requires_grad_(leaf not in frozen) for leaf in leaves
         }
     params = Params(entries, cfg, found)
     check(params, "load", stacked=False, model=model)

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._config import AdapterConfig, config_for
+from . import kinds
+from ._config import AdapterConfig
+from ._kind import Target
 from ._params import SHARED, Params
-from ._targets import Target
 from .variants import variant_for
 
 Shapes = dict[str, dict[str, tuple[int, ...]]]
@@ -35,28 +36,22 @@ Shapes = dict[str, dict[str, tuple[int, ...]]]
 
 def declared_shapes(config: AdapterConfig, targets: tuple[Target, ...], caller: str) -> Shapes:
     """`{path: {leaf: shape}}` of one (unstacked) adapter of this config and these targets, the shared entry
-    included; the variant's `shapes` may refuse a target (a rank too large) with an error naming it."""
-    variant = variant_for(config, caller=caller)
-    patterned = bool(config.rank_pattern or config.alpha_pattern)
-    shapes: Shapes = {}
-    for target in targets:
-        # config_for is an lru_cache, which torch.compile warns about: only call it when it has work to do.
-        target_cfg = config_for(config, target.path) if patterned else config
-        shapes[target.path] = {k: tuple(v) for k, v in variant.shapes(target, target_cfg).items()}
-    if variant.shared_shapes is not None:
-        shapes[SHARED] = {k: tuple(v) for k, v in variant.shared_shapes(tuple(targets), config).items()}
-    return shapes
+    included (`lora_func.kinds.declared_shapes`: a variant's leaves, or a saved module copy's own); the variant's
+    `shapes` may refuse a target (a rank too large, a kind it does not adapt) with an error naming it."""
+    return kinds.declared_shapes(variant_for(config, caller=caller), config, tuple(targets))
 
 
 def growing_dims(config: AdapterConfig, targets: tuple[Target, ...]) -> dict[str, tuple[int, ...]]:
     """{shared leaf: its dims sized by the targets} (VeRA's A is (r, max d_in)): a shared leaf made for more
     targets than `targets` (an adapter cut down to some of its targets) may be larger there."""
     variant = variant_for(config, caller="check")
-    if variant.shared_shapes is None:
+    adapted = kinds.variant_targets(tuple(targets))
+    if variant.shared_shapes is None or not adapted:
         return {}
-    wider = Target(SHARED, max(t.d_in for t in targets) + 1, max(t.d_out for t in targets) + 1, ("inner",), "Linear")
-    now = variant.shared_shapes(tuple(targets), config)
-    grown = variant.shared_shapes((*targets, wider), config)
+    d_in, d_out = max(t.d_in for t in adapted) + 1, max(t.d_out for t in adapted) + 1
+    wider = Target(SHARED, d_in, d_out, ("inner",), "linear", "Linear")
+    now = variant.shared_shapes(adapted, config)
+    grown = variant.shared_shapes((*adapted, wider), config)
     return {leaf: tuple(d for d, (a, b) in enumerate(zip(now[leaf], grown[leaf])) if a != b) for leaf in now}
 
 
@@ -135,7 +130,7 @@ def check(
     for path, entry in entries.items():
         want = declared[path]
         if not names_checked and entry.keys() != want.keys():
-            _check_leaf_names(params, declared, variant.frozen, caller, name, halves)  # a half, or an error
+            _check_leaf_names(params, declared, variant, caller, name, halves)  # a half, or an error
             names_checked = True
         device = None
         for leaf, tensor in entry.items():
@@ -201,10 +196,10 @@ def _disagreeing_stack_sizes(params: Params, declared: Shapes, caller: str, name
     )
 
 
-def _check_leaf_names(
-    params: Params, declared: Shapes, frozen: tuple[str, ...], caller: str, name: str, halves: bool
-) -> None:
+def _check_leaf_names(params: Params, declared: Shapes, variant: Any, caller: str, name: str, halves: bool) -> None:
     """Every entry holds all its declared leaves, or (with `halves`) exactly the trainable or the frozen ones."""
+    by_path = {t.path: t for t in params.targets}
+    frozen = {p: kinds.frozen_leaves(variant, p, by_path) for p in declared}
     whole = True
     for path in params:
         held, want = params[path], declared[path]
@@ -217,7 +212,7 @@ def _check_leaf_names(
         return
     held = {p: set(params[p]) for p in params}
     for half, keep in (("trainable", False), ("frozen", True)):
-        if held == {p: {leaf for leaf in d if (leaf in frozen) == keep} for p, d in declared.items()}:
+        if held == {p: {leaf for leaf in d if (leaf in frozen[p]) == keep} for p, d in declared.items()}:
             if halves:
                 return
             other = "frozen" if half == "trainable" else "trainable"
@@ -241,7 +236,9 @@ def _check_devices(
     modules: Mapping[str, nn.Module] | None = None,
 ) -> None:
     for target in params.targets:
-        module = modules.get(target.path) if modules is not None else _submodule(model, target.path)
+        kind = kinds.kind_of(target)
+        path = kind.module_path(target) if kind.module_path is not None else target.path  # experts: their module
+        module = modules.get(path) if modules is not None else _submodule(model, path)
         if module is None:
             raise ValueError(f"{caller}: target {target.path!r} is not a module of {type(model).__name__}")
         weight = getattr(module, "weight", None)

@@ -1,39 +1,21 @@
-"""Which modules an adapter config selects: linear-like modules, roles, name and layer filters."""
+"""Which layers an adapter config selects: modules of a registered kind (`lora_func/kinds/`), expert
+parameters (`target_parameters`) and saved modules (`modules_to_save`), with the role, name and block filters."""
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
 
 from torch import nn
 
 from ._config import AdapterConfig
+from ._kind import Target
+from .kinds import KINDS, module_kind, require_support
+from .variants import variant_for
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
-
-
-@dataclass(frozen=True)
-class Target:
-    """One adapted module: its path in `model.named_modules()`, shape and roles."""
-
-    path: str
-    d_in: int
-    d_out: int
-    roles: tuple[str, ...]
-    kind: str  # class name of the base module, e.g. "Linear", "Linear4bit"
-
-    def __str__(self) -> str:
-        return f"{self.path}  {self.kind}({self.d_in} -> {self.d_out})  {'+'.join(self.roles)}"
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """A module with `in_features`, `out_features` and a `weight` (nn.Linear, bnb Linear4bit/8bitLt, ...)."""
-    return (
-        isinstance(getattr(module, "in_features", None), int)
-        and isinstance(getattr(module, "out_features", None), int)
-        and getattr(module, "weight", None) is not None
-    )
+# A block of the model: the first numbered segment of these names (`model.layers.3`, `transformer.h.3`,
+# `encoder.layer.3`, `encoder.block.3`, `blocks.3`). The first, so that T5's `block.3.layer.1` is block 3.
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)(?:\.|$)")
 
 
 def model_width(model: nn.Module) -> int | None:
@@ -44,7 +26,7 @@ def model_width(model: nn.Module) -> int | None:
         width = getattr(text_config, "hidden_size", None)
         if isinstance(width, int):
             return width
-    widths = Counter(m.in_features for m in model.modules() if is_linear_like(m))
+    widths = Counter(m.in_features for m in model.modules() if KINDS["linear"].recognise(m))
     return widths.most_common(1)[0][0] if widths else None
 
 
@@ -54,56 +36,114 @@ def roles_of(d_in: int, d_out: int, width: int | None) -> tuple[str, ...]:
 
 
 def layer_index(path: str) -> int | None:
-    match = _LAYER_INDEX.search(path)
+    """The index of the block `path` lies in (see `_BLOCK_INDEX`), or None outside any block."""
+    match = _BLOCK_INDEX.search(path)
     return int(match.group(1)) if match else None
 
 
-def describe(path: str, module: nn.Module, width: int | None) -> Target:
-    return Target(
-        path=path,
-        d_in=module.in_features,
-        d_out=module.out_features,
-        roles=roles_of(module.in_features, module.out_features, width),
-        kind=type(module).__name__,
-    )
+def _names(path: str, names: tuple[str, ...]) -> bool:
+    """PEFT's name match with a dot boundary: `path` is one of `names` or ends with "." + one."""
+    return any(path == n or path.endswith(f".{n}") for n in names)
 
 
 def find_targets(model: nn.Module, cfg: AdapterConfig, *, caller: str = "targets") -> list[Target]:
-    """The targets `cfg` selects in `model`, in `named_modules` order. Selecting nothing is an error."""
+    """The targets `cfg` selects in `model`, in `named_modules` order (a module's parameter targets right after
+    it, saved modules where they are). Selecting nothing is an error; so is a variant asked to adapt a kind it
+    does not support.
+
+    A module is a target when a registered kind recognises it and `target_names` matches its path (or, with
+    `target_names` None, when its kind is targeted by default: linear-like layers), it is not excluded, lies in
+    one of `layers`, and has one of `target_roles`. Expert parameters come from `target_parameters`, under the
+    same filters. The modules of `modules_to_save` (and everything inside them) are saved, not adapted.
+    """
+    variant = variant_for(cfg, caller=caller)
     width = model_width(model)
+
+    def roles(d_in: int, d_out: int) -> tuple[str, ...]:
+        return roles_of(d_in, d_out, width)
+
+    def kept(path: str, target: Target) -> bool:
+        if any(re.search(p, path) for p in cfg.exclude_names):
+            return False
+        if cfg.layers is not None and layer_index(path) not in cfg.layers:
+            return False
+        return cfg.target_roles is None or bool(set(cfg.target_roles) & set(target.roles))
+
+    saved_roots = [p for p, _ in model.named_modules() if cfg.modules_to_save and _names(p, cfg.modules_to_save)]
     selected: list[Target] = []
     name_hits: dict[str, list[str]] = {p: [] for p in cfg.target_names or ()}
+    parameter_hits: dict[str, list[str]] = {n: [] for n in cfg.target_parameters}
     for path, module in model.named_modules():  # the root too: a bare nn.Linear is a model with one target
-        if cfg.target_names is not None:
+        if any(path == root or path.startswith(f"{root}.") for root in saved_roots):
+            if any(True for _ in module.parameters(recurse=False)):
+                selected.append(KINDS["saved"].describe(path, module, roles))
+            continue
+        kind = module_kind(module)
+        if cfg.target_names is None:
+            wanted = kind is not None and kind.by_default
+        else:
             matched = [p for p in cfg.target_names if re.search(p, path)]
-            if not matched:
-                continue
             for p in matched:
                 name_hits[p].append(path)
-        if not is_linear_like(module):
-            continue
-        if any(re.search(p, path) for p in cfg.exclude_names):
-            continue
-        if cfg.layers is not None and layer_index(path) not in cfg.layers:
-            continue
-        target = describe(path, module, width)
-        if cfg.target_roles is not None and not set(cfg.target_roles) & set(target.roles):
-            continue
-        selected.append(target)
+            wanted = bool(matched) and kind is not None
+        if wanted:
+            target = kind.describe(path, module, roles)
+            if kept(path, target):
+                selected.append(target)
+        for name, _ in module.named_parameters(recurse=False):
+            key = f"{path}.{name}" if path else name
+            hits = [n for n in cfg.target_parameters if key == n or key.endswith(f".{n}")]
+            for n in hits:
+                parameter_hits[n].append(key)
+            if hits:
+                target = KINDS["experts"].describe(key, module, roles)
+                if kept(key, target):
+                    selected.append(target)
 
-    # A name pattern that only hits modules which are not linear-like is a mistake worth naming.
     modules = dict(model.named_modules())
-    for pattern, paths in name_hits.items():
-        if paths and not any(is_linear_like(modules[p]) for p in paths):
+    for pattern, paths in name_hits.items():  # a pattern that hits only modules no kind adapts is a mistake
+        if paths and not any(module_kind(modules[p]) is not None for p in paths):
             shown = ", ".join(f"{p} ({type(modules[p]).__name__})" for p in paths[:3])
             raise ValueError(
-                f"{caller}: `target_names` pattern {pattern!r} matches only modules that are not linear-like "
-                f"(need `in_features`, `out_features`, `weight`): {shown}"
+                f"{caller}: `target_names` pattern {pattern!r} matches only modules that no layer kind adapts "
+                f"({', '.join(sorted(k for k, v in KINDS.items() if v.recognise is not None))}): {shown}"
             )
-    if not selected:
+    for name, keys in parameter_hits.items():
+        if not keys:
+            raise ValueError(
+                f"{caller}: `target_parameters` name {name!r} matches no parameter of {type(model).__name__}"
+            )
+    for name in cfg.modules_to_save:
+        roots = [p for p in modules if _names(p, (name,))]
+        if not any(True for p in roots for _ in modules[p].parameters()):
+            raise ValueError(
+                f"{caller}: `modules_to_save` name {name!r} matches no module of {type(model).__name__} "
+                "that has parameters"
+            )
+    _refuse_tied(model, [t for t in selected if t.kind == "saved"], caller)
+    # `target_names=()` asks for no module targets (expert parameters or saved modules alone).
+    if not selected or cfg.target_names != () and not any(t.kind != "saved" for t in selected):
         raise ValueError(
             f"{caller}: {type(cfg).__name__} selects no module of {type(model).__name__} "
             f"(target_roles={cfg.target_roles}, target_names={cfg.target_names}, "
-            f"exclude_names={cfg.exclude_names}, layers={cfg.layers}, d_model={width})"
+            f"exclude_names={cfg.exclude_names}, layers={cfg.layers}, target_parameters={cfg.target_parameters}, "
+            f"d_model={width})"
         )
+    for target in selected:
+        require_support(variant, target, cfg)
     return selected
+
+
+def _refuse_tied(model: nn.Module, saved: list[Target], caller: str) -> None:
+    """A saved module whose parameter is shared with another module (tied embeddings) would carry the other along."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for target in saved:
+        module = model.get_submodule(target.path)
+        for name, p in module.named_parameters(recurse=False):
+            if len(owners[id(p)]) > 1:
+                raise ValueError(
+                    f"{caller}: `modules_to_save` copies {target.path}.{name}, which the model ties to "
+                    f"{[o for o in owners[id(p)] if o != f'{target.path}.{name}']}: the copy would replace them too"
+                )

@@ -10,20 +10,22 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
 from ._config import AdapterConfig
-from ._targets import Target
+from ._kind import BaseLayer, Target
 
 Leaves = dict[str, torch.Tensor]
 
+LINEAR_LIKE = ("linear", "conv1d")  # the kinds with features last and y = x Wᵀ + b: every variant's math applies
+
 
 class Site(NamedTuple):
-    """Where a variant's forward runs: the target, the config, and the (read-only) base module."""
+    """Where a variant's forward runs: the target, the config it sees, and a read-only view of the base layer
+    (`lora_func/_kind.py`, `BaseLayer`: its dense weight, bias, computation, and the kind's LoRA product)."""
 
     target: Target
     config: AdapterConfig
-    module: nn.Module
+    base: BaseLayer
 
 
 class InputStats(NamedTuple):
@@ -61,12 +63,14 @@ class Variant(NamedTuple):
     frozen                                          leaf names that do not train
     shared_shapes(targets, cfg) -> {leaf: shape}    leaves stored once for all targets (VeRA), or None
     create_shared(targets, cfg, init) -> leaves     their initial values
+    kinds                                           the layer kinds it adapts (`lora_func/kinds/`); others are refused
     calibrated                                      `init` needs `calibration_data` (EVA, AntiPaSTO)
     allocate(targets, cfg, stats) -> (cfg, targets) after calibration, a refined config and the targets
                                                     that keep an adapter (EVA's rank redistribution)
 
-    Forward and merge see a target's own leaves merged with the shared ones. `forward` and
-    `forward_input` must be vmappable (torch ops only; no `.item()`, no branching on tensor values):
+    Forward and merge see a target's own leaves merged with the shared ones. `merge` works on the dense weight in
+    the kind's `(d_out, fan_in)` layout; on a kind injected by parameters (fused experts) it is also the forward.
+    `forward` and `forward_input` must be vmappable (torch ops only; no `.item()`, no branching on tensor values):
     K stacked adapters run them under `torch.func.vmap`, and so do mixed-adapter batches.
     """
 
@@ -80,6 +84,7 @@ class Variant(NamedTuple):
     frozen: tuple[str, ...] = ()
     shared_shapes: Callable[[tuple[Target, ...], AdapterConfig], dict[str, tuple[int, ...]]] | None = None
     create_shared: Callable[[tuple[Target, ...], AdapterConfig, Init], Leaves] | None = None
+    kinds: tuple[str, ...] = LINEAR_LIKE
     calibrated: bool = False
     allocate: Callable[..., tuple[AdapterConfig, tuple[Target, ...]]] | None = None
 

@@ -120,3 +120,112 @@ def changes(model: nn.Module, before: dict[str, Any]) -> list[str]:
     found += [f"model {key}" for key in ("flags", "hooks", "attrs", "params", "training") if now[key] != before[key]]
     found += [f"base gradient {n}" for n in sorted(now["grads"])]
     return found
+
+
+# -- the other layer kinds: small real architectures built from their configs -------------------------------------
+
+
+def tiny_gpt2(seed: int = 0, **overrides) -> nn.Module:
+    """GPT-2 (transformers' Conv1D layers, weights stored (d_in, d_out)), dropout off."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    fields = dict(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    fields.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **overrides)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**fields)).train()
+
+
+def with_linear_layers(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose transformers Conv1D layers are nn.Linear layers holding the transposed weights."""
+    import copy
+
+    copied = copy.deepcopy(model)
+    for module in list(copied.modules()):
+        for name, child in list(module.named_children()):
+            if type(child).__name__ == "Conv1D":
+                linear = nn.Linear(child.nx, child.nf)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.t())
+                    linear.bias.copy_(child.bias)
+                setattr(module, name, linear)
+    return copied
+
+
+class TinyConvNet(nn.Module):
+    """A small ResNet-like CNN: plain, strided, grouped (`mix`), dilated and 1×1 convolutions, GroupNorm (so that
+    train mode changes no buffers), a residual, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding="same", bias=False)
+        self.mix = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.dilated = nn.Conv2d(16, 16, 3, padding=2, dilation=2, padding_mode="reflect")
+        self.pointwise = nn.Conv2d(16, 16, 1)
+        self.norm = nn.GroupNorm(4, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = h + self.mix(torch.relu(self.conv(h)))
+        h = torch.relu(self.down(h))
+        h = h + self.pointwise(torch.relu(self.dilated(h)))
+        return self.head(self.norm(h).mean(dim=(-2, -1)))
+
+
+def tiny_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return TinyConvNet().train()
+
+
+def cnn_batch(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_qwen3_moe(seed: int = 0, **overrides) -> nn.Module:
+    """Qwen3-MoE with fused experts: `mlp.experts.gate_up_proj (4, 32, 32)`, `mlp.experts.down_proj (4, 32, 16)`."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    fields = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(**fields)).train()
+
+
+def tiny_bert_classifier(seed: int = 0, num_labels: int = 3) -> nn.Module:
+    """BertForSequenceClassification from a small config (a fresh `classifier` head), dropout off."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+    )
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(config).train()
+
+
+def classification_batch(batch: int = 4, seq: int = 10, vocab: int = 128, labels: int = 3, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    return {"input_ids": ids, "labels": torch.randint(0, labels, (batch,), generator=gen)}

@@ -43,7 +43,7 @@ def dequantized_twins() -> tuple[nn.Module, nn.Module]:
     with torch.no_grad():
         for name, module in quantized.named_modules():
             if type(module).__name__ == "Linear4bit":
-                plain.get_submodule(name).weight.copy_(lf._base.dense_weight(module))
+                plain.get_submodule(name).weight.copy_(lf.kinds.linear.dense_weight(module))
     return quantized, plain
 
 

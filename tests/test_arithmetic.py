@@ -14,7 +14,7 @@ from torch import nn
 
 import lora_func as lf
 from lora_func._arithmetic import LOW_RANK, target_seed
-from lora_func._base import dense_weight
+from lora_func.kinds.linear import dense_weight
 from lora_func.variants import REGISTRY
 
 merge_utils = pytest.importorskip("peft.utils.merge_utils")
@@ -424,7 +424,9 @@ def bad():
     a, b = make("lora", model), make("lora", model, seed=1)
     wide = make("lora", tiny_qwen3(intermediate_size=96), target_names=("up_proj$",))
     conv = a.targets[0]
-    conv_params = lf.Params({p: a[p] for p in a}, a.config, (dataclasses.replace(conv, kind="Conv1D"),) + a.targets[1:])
+    conv_params = lf.Params(
+        {p: a[p] for p in a}, a.config, (dataclasses.replace(conv, kind="conv1d", module="Conv1D"),) + a.targets[1:]
+    )
     own = nn.Sequential(OwnLinear(8, 8))
     own_params = make("lora", own, r=2)
     return {

@@ -121,7 +121,7 @@ def test_pissa_fast_svd_approximates_the_truncated_svd():
 def test_pissa_on_a_4bit_base_uses_the_dequantized_weight():
     from conftest import tiny_qwen3_4bit
 
-    from lora_func._base import dense_weight
+    from lora_func.kinds.linear import dense_weight
 
     model = tiny_qwen3_4bit()
     params = lf.init(model, lf.PiSSAConfig(r=4, alpha=4))

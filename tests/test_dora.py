@@ -10,7 +10,7 @@ from peft_parity import ALL_PROJECTIONS, PROJECTIONS, assert_same_as_peft, copy_
 from torch import nn
 
 import lora_func as lf
-from lora_func._variant import Site
+from lora_func.kinds import site_for
 from lora_func.variants import dora
 
 
@@ -75,9 +75,9 @@ def test_row_norm_needs_no_dense_product(quantized):
     for target in params.targets:
         layer = model.get_submodule(target.path)
         leaves = params[target.path]
-        W = lf._base.dense_weight(layer)
+        W = lf.kinds.linear.dense_weight(layer)
         dense = (W + 2 * leaves["B"].detach() @ leaves["A"].detach()).norm(dim=1)
-        got = dora.row_norm(leaves, Site(target, cfg, layer), torch.float32)
+        got = dora.row_norm(leaves, site_for(model, target, cfg, "test"), torch.float32)
         assert not got.requires_grad
         torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-6, msg=target.path)
         assert torch.equal(leaves["weight_sq_norm"], W.square().sum(dim=1))

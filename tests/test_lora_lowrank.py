@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_func.variants.lora import add_low_rank, low_rank
+from lora_func.kinds.linear import add_low_rank, low_rank
 
 S = 1.7
 

@@ -14,7 +14,7 @@ from conftest import assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qw
 from test_contract import _only
 
 import lora_func as lf
-from lora_func._base import dense_weight
+from lora_func.kinds.linear import dense_weight
 from lora_func.variants import REGISTRY
 
 VARIANTS = sorted(REGISTRY)
@@ -77,7 +77,7 @@ def test_8bit_matches_the_dequantized_float_model(name):
     and torch.func) equal those of the same adapter on a float model holding the dequantized weights."""
     model = tiny_qwen3_8bit()
     batch = qwen3_batch()
-    assert {t.kind for t in lf.targets(model, REGISTRY[name].config(r=4))} == {"Linear8bitLt"}
+    assert {t.module for t in lf.targets(model, REGISTRY[name].config(r=4))} == {"Linear8bitLt"}
     params = perturbed(make(name, model, batch))
     before = snapshot(model)
     merged = lf.merge(model, params)

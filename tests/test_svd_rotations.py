@@ -11,7 +11,7 @@ import torch
 from conftest import qwen3_batch, tiny_qwen3, tiny_qwen3_4bit
 
 import lora_func as lf
-from lora_func._base import dense_weight
+from lora_func.kinds.linear import dense_weight
 from lora_func.variants import antipasto, ssvd
 
 PATH = "model.layers.1.mlp.down_proj"  # 128 -> 64, not square

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import minilm, tiny_qwen3
@@ -63,7 +65,7 @@ def test_bitsandbytes_layers_are_targets():
     from conftest import tiny_qwen3_4bit
 
     found = lf.targets(tiny_qwen3_4bit(), lf.LoRAConfig(r=4))
-    assert len(found) == 14 and all(t.kind == "Linear4bit" for t in found)
+    assert len(found) == 14 and all(t.module == "Linear4bit" for t in found)
 
 
 def test_plain_module_without_config_infers_width():
@@ -79,9 +81,36 @@ def test_selecting_nothing_is_an_error_naming_the_filters():
         lf.targets(tiny_qwen3(), lf.LoRAConfig(r=4, layers=(7,)))
 
 
-def test_target_that_is_not_linear_like_is_an_error():
-    with pytest.raises(ValueError, match=r"embed_tokens \(Embedding\).*not linear-like|not linear-like.*Embedding"):
-        lf.init(tiny_qwen3(), lf.LoRAConfig(r=4, target_names=("embed_tokens",), exclude_names=()))
+def test_target_names_that_hit_no_layer_kind_are_an_error():
+    with pytest.raises(ValueError, match=r"matches only modules that no layer kind adapts.*norm \(Qwen3RMSNorm\)"):
+        lf.init(tiny_qwen3(), lf.LoRAConfig(r=4, target_names=("norm$",)))
+
+
+def test_layers_count_blocks_never_sub_layers():
+    """`layers` picks block i: Qwen3's `layers.i`, BERT's `layer.i`, GPT-2's `h.i`, T5's `block.i` (encoder and
+    decoder), never T5's sub-layer index `block.<j>.layer.<i>`."""
+    from components import tiny_gpt2
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    def blocks(model, pattern):
+        found = lf.targets(model, lf.LoRAConfig(r=2, layers=(1,)))
+        return {re.search(pattern, t.path).group(0) for t in found}, len(found)
+
+    assert blocks(tiny_qwen3(num_hidden_layers=3), r"^model\.layers\.\d+") == ({"model.layers.1"}, 7)
+    assert blocks(minilm(), r"^encoder\.layer\.\d+") == ({"encoder.layer.1"}, 6)
+    assert blocks(tiny_gpt2(), r"^transformer\.h\.\d+") == ({"transformer.h.1"}, 4)
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(
+        T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=3, num_heads=4, decoder_start_token_id=0)
+    )
+    found = [t.path for t in lf.targets(t5, lf.LoRAConfig(r=2, layers=(1,)))]
+    assert {re.match(r"^(encoder|decoder)\.block\.\d+", p).group(0) for p in found} == {
+        "encoder.block.1",
+        "decoder.block.1",
+    }
+    # every sub-layer of block 1: encoder self-attention + feed-forward (4 + 2), decoder self, cross, ff (4 + 4 + 2)
+    assert len(found) == 16 and "encoder.block.1.layer.1.DenseReluDense.wi" in found
+    assert not any(p.startswith(("encoder.block.0", "encoder.block.2")) for p in found)
 
 
 @pytest.mark.parametrize("r", [0, -1])

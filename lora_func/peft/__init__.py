@@ -9,10 +9,12 @@ translations both ways. `METHODS` below registers each with one line. Shared mac
 files, field checks, patterns), `_targeting.py` (PEFT's module selection <-> lora_func's regexes).
 
 Reading is as strict as `lf.load` (PEFT itself loads leniently): every config field is either translated,
-inert (no effect on the adapted function, e.g. `lora_dropout`), or must hold its default; a field lora_func
-does not know is refused unless it is unset (null, false, empty). The modules PEFT would adapt are computed
-with PEFT's own matching rules, must all be linear-like, and must be exactly the modules the tensor file
-holds; shapes and dtypes are checked against the model.
+inert (no effect on the adapted function), or must hold its default; a field lora_func does not know is refused
+unless it is unset (null, false, empty). The modules PEFT would adapt are computed with PEFT's own matching
+rules, must all be layers lora_func and PEFT's method both adapt, and must be exactly the modules the tensor file
+holds; shapes and dtypes are checked against the model. Layer kinds beyond nn.Linear (transformers Conv1D,
+convolutions, embeddings, fused experts through `target_parameters`, `modules_to_save` copies) are laid out as
+PEFT lays them out: see `_kinds.py`.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .._config import AdapterConfig, config_for
+from .._config import AdapterConfig
 from .._init import finish_leaves
 from .._params import SHARED, Params
 from .._serialize import AdapterFileError, check_model
-from .._structure import check, declared_shapes
-from .._targets import find_targets, is_linear_like
+from .._structure import check
+from .._targets import find_targets
 from .._variant import Init
+from ..kinds import KINDS, device_of, frozen_leaves, leaf_shapes, locate, module_kind, site_for, variant_targets
 from ..variants import REGISTRY, variant_for
 from . import delora, dora, hra, ia3, ia3ff, lora, pissa, road, vera
 from ._fields import (
@@ -50,8 +53,16 @@ from ._fields import (
     resolved,
     written,
 )
+from ._kinds import base_weight_key, check_kind, fan_in_fan_out, from_file, stored_layout, tensor_key, to_file
 from ._method import PeftMethod
-from ._targeting import exact_regex, peft_selection, target_modules_out, targeting_config
+from ._targeting import (
+    exact_regex,
+    peft_parameters,
+    peft_saved,
+    peft_selection,
+    target_modules_out,
+    targeting_config,
+)
 
 __all__ = ["CONFIG_NAME", "METHODS", "WEIGHTS_NAME", "PeftMethod", "config_from_peft", "from_peft", "to_peft"]
 
@@ -88,7 +99,9 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
     Methods: LoRA (rsLoRA, rank/alpha patterns), PiSSA (written as the equivalent rank-2r LoRA, see the module
     docstring), DeLoRA, DoRA (PEFT LoRA with `use_dora`), IA3 and IA3-FF (PEFT IA3, `feedforward_modules` none or
     all of the targets), HRA, VeRA (projections stored, `save_projection=True`), ROAD (`group_size=None` written as
-    the int it resolves to, where that is one int for all targets).
+    the int it resolves to, where that is one int for all targets). Layer kinds beyond nn.Linear (transformers
+    Conv1D, convolutions, embeddings, fused experts, `modules_to_save` copies) as `_kinds.py` says; `dropout` as
+    `lora_dropout`.
 
     >>> lf.to_peft(params, "out/peft-adapter", model=model)
     >>> peft_model = peft.PeftModel.from_pretrained(model, "out/peft-adapter")
@@ -100,12 +113,21 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
     method = _method_for_variant(variant_for(params.config, caller="to_peft").name, "to_peft")
     if model is not None:
         check_model(model, params.targets, "to_peft")
+    for target in params.targets:
+        check_kind(method, target, "to_peft")
+    # Saved module copies are written as they are, whatever the method: the method sees the adapted targets only.
+    copies = {t.path: params[t.path] for t in params.targets if KINDS[t.kind].leaf_shapes is not None}
+    if copies:
+        adapted = {p: e for p, e in params.items() if p not in copies}
+        params = Params(adapted, params.config, variant_targets(params.targets))
     if method.export_as is not None:
         params = method.export_as(params)
         method = _method_for_variant(variant_for(params.config, caller="to_peft").name, "to_peft")
 
     cfg = params.config
-    paths = [t.path for t in params.targets]
+    targets = params.targets
+    by_path = {t.path: t for t in targets}
+    paths = [t.path for t in targets if t.kind != "experts"]  # modules; expert parameters go to `target_parameters`
     if "" in paths:
         raise ValueError("to_peft: the root module is a target, and PEFT cannot adapt the root of a model")
     tensors = {}
@@ -116,8 +138,15 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
                 continue  # made again from the base layer on import
             where = "the shared leaf" if path == SHARED else "leaf"
             raise ValueError(f"to_peft: {where} {path}.{leaf} has no PEFT name in the {method.variant!r} entry")
-        tensor = method.tensor_out(leaf, tensor.detach().to("cpu")).contiguous()
-        tensors[names[leaf] if path == SHARED else f"{KEY_PREFIX}{path}.{names[leaf]}"] = tensor
+        tensor = tensor.detach().to("cpu")
+        if path == SHARED:
+            tensors[names[leaf]] = method.tensor_out(leaf, tensor).contiguous()
+        else:
+            target = by_path[path]
+            tensors[tensor_key(method, target, leaf, targets)] = to_file(method, target, leaf, tensor).contiguous()
+    for path, entry in copies.items():
+        for leaf, tensor in entry.items():
+            tensors[f"{KEY_PREFIX}{path}.{leaf}"] = tensor.detach().to("cpu").contiguous()
 
     fields: dict[str, Any] = {
         "peft_type": method.peft_type,
@@ -125,7 +154,7 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
         "base_model_name_or_path": (getattr(model, "name_or_path", None) or None) if model is not None else None,
         "revision": None,
         "inference_mode": True,
-        "target_modules": target_modules_out(paths, model),
+        "target_modules": target_modules_out(paths, model) if paths else [],
         "exclude_modules": None,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -136,6 +165,13 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
     for name in method.absent:
         del fields[name]
     fields.update(method.fields_out(cfg, fields))
+    if "fan_in_fan_out" in fields:
+        fields["fan_in_fan_out"] = fan_in_fan_out(targets, "to_peft")
+    if any(t.kind == "experts" for t in targets):
+        fields["target_parameters"] = [t.path for t in targets if t.kind == "experts"]
+    if copies:
+        fields["modules_to_save"] = list(copies)
+    paths = [t.path for t in targets]  # rank and alpha patterns resolve on parameter targets too
     for names, value, pairs, pattern_name in (
         (method.rank_fields, cfg.r, cfg.rank_pattern, "rank_pattern"),
         (method.alpha_fields, cfg.alpha, cfg.alpha_pattern, "alpha_pattern"),
@@ -175,18 +211,34 @@ def config_from_peft(
     for the fields of an `adapter_config.json`; every field checked."""
     candidates = _candidates(fields, where)
     selection = peft_selection(model, fields, where)
-    if not selection:
-        raise ValueError(f"{where}: `target_modules`={json.dumps(fields['target_modules'])} selects no module")
+    parameters = peft_parameters(model, fields, where)
+    if not selection and not parameters:
+        raise ValueError(f"{where}: `target_modules`={json.dumps(fields.get('target_modules'))} selects no module")
     method = next(m for m in candidates if m.claims(fields, selection, where))
     check_fields(fields, method, where)
     modules = dict(model.named_modules())
     for path in selection:
-        if not is_linear_like(modules[path]):
-            kind = type(modules[path]).__name__
+        kind = module_kind(modules[path])
+        if kind is None or kind.name not in method.kinds:
+            found = f"a {kind.name} layer" if kind is not None else "no layer kind lora_func adapts"
             raise ValueError(
-                f"{where}: `target_modules` selects {path!r} ({kind}), which is not linear-like; "
-                "lora_func adapts modules with `in_features`, `out_features` and `weight` only"
+                f"{where}: `target_modules` selects {path!r} ({type(modules[path]).__name__}), {found}; lora_func "
+                f"reads PEFT's {method.peft_type} ({method.variant}) on {', '.join(method.kinds)} layers"
             )
+    if fields.get("target_parameters") and not parameters:
+        raise ValueError(
+            f"{where}: `target_parameters`={json.dumps(fields['target_parameters'])} matches no parameter of "
+            f"{type(model).__name__} (PEFT refuses it too)"
+        )
+    if parameters and "experts" not in method.kinds:
+        raise ValueError(f"{where}: `target_parameters` is set, and lora_func reads it for PEFT's LoRA only")
+    fan = fields.get("fan_in_fan_out", False)
+    if not isinstance(fan, bool):  # PEFT decides per layer (Conv1D or not), as lora_func's kinds do
+        raise ValueError(f"{where}: `fan_in_fan_out` must be true or false, got {json.dumps(fan)}")
+    saved = peft_saved(model, fields, where)
+    overlap = sorted(set(selection) & {p for p in modules if any(p == s or p.startswith(f"{s}.") for s in saved)})
+    if overlap:
+        raise ValueError(f"{where}: {overlap[0]!r} is both in `target_modules` and inside `modules_to_save`")
     kwargs: dict[str, Any] = {}
     for names, value, pattern in (
         (method.rank_fields, "r", "rank_pattern"),
@@ -198,17 +250,20 @@ def config_from_peft(
             kwargs[value] = number(fields[names[0]], f"`{names[0]}`", where, rank=value == "r")
             if names[1] is not None:
                 kwargs[pattern] = patterns_in(fields, names[1], where, rank=value == "r")
+    targeting = targeting_config(fields, model) if selection else {"target_names": ()}
     try:
         cfg = REGISTRY[method.variant].config(
             **kwargs,
-            **targeting_config(fields, model),
+            **targeting,
             **method.fields_in(fields, where),
+            target_parameters=tuple(parameters),
+            modules_to_save=tuple(saved),
         )
     except (TypeError, ValueError) as e:
         if str(e).startswith(where):
             raise
         raise ValueError(f"{where}: the config cannot be expressed in lora_func: {e}") from None
-    return method, _exact_targets(cfg, model, selection), selection
+    return method, _exact_targets(cfg, model, selection, parameters), selection
 
 
 def from_peft(directory: str | os.PathLike, model: nn.Module) -> Params:
@@ -217,15 +272,17 @@ def from_peft(directory: str | os.PathLike, model: nn.Module) -> Params:
     `lf.apply(model, params, batch)` then computes what PEFT's `PeftModel.from_pretrained(model, directory)`
     does. Validated as strictly as `lf.load`: JSON with a key twice or NaN, a required field
     missing (`r`, `lora_alpha`, `target_modules`) or of the wrong type, a config field lora_func cannot honour, a
-    module PEFT would adapt that is not linear-like, a key twice in the tensor header, missing or unexpected
+    module PEFT would adapt that lora_func does not, a key twice in the tensor header, missing or unexpected
     tensors, wrong shapes, NaN or infinite values: each an `lf.AdapterFileError` naming the file and the field,
     key or module. `model` is only read.
 
     The config's `target_names` select exactly the modules PEFT's `target_modules` (and `exclude_modules`,
-    `layers_to_transform`) select in `model`. `lora_dropout`/`module_dropout` are accepted and dropped: they do
-    nothing at inference, and lora_func has no adapter dropout. The leaves' dtype is the file's; they train
-    as after `lf.init`. Frozen leaves PEFT does not store (DoRA's ‖W_i‖², HRA's u0, VeRA's projections saved with
-    `save_projection=False`) are rebuilt as the module docstring says.
+    `layers_to_transform`) select in `model`, its `target_parameters` and `modules_to_save` exactly PEFT's.
+    `lora_dropout` becomes `dropout`; `module_dropout` (DeLoRA) is accepted and dropped (it does nothing at
+    inference). The leaves' dtype is the file's; they train as after `lf.init`. Frozen leaves PEFT does not store
+    (DoRA's ‖W_i‖², HRA's u0, VeRA's projections saved with `save_projection=False`) are rebuilt as the module
+    docstring says. A base embedding stored beside the adapter (PEFT's default `save_embedding_layers`) is read only
+    where it is bitwise the model's own.
 
     >>> params = lf.from_peft("peft-adapter/", model)
     """
@@ -246,81 +303,115 @@ def _from_peft(directory: str, model: nn.Module) -> Params:
     fields = read_config(directory)
     method, cfg, selection = config_from_peft(fields, model, where=where)
     variant = REGISTRY[method.variant]
+    found = tuple(find_targets(model, cfg, caller="from_peft"))
+    for target in found:
+        check_kind(method, target, where)
+    adapted = variant_targets(found)
     shared_stored = variant.create_shared is not None and method.shared_stored(fields)
 
     tensors = read_tensors(directory)
     where_weights = f"from_peft: {os.path.join(directory, WEIGHTS_NAME)!r}"
-    expected = {f"{KEY_PREFIX}{path}.{name}" for path in selection for name in method.keys.values()}
+    keys: dict[str, dict[str, str]] = {}  # target path -> leaf -> its key in the file
+    for target in found:
+        if KINDS[target.kind].leaf_shapes is not None:
+            keys[target.path] = {
+                leaf: f"{KEY_PREFIX}{target.path}.{leaf}" for leaf in leaf_shapes(variant, target, cfg)
+            }
+        else:
+            keys[target.path] = {leaf: tensor_key(method, target, leaf, found) for leaf in method.keys}
+    expected = {key for leaves in keys.values() for key in leaves.values()}
     if shared_stored:
         expected |= set(method.shared_keys.values())
+    _check_base_weights(tensors, found, model, where_weights)
     missing = sorted(expected - set(tensors))
     unexpected = sorted(set(tensors) - expected)
     if missing or unexpected:
-        raise AdapterFileError(f"{where_weights} has missing keys {missing[:5]} and unexpected keys {unexpected[:5]}")
+        raise ValueError(f"{where_weights} has missing keys {missing[:5]} and unexpected keys {unexpected[:5]}")
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        raise AdapterFileError(
-            f"{where_weights}: tensors must share one floating dtype, found {sorted(map(str, dtypes))}"
-        )
+        raise ValueError(f"{where_weights}: tensors must share one floating dtype, found {sorted(map(str, dtypes))}")
     cfg = dataclasses.replace(cfg, dtype=next(iter(dtypes)))
-    found = tuple(find_targets(model, cfg, caller="from_peft"))
-    try:
-        declared = declared_shapes(cfg, found, "from_peft")
-    except ValueError as e:  # a rank the model's layers cannot hold
-        raise AdapterFileError(f"{where}: {e}") from None
 
     entries: dict[str, dict[str, torch.Tensor]] = {}
+    by_path = {t.path: t for t in found}
     for target in found:
-        target_cfg = config_for(cfg, target.path)
-        shapes = declared[target.path]
-        rank = f"r={target_cfg.r}, " if method.rank_fields is not None else ""
+        site = site_for(model, target, cfg, "from_peft")
+        try:
+            shapes = leaf_shapes(variant, target, cfg)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        rank = f"r={site.config.r}, " if method.rank_fields is not None else ""
         leaves = {}
-        for leaf, name in method.keys.items():
-            key = f"{KEY_PREFIX}{target.path}.{name}"
-            tensor = method.tensor_in(leaf, tensors[key], shapes[leaf])
-            if tuple(tensor.shape) != shapes[leaf]:
-                stored = method.tensor_out(leaf, torch.empty(shapes[leaf], device="meta"))  # the PEFT layout
-                raise AdapterFileError(
+        for leaf, key in keys[target.path].items():
+            tensor = from_file(method, target, leaf, tensors[key], tuple(shapes[leaf]))
+            if tuple(tensor.shape) != tuple(shapes[leaf]):
+                raise ValueError(
                     f"{where_weights} key {key!r} has shape {tuple(tensors[key].shape)}, expected "
-                    f"{tuple(stored.shape)} ({rank}{target.d_in} -> {target.d_out})"
+                    f"{stored_layout(method, target, leaf, shapes[leaf])} ({rank}{target.d_in} -> {target.d_out})"
                 )
             leaves[leaf] = tensor
-        module = model.get_submodule(target.path)
-        if method.rebuild is not None:
+        if method.rebuild is not None and KINDS[target.kind].leaf_shapes is None:
             with torch.no_grad():
-                leaves.update(method.rebuild(module, target_cfg, leaves))
-        entries[target.path] = finish_leaves(variant, target.path, cfg, leaves, shapes, module.weight.device)
-    if variant.create_shared is not None:
-        shapes = declared[SHARED]
+                leaves.update(method.rebuild(site.base, site.config, leaves))
+        frozen = frozen_leaves(variant, target.path, by_path)
+        entries[target.path] = finish_leaves(variant, target.path, cfg, leaves, shapes, device_of(site.base), frozen)
+    if variant.create_shared is not None and adapted:
+        shapes = variant.shared_shapes(adapted, cfg)
         if shared_stored:
             leaves = {}
             for leaf, key in method.shared_keys.items():
-                tensor = method.tensor_in(leaf, tensors[key], shapes[leaf])
-                if tuple(tensor.shape) != shapes[leaf]:
-                    raise AdapterFileError(
+                tensor = method.tensor_in(leaf, tensors[key], tuple(shapes[leaf]))
+                if tuple(tensor.shape) != tuple(shapes[leaf]):
+                    raise ValueError(
                         f"{where_weights} key {key!r} has shape {tuple(tensors[key].shape)}, expected "
-                        f"{shapes[leaf]} (shared by all {len(found)} targets)"
+                        f"{tuple(shapes[leaf])} (shared by all {len(adapted)} targets)"
                     )
                 leaves[leaf] = tensor
         else:
-            leaves = variant.create_shared(found, cfg, Init(lambda: None, None))  # as `lf.init` draws them
-        device = model.get_submodule(found[0].path).weight.device  # shared leaves sit with the first target, as in init
+            leaves = variant.create_shared(adapted, cfg, Init(lambda: None, None))  # as `lf.init` draws them
+        device = device_of(locate(model, adapted[0], "from_peft"))  # shared leaves sit with the first target
         entries[SHARED] = finish_leaves(variant, SHARED, cfg, leaves, shapes, device)
     params = Params(entries, cfg, found)
     check(params, "from_peft", stacked=False, model=model)
     return params
 
 
-def _exact_targets(cfg: AdapterConfig, model: nn.Module, selection: list[str]) -> AdapterConfig:
-    """`cfg` if it selects exactly `selection` in `model`, else the same config with one exact-path regex."""
+def _check_base_weights(tensors: dict[str, torch.Tensor], found: tuple, model: nn.Module, where: str) -> None:
+    """PEFT's default save of a targeted embedding (`save_embedding_layers`) stores its base weight beside the
+    adapter. lora_func never writes base weights: read (and drop) it where it is the model's own, bitwise; refuse
+    it otherwise."""
+    for target in found:
+        key = base_weight_key(target)
+        if key is None or key not in tensors:
+            continue
+        own = locate(model, target, "from_peft").module.weight.detach()
+        stored = tensors.pop(key)
+        if stored.shape != own.shape or not torch.equal(stored.to(own.device, own.dtype), own):
+            raise ValueError(
+                f"{where} key {key!r} holds a base weight of {target.path!r} (PEFT's `save_embedding_layers`) that "
+                "differs from the model's: lora_func does not write base weights; load that weight into the model "
+                "first, or save the PEFT adapter with `save_embedding_layers=False`"
+            )
+
+
+def _exact_targets(
+    cfg: AdapterConfig, model: nn.Module, selection: list[str], parameters: list[str] = ()
+) -> AdapterConfig:
+    """`cfg` if it selects exactly `selection` (modules) and `parameters` in `model`, else the same config with
+    one exact-path regex and no other filter."""
+
+    def selects(config: AdapterConfig) -> bool:
+        found = find_targets(model, config, caller="from_peft")
+        modules = [t.path for t in found if t.kind not in ("experts", "saved")]
+        return modules == selection and [t.path for t in found if t.kind == "experts"] == list(parameters)
+
     try:
-        if [t.path for t in find_targets(model, cfg, caller="from_peft")] == selection:
+        if selects(cfg):
             return cfg
     except ValueError:
         pass
-    exact = dataclasses.replace(
-        cfg, target_names=(f"^(?:{exact_regex(selection)})$",), exclude_names=(), layers=None, target_roles=None
-    )
-    if [t.path for t in find_targets(model, exact, caller="from_peft")] != selection:
+    names = (f"^(?:{exact_regex(selection)})$",) if selection else ()
+    exact = dataclasses.replace(cfg, target_names=names, exclude_names=(), layers=None, target_roles=None)
+    if not selects(exact):
         raise RuntimeError(f"from_peft: internal error: no lora_func config selects exactly {selection[:3]}...")
     return exact

@@ -25,6 +25,10 @@ METADATA_INERT = ("inference_mode", "runtime_config")
 TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
 # Fields every method here requires at their default (REASONS says why).
 SHARED_REQUIRED = {"bias": "none", "modules_to_save": None}
+# Fields about layer kinds, read for every method by `from_peft` (see `_kinds.py`) and written by `to_peft` in place of
+# their defaults: `modules_to_save` (saved copies), `fan_in_fan_out` (PEFT's per-layer flag for transformers Conv1D),
+# `target_parameters` (fused experts, for methods that have them).
+KIND_FIELDS = ("modules_to_save", "fan_in_fan_out", "target_parameters")
 
 
 def read_config(directory: str) -> dict[str, Any]:
@@ -73,7 +77,7 @@ def number(value: Any, label: str, where: str, *, rank: bool) -> int | float:
 
 def check_fields(fields: Mapping[str, Any], method: PeftMethod, where: str) -> None:
     """Every field translated, inert, or at the only value lora_func can express; unknown ones must be unset."""
-    translated = {*(method.rank_fields or ()), *(method.alpha_fields or ()), *TARGETING, *method.handled}
+    translated = {*(method.rank_fields or ()), *(method.alpha_fields or ()), *TARGETING, *KIND_FIELDS, *method.handled}
     translated = translated - {None} - set(method.absent)
     required = {k: v for k, v in SHARED_REQUIRED.items() if k not in method.absent} | dict(method.required)
     for name, value in fields.items():

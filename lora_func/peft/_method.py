@@ -8,22 +8,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from .._config import AdapterConfig
+from .._kind import BaseLayer
 from .._params import Params
 from .._variant import Leaves
 
 # Why a PEFT field lora_func cannot honour is refused (at any value but its default).
 REASONS = {
     "bias": "lora_func adapters hold no bias terms",
-    "modules_to_save": "lora_func adapts linear layers only; it neither trains nor stores whole modules",
-    "fan_in_fan_out": "transposed (Conv1D-style) weights are not linear-like targets",
     "use_dora": "lora_func reads DoRA with a plain LoRA init only (its PiSSA and DoRA are separate variants)",
     "apply_GS": "lora_func's HRA does not offer Gram-Schmidt (R = I − 2QQᵀ is never the identity at init)",
     "lora_bias": "lora_func adapters hold no bias terms",
     "layer_replication": "lora_func does not duplicate layers",
-    "target_parameters": "lora_func adapts modules, not bare parameters",
     "trainable_token_indices": "lora_func does not train embedding rows",
     "ensure_weight_tying": "lora_func does not tie adapters across modules",
     "init_lora_weights": "that initialisation rewrites the base weights, which the checkpoint does not hold; "
@@ -61,6 +58,9 @@ class PeftMethod:
     shared_keys: leaf of the shared entry (`SHARED`) -> its full PEFT tensor key (VeRA: "A" -> "base_model.vera_A").
     shared_stored(fields): whether an imported file holds the shared leaves; where not, they are made as `lf.init`
         makes them (the variant's `create_shared`).
+    kinds: the layer kinds (`lora_func/kinds/`) PEFT's method adapts as lora_func's variant does (`_kinds.py`).
+    rebuild receives the target's read-only base-layer view (`lora_func._kind.BaseLayer`): `base.weight()` is the
+        dense weight in the kind's layout.
     """
 
     variant: str
@@ -76,11 +76,12 @@ class PeftMethod:
     handled: tuple[str, ...] = ()
     claims: Callable[[Mapping[str, Any], list[str], str], bool] = lambda fields, paths, where: True
     export_as: Callable[[Params], Params] | None = None
-    rebuild: Callable[[nn.Module, AdapterConfig, Leaves], Leaves] | None = None
+    rebuild: Callable[[BaseLayer, AdapterConfig, Leaves], Leaves] | None = None
     tensor_out: Callable[[str, torch.Tensor], torch.Tensor] = lambda leaf, tensor: tensor
     tensor_in: Callable[[str, torch.Tensor, tuple[int, ...]], torch.Tensor] = lambda leaf, tensor, shape: tensor
     shared_keys: Mapping[str, str] = field(default_factory=dict)
     shared_stored: Callable[[Mapping[str, Any]], bool] = lambda fields: True
+    kinds: tuple[str, ...] = ("linear",)
 
 
 def refuse(where: str, name: str, value: Any, why: str) -> None:

@@ -50,6 +50,8 @@ def peft_selection(model: nn.Module, fields: Mapping[str, Any], where: str) -> l
     exclude = fields.get("exclude_modules")
     layers = fields.get("layers_to_transform")
     layers_pattern = fields.get("layers_pattern")
+    if target_modules is None and fields.get("target_parameters"):
+        return []  # PEFT adapts the parameters alone
     if target_modules is None:
         raise ValueError(f"{where}: `target_modules` is null; lora_func needs the adapted modules named")
     if not _names_or_regex(target_modules, "target_modules", where):
@@ -105,6 +107,36 @@ def _names_or_regex(value: Any, name: str, where: str, *, regexes: bool = False)
         except re.error as e:
             raise ValueError(f"{where}: `{name}`={json.dumps(pattern)} is not a regex: {e}") from None
     return True
+
+
+def peft_parameters(model: nn.Module, fields: Mapping[str, Any], where: str) -> list[str]:
+    """The parameters PEFT's `target_parameters` selects (`BaseTuner._inject_parameters`): a module's own parameter
+    whose name is one of them or ends with "." + one, in `named_modules` order."""
+    names = fields.get("target_parameters") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{where}: `target_parameters` must be a list of parameter names")
+    selected = []
+    for path, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            key = f"{path}.{name}" if path else name
+            if key in names or any(key.endswith(f".{n}") for n in names):
+                selected.append(key)
+    return selected
+
+
+def peft_saved(model: nn.Module, fields: Mapping[str, Any], where: str) -> list[str]:
+    """The modules PEFT's `modules_to_save` wraps (`_set_trainable`: a path ending with one of the names, no dot
+    boundary), outermost only; names that match nothing are ignored, as PEFT ignores them (a SEQ_CLS config lists
+    both "classifier" and "score")."""
+    names = fields.get("modules_to_save") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{where}: `modules_to_save` must be a list of module names")
+    selected: list[str] = []
+    for path, _ in model.named_modules():
+        inside = any(path.startswith(f"{s}.") for s in selected)
+        if path and not inside and any(path.endswith(n) for n in names):
+            selected.append(path)
+    return selected
 
 
 def alternation(items: list[str]) -> str:

@@ -9,10 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import nn
-
-from .._base import dense_weight
 from .._config import AdapterConfig
+from .._kind import BaseLayer
 from .._variant import Leaves
 from ..variants import dora as dora_variant
 from . import lora, pissa
@@ -25,8 +23,8 @@ def is_dora(fields: Mapping[str, Any], paths: list[str], where: str) -> bool:
     return fields.get("use_dora") is True and not pissa.is_pissa(fields, paths, where)
 
 
-def rebuild(module: nn.Module, cfg: AdapterConfig, leaves: Leaves) -> Leaves:
-    return {"weight_sq_norm": dora_variant.squared_row_norms(dense_weight(module))}
+def rebuild(base: BaseLayer, cfg: AdapterConfig, leaves: Leaves) -> Leaves:
+    return {"weight_sq_norm": dora_variant.squared_row_norms(base.weight())}
 
 
 METHOD = PeftMethod(
@@ -40,4 +38,5 @@ METHOD = PeftMethod(
     handled=lora.HANDLED,
     claims=is_dora,
     rebuild=rebuild,
+    kinds=("linear", "conv1d", "conv"),
 )

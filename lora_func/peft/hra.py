@@ -8,9 +8,9 @@ rebuilds u0 from u's even columns, each twice: PEFT's symmetric init, and u itse
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .._config import AdapterConfig
+from .._kind import BaseLayer
 from .._params import Params
 from .._variant import Leaves
 from ._method import PeftMethod
@@ -31,7 +31,7 @@ def checked(params: Params) -> Params:
     return params
 
 
-def rebuild(module: nn.Module, cfg: AdapterConfig, leaves: Leaves) -> Leaves:
+def rebuild(base: BaseLayer, cfg: AdapterConfig, leaves: Leaves) -> Leaves:
     return {"u0": paired(leaves["u"])}
 
 

@@ -100,6 +100,7 @@ def method(variant: str, *, on_input: bool) -> PeftMethod:
         claims=claims(on_input),
         tensor_out=tensor_out,
         tensor_in=tensor_in,
+        kinds=("linear", "conv1d", "conv"),
     )
 
 

@@ -16,10 +16,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
-from .._base import dense_weight
 from .._config import AdapterConfig
+from .._kind import BaseLayer
 from .._params import Params
 from .._variant import Leaves
 from ..variants import pissa as pissa_variant
@@ -41,12 +40,12 @@ def fields_in(fields: Mapping[str, Any], where: str) -> dict[str, Any]:
         if match is None:
             refuse(where, "init_lora_weights", init, "PiSSA inits are 'pissa' and 'pissa_niter_<n>'")
         niter = int(match.group(1))
-    return {"use_rslora": flag(fields, "use_rslora", where), "niter": niter}
+    return {"use_rslora": flag(fields, "use_rslora", where), "niter": niter, "dropout": lora.dropout_in(fields, where)}
 
 
-def rebuild(module: nn.Module, cfg: AdapterConfig, leaves: Leaves) -> Leaves:
+def rebuild(base: BaseLayer, cfg: AdapterConfig, leaves: Leaves) -> Leaves:
     # PEFT's `pissa_init` on the original weight, as PEFT runs it again when it loads the checkpoint.
-    A0, B0 = pissa_variant.principal_factors(dense_weight(module), cfg)
+    A0, B0 = pissa_variant.principal_factors(base.weight(), cfg)
     return {"A0": A0, "B0": B0}
 
 
@@ -65,6 +64,8 @@ def as_lora(params: Params) -> Params:
         rank_pattern=tuple((p, 2 * r) for p, r in cfg.rank_pattern),
         alpha_pattern=tuple((p, a * factor) for p, a in cfg.alpha_pattern),
         use_rslora=cfg.use_rslora,
+        dropout=cfg.dropout,
+        modules_to_save=cfg.modules_to_save,
     )
     entries = {}
     for path, leaves in params.items():
@@ -85,4 +86,5 @@ METHOD = PeftMethod(
     claims=is_pissa,
     export_as=as_lora,
     rebuild=rebuild,
+    kinds=("linear", "conv1d"),
 )

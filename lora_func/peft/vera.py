@@ -30,6 +30,7 @@ METHOD = PeftMethod(
     rank_fields=("r", None),
     alpha_fields=None,
     required={"fan_in_fan_out": False},
+    kinds=("linear", "conv1d"),
     inert={"vera_dropout": 0.0, "init_weights": True},  # training-only dropout; init-time only
     absent=("exclude_modules",),
     fields_out=fields_out,

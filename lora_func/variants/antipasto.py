@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from .._config import AdapterConfig
-from .._targets import Target
-from .._variant import Init, InputStats, Leaves, Site, Variant, require_rank
+from .._kind import Target
+from .._variant import LINEAR_LIKE, Init, InputStats, Leaves, Site, Variant, require_rank
 from . import ssvd
 
 
@@ -125,4 +125,5 @@ VARIANT = Variant(
     merge=merge,
     frozen=("U", "S", "Vh"),
     calibrated=True,
+    kinds=LINEAR_LIKE,
 )

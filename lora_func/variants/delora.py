@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .._config import AdapterConfig
-from .._variant import Init, Leaves, Site, Variant
+from .._variant import LINEAR_LIKE, Init, Leaves, Site, Variant
 from . import lora
 
 
@@ -77,4 +77,5 @@ VARIANT = Variant(
     forward=forward,
     merge=merge,
     frozen=("w_norm",),
+    kinds=LINEAR_LIKE,
 )

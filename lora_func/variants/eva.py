@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from .._config import AdapterConfig, config_for
-from .._targets import Target
-from .._variant import Init, InputStats, Leaves, Variant
+from .._kind import Target
+from .._variant import LINEAR_LIKE, Init, InputStats, Leaves, Variant
 from . import lora
 
 
@@ -44,12 +44,14 @@ class EVAConfig(AdapterConfig):
 
     rho: >= 1; a target may take up to round(rho·r) components in the redistribution (1: none).
     whiten: divide A's row i by λ_i^¼ (PEFT's `whiten`). center: PCA of centred inputs (PEFT), or not.
+    dropout: PEFT's `lora_dropout`, as for LoRA.
     Needs `calibration_data` at `init`, which returns the redistributed ranks in the config (see module doc).
     """
 
     rho: float = 2.0
     whiten: bool = False
     center: bool = True
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -134,4 +136,5 @@ VARIANT = Variant(
     merge=lora.merge,
     calibrated=True,
     allocate=allocate,
+    kinds=LINEAR_LIKE,
 )

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from .._config import AdapterConfig
-from .._variant import Init, Leaves, Site, Variant
-from . import lora
+from .._variant import LINEAR_LIKE, Init, Leaves, Site, Variant
+from ..kinds.linear import low_rank
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def update_factors(leaves: Leaves, dtype: torch.dtype) -> tuple[torch.Tensor, to
 def forward_input(x: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
     # At least float32: the triangular solve has no bf16/fp16 kernel on CPU, and the factors stay exact zeros at init.
     A, B = update_factors(leaves, torch.promote_types(leaves["u"].dtype, torch.float32))
-    return x - lora.low_rank(x, A, B, 1.0)
+    return x - low_rank(x, A, B, 1.0)
 
 
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
@@ -97,4 +97,5 @@ VARIANT = Variant(
     forward_input=forward_input,
     merge=merge,
     frozen=("u0",),
+    kinds=LINEAR_LIKE,
 )

@@ -2,8 +2,9 @@
 
     y' = l ⊙ y = l ⊙ (x Wᵀ + b),     W' = diag(l) W,  b' = l ⊙ b       (l: (d_out,))
 
-The bias is scaled too, as in PEFT. `r` and `alpha` are unused. Identity at init: l = 1.
-Liu et al. 2022, arXiv 2205.05638. Reference: peft/tuners/ia3/layer.py (`Linear`, `is_feedforward=False`).
+The bias is scaled too, as in PEFT. On a convolution l scales output channels (PEFT's (1, C, 1, ...)).
+`r` and `alpha` are unused. Identity at init: l = 1.
+Liu et al. 2022, arXiv 2205.05638. Reference: peft/tuners/ia3/layer.py (`Linear`, `Conv2d`, `is_feedforward=False`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .._config import AdapterConfig
-from .._variant import Init, Leaves, Site, Variant
+from .._variant import LINEAR_LIKE, Init, Leaves, Site, Variant
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ def create(target, cfg: IA3Config, init: Init) -> Leaves:
 
 
 def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
-    return y * leaves["l"].to(y.dtype)
+    return y * site.base.features(leaves["l"].to(y.dtype))
 
 
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
@@ -39,4 +40,12 @@ def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
     return gain[:, None] * weight, None if bias is None else gain * bias
 
 
-VARIANT = Variant(name="ia3", config=IA3Config, shapes=shapes, create=create, forward=forward, merge=merge)
+VARIANT = Variant(
+    name="ia3",
+    config=IA3Config,
+    shapes=shapes,
+    create=create,
+    forward=forward,
+    merge=merge,
+    kinds=(*LINEAR_LIKE, "conv"),
+)

@@ -4,7 +4,9 @@
 
 An input transform, so it runs before any base layer, bitsandbytes included. The paper puts this gain
 on the feed-forward block's inner activation, i.e. on the input of the down projection; select that with
-`target_names` (e.g. `(r"down_proj$",)`). `r` and `alpha` are unused. Identity at init: l = 1.
+`target_names` (e.g. `(r"down_proj$",)`). On a convolution l scales input channels (PEFT's (1, C, 1, ...));
+merged, output channel o's kernel scales by the gains of its group's input channels. `r` and `alpha` are
+unused. Identity at init: l = 1.
 Liu et al. 2022, arXiv 2205.05638. Reference: peft/tuners/ia3/layer.py (`Linear`, `is_feedforward=True`).
 """
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .._config import AdapterConfig
-from .._variant import Init, Leaves, Site, Variant
+from .._variant import LINEAR_LIKE, Init, Leaves, Site, Variant
 
 
 @dataclass(frozen=True)
@@ -33,13 +35,19 @@ def create(target, cfg: IA3FFConfig, init: Init) -> Leaves:
 
 
 def forward_input(x: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
-    return x * leaves["l"].to(x.dtype)
+    return x * site.base.features(leaves["l"].to(x.dtype))
 
 
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
-    return weight * leaves["l"].to(weight.dtype)[None, :], bias
+    return weight * site.base.input_gain(leaves["l"].to(weight.dtype)), bias
 
 
 VARIANT = Variant(
-    name="ia3ff", config=IA3FFConfig, shapes=shapes, create=create, forward_input=forward_input, merge=merge
+    name="ia3ff",
+    config=IA3FFConfig,
+    shapes=shapes,
+    create=create,
+    forward_input=forward_input,
+    merge=merge,
+    kinds=(*LINEAR_LIKE, "conv"),
 )

@@ -15,16 +15,19 @@ from dataclasses import dataclass
 import torch
 
 from .._config import AdapterConfig
-from .._variant import Init, Leaves, Site, Variant
+from .._variant import LINEAR_LIKE, Init, Leaves, Site, Variant
+from ..kinds.linear import low_rank
 from . import lora
 
 
 @dataclass(frozen=True)
 class PiSSAConfig(AdapterConfig):
-    """PiSSA. `niter=None`: exact SVD; an int: `torch.svd_lowrank` with that many subspace iterations."""
+    """PiSSA. `niter=None`: exact SVD; an int: `torch.svd_lowrank` with that many subspace iterations.
+    `dropout`: PEFT's `lora_dropout`."""
 
     niter: int | None = None
     use_rslora: bool = False
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,7 +69,7 @@ def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> tor
     # B A − B0 A0 = B (A − A0) + (B − B0) A0: one rank-2r product, and exactly zero while A = A0, B = B0.
     A = torch.cat([leaves["A"] - leaves["A0"], leaves["A0"]])
     B = torch.cat([leaves["B"], leaves["B"] - leaves["B0"]], dim=1)
-    return y + lora.low_rank(x, A, B, lora.scale(site.config)).to(y.dtype)
+    return y + low_rank(lora.input_dropout(x, site), A, B, lora.scale(site.config)).to(y.dtype)
 
 
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
@@ -82,4 +85,5 @@ VARIANT = Variant(
     forward=forward,
     merge=merge,
     frozen=("A0", "B0"),
+    kinds=LINEAR_LIKE,
 )

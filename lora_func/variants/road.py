@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from .._config import AdapterConfig
-from .._targets import Target
-from .._variant import Init, Leaves, Site, Variant
+from .._kind import Target
+from .._variant import LINEAR_LIKE, Init, Leaves, Site, Variant
 
 VARIANTS = {"road_1": 1, "road_2": 2, "road_4": 4}  # name -> leaf size in units of d_out / 2
 
@@ -116,4 +116,12 @@ def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
     return new_weight, None if bias is None else _apply_road(bias, f, site)
 
 
-VARIANT = Variant(name="road", config=ROADConfig, shapes=shapes, create=create, forward=forward, merge=merge)
+VARIANT = Variant(
+    name="road",
+    config=ROADConfig,
+    shapes=shapes,
+    create=create,
+    forward=forward,
+    merge=merge,
+    kinds=LINEAR_LIKE,
+)

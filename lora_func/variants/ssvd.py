@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .._config import AdapterConfig
-from .._targets import Target
-from .._variant import Init, Leaves, Site, Variant, require_rank
+from .._kind import Target
+from .._variant import LINEAR_LIKE, Init, Leaves, Site, Variant, require_rank
 
 
 @dataclass(frozen=True)
@@ -119,4 +119,5 @@ VARIANT = Variant(
     forward=forward,
     merge=merge,
     frozen=("U", "S", "Vh"),
+    kinds=LINEAR_LIKE,
 )

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from .._config import AdapterConfig
-from .._targets import Target
-from .._variant import Init, Leaves, Site, Variant
-from . import lora
+from .._kind import Target
+from .._variant import LINEAR_LIKE, Init, Leaves, Site, Variant
+from ..kinds.linear import low_rank
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def factors(leaves: Leaves, site: Site) -> tuple[torch.Tensor, torch.Tensor]:
 
 def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
     A, B = factors(leaves, site)
-    return y + lora.low_rank(x, A, B, 1.0).to(y.dtype)
+    return y + low_rank(x, A, B, 1.0).to(y.dtype)
 
 
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
@@ -90,4 +90,5 @@ VARIANT = Variant(
     frozen=("A", "B"),
     shared_shapes=shared_shapes,
     create_shared=create_shared,
+    kinds=LINEAR_LIKE,
 )

@@ -1,0 +1,288 @@
+"""Linear layers: `nn.Linear`, bitsandbytes `Linear4bit` / `Linear8bitLt`, and any module with `in_features`,
+`out_features` and a `weight` (so quantized layers need no class of their own).
+
+    y = x Wᵀ + b,   W: (d_out, d_in)        LoRA: y + s · (x Aᵀ) Bᵀ,  A: (r, d_in),  B: (d_out, r)
+
+Targeted by default. The weight is read dequantized (float32) for bitsandbytes layers; their forward runs
+through `QuantizedLinear` under torch.func. Reference: peft/tuners/lora/layer.py (`Linear`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._kind import BaseLayer, Kind, Target
+from .._variant import require_rank
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """A module with `in_features`, `out_features` and a `weight` (nn.Linear, bnb Linear4bit/8bitLt, ...)."""
+    return (
+        isinstance(getattr(module, "in_features", None), int)
+        and isinstance(getattr(module, "out_features", None), int)
+        and getattr(module, "weight", None) is not None
+    )
+
+
+def quantization(module: nn.Module) -> str | None:
+    """ "4bit", "8bit" or None for a float weight."""
+    weight = module.weight
+    if getattr(weight, "quant_state", None) is not None or type(weight).__name__ == "Params4bit":
+        return "4bit"
+    if weight.dtype == torch.int8:
+        return "8bit"
+    return None
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The base weight as a float32 `(d_out, d_in)` tensor, dequantized for bitsandbytes layers. Read-only:
+    for a float32 base it is the weight's own storage."""
+    weight = module.weight
+    kind = quantization(module)
+    with torch.no_grad():
+        if kind == "4bit":
+            import bitsandbytes.functional as bnbf
+
+            if weight.quant_state is None:
+                raise ValueError(f"{type(module).__name__} weight is not quantized yet (no `quant_state`)")
+            dense = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        elif kind == "8bit":
+            scale = getattr(weight, "SCB", None)
+            if scale is None:
+                scale = getattr(getattr(module, "state", None), "SCB", None)
+            if scale is None:
+                raise ValueError(f"{type(module).__name__} int8 weight has no `SCB` scale")
+            dense = weight.data.float() * (scale.float().unsqueeze(1) / 127.0)
+        else:
+            dense = weight.detach()
+        return dense.to(torch.float32).reshape(module.out_features, module.in_features)
+
+
+def base_bias(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return None if bias is None else bias.detach()
+
+
+class QuantizedLinear(torch.autograd.Function):
+    """A bnb layer's own forward, with an input-gradient backward that torch.func can transform.
+
+    bnb's autograd.Functions use the old `forward(ctx, ...)` style, which torch.func rejects, and
+    its kernels have no vmap rule. Here the forward runs bnb's inference path (grad is off inside),
+    the backward multiplies by the dequantized weight (what bnb's own backward does), and under
+    vmap the vmapped axis is folded into the batch so the base matmul runs once.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        return type(module).forward(module, x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.module = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ dense_weight(ctx.module).to(grad.dtype), None
+
+    @staticmethod
+    def vmap(info, in_dims, x: torch.Tensor, module: nn.Module):
+        if in_dims[0] is None:
+            return QuantizedLinear.apply(x, module), None
+        x = x.movedim(in_dims[0], 0)
+        y = QuantizedLinear.apply(x.reshape(-1, x.shape[-1]), module)
+        return y.reshape(*x.shape[:-1], y.shape[-1]), 0
+
+
+# ---- LoRA's product on features-last layers: shared with transformers' Conv1D -----------------------------------
+
+
+def _low_rank_forward(x, A, B, s: float, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y + s · (x Aᵀ) Bᵀ, h = s · x Aᵀ as (n, r)); y may be None."""
+    x2 = x.reshape(-1, x.shape[-1])  # (n, d_in)
+    h = (A @ x2.t()).t() * s  # (n, r), as A xᵀ: (r, d_in)·(d_in, n)
+    out = h @ B.t() if y is None else torch.addmm(y.reshape(-1, y.shape[-1]), h, B.t())  # (n, d_out)
+    return out.view(*x.shape[:-1], B.shape[0]), h
+
+
+class LowRank(torch.autograd.Function):
+    """y + s · (x Aᵀ) Bᵀ (y optional), with a hand-written backward in the layouts BLAS is fast at.
+
+    Autograd's backward of `F.linear(h, B)` forms g B and gᵀ h as (n × d_out)·(d_out × r) and
+    (d_out × n)·(n × r) products, a layout in which MKL's CPU GEMM is about 4× slower for r ≪ d than
+    the same products transposed, (r × d_out)·(d_out × n) and (r × n)·(n × d_out). Here the r-side
+    is computed as r × n throughout, and y is added inside the second GEMM (addmm).
+    Saved: x, A, B and the small h = s x Aᵀ (n × r). When backward itself is differentiated
+    (create_graph, torch.func), h is recomputed from x and A so second derivatives stay exact.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, A, B, s: float, y):
+        return _low_rank_forward(x, A, B, s, y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, A, B, s, y = inputs
+        ctx.save_for_backward(x, A, B, output[1])
+        ctx.save_for_forward(x, A, B)
+        ctx.s, ctx.has_y = s, y is not None
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, g, _):
+        x, A, B, h = ctx.saved_tensors
+        if g is None:
+            return None, None, None, None, None
+        s = ctx.s
+        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # (n, d_in), (n, d_out)
+        if torch.is_grad_enabled():
+            h = (A @ x2.t()).t() * s  # differentiable, for double backward
+        gh = (B.t() @ g2.t()) * s  # (r, n): ∂/∂h, transposed
+        dx = (gh.t() @ A).view(x.shape) if ctx.needs_input_grad[0] else None  # (..., d_in)
+        dA = gh @ x2 if ctx.needs_input_grad[1] else None  # (r, d_in)
+        dB = (h.t() @ g2).t() if ctx.needs_input_grad[2] else None  # (d_out, r)
+        return dx, dA, dB, None, (g if ctx.has_y else None)
+
+    @staticmethod
+    def jvp(ctx, dx, dA, dB, _, dy):
+        # Forward mode (torch.func.jvp, jacfwd): the product rule.
+        x, A, B = ctx.saved_tensors
+        h = F.linear(x, A)  # (..., r)
+        dh = F.linear(x, torch.zeros_like(A) if dA is None else dA)
+        if dx is not None:
+            dh = dh + F.linear(dx, A)
+        out = F.linear(dh, B)
+        if dB is not None:
+            out = out + F.linear(h, dB)
+        out = out * ctx.s
+        return (out if dy is None else out + dy), None
+
+
+def _add_low_rank(x, A, B, s: float, y) -> torch.Tensor:
+    A, B = A.to(x.dtype), B.to(x.dtype)
+    if torch.compiler.is_compiling():  # dynamo cannot trace a Function with a custom jvp; inductor fuses anyway
+        return _low_rank_forward(x, A, B, s, y)[0]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, y)):
+        return LowRank.apply(x, A, B, s, y)[0]
+    return _low_rank_forward(x, A, B, s, y)[0]  # nothing to differentiate: skip autograd.Function's overhead
+
+
+def low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """s · (x Aᵀ) Bᵀ, computed in x's dtype; the scale is applied on the (…, r) side where it is cheapest."""
+    return _add_low_rank(x, A, B, s, None)
+
+
+def add_low_rank(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """y + s · (x Aᵀ) Bᵀ, the add fused into the matmul (addmm) where y has x's dtype."""
+    if y.dtype != x.dtype:
+        return y + low_rank(x, A, B, s).to(y.dtype)
+    return _add_low_rank(x, A, B, s, y)
+
+
+# ---- the kind's functions: features-last layers (also used by conv1d.py) ----------------------------------------
+
+
+def low_rank_shapes(target: Target, cfg) -> dict[str, tuple[int, ...]]:
+    require_rank(target, cfg)
+    return {"A": (cfg.r, target.d_in), "B": (target.d_out, cfg.r)}
+
+
+def init_low_rank(target: Target, cfg, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """A kaiming-uniform (as nn.Linear's weight, PEFT's default), B = 0."""
+    shapes = low_rank_shapes(target, cfg)
+    A = torch.empty(shapes["A"])
+    torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+    return {"A": A, "B": torch.zeros(shapes["B"])}
+
+
+def features_last_low_rank(base: BaseLayer, x, A, B, s: float, y):
+    return low_rank(x, A, B, s) if y is None else add_low_rank(y, x, A, B, s)
+
+
+def matrix_delta(base: BaseLayer, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    return B @ A
+
+
+def features_last(base: BaseLayer, v: torch.Tensor) -> torch.Tensor:
+    return v
+
+
+def column_gain(base: BaseLayer, l: torch.Tensor) -> torch.Tensor:  # noqa: E741 (IA3's name)
+    return l[None, :]
+
+
+def project(base: BaseLayer, rows: torch.Tensor) -> torch.Tensor:
+    """rows Wᵀ through the layer's own kernel (a bnb layer is not dequantized), minus its bias."""
+    out = base(rows)
+    bias = base.bias
+    return out if bias is None else out - bias.to(out.dtype)
+
+
+# ---- linear ------------------------------------------------------------------------------------------------------
+
+
+def describe(path: str, module: nn.Module, roles) -> Target:
+    d_in, d_out = module.in_features, module.out_features
+    return Target(path, d_in, d_out, roles(d_in, d_out), "linear", type(module).__name__)
+
+
+def check(module: nn.Module, target: Target) -> str | None:
+    if not is_linear_like(module):
+        return f"is a {type(module).__name__}, not a linear layer"
+    if (module.in_features, module.out_features) != (target.d_in, target.d_out):
+        shape, held = f"{module.in_features} -> {module.out_features}", f"{target.d_in} -> {target.d_out}"
+        return f"is {shape} in the model, the adapter holds {held}"
+    return None
+
+
+def weight(base: BaseLayer) -> torch.Tensor:
+    return dense_weight(base.module)
+
+
+def bias(base: BaseLayer) -> torch.Tensor | None:
+    return base_bias(base.module)
+
+
+def forward(base: BaseLayer, x: torch.Tensor) -> torch.Tensor:
+    module = base.module
+    if quantization(module) is not None:
+        return QuantizedLinear.apply(x, module)
+    if type(module).forward is nn.Linear.forward:
+        return F.linear(x, module.weight.detach(), base_bias(module))
+    return type(module).forward(module, x)  # another linear-like module: its own forward, hooks bypassed
+
+
+def state(base: BaseLayer, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """A merged weight as the module's own: float32 for a bnb layer (it cannot hold a float weight), else its dtype."""
+    module = base.module
+    dtype = torch.float32 if quantization(module) else module.weight.dtype
+    out = {"weight": weight.to(dtype)}
+    if bias is not None:
+        out["bias"] = bias.to(dtype)
+    return out
+
+
+KIND = Kind(
+    name="linear",
+    recognise=is_linear_like,
+    describe=describe,
+    check=check,
+    weight=weight,
+    bias=bias,
+    forward=forward,
+    project=project,
+    state=state,
+    low_rank_shapes=low_rank_shapes,
+    init_low_rank=init_low_rank,
+    low_rank=features_last_low_rank,
+    low_rank_delta=matrix_delta,
+    features=features_last,
+    input_gain=column_gain,
+    by_default=True,
+)
