@@ -33,6 +33,7 @@ from torch import nn
 import lora_func as lf
 from lora_func import _config
 from lora_func._serialize import checksum
+from lora_func.kinds import target_to_json
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 STATS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -232,7 +233,7 @@ def test_load_of_random_json_in_the_metadata_refuses_or_loads_what_it_states(ada
     # Loaded as exactly what the file states: variant, every config field, every target, the tensors.
     assert metadata["variant"] == name
     assert same(json.loads(metadata["config"]), json.loads(_config.config_to_json(loaded.config)))
-    assert same(json.loads(metadata["targets"]), [t.__dict__ | {"roles": list(t.roles)} for t in loaded.targets])
+    assert same(json.loads(metadata["targets"]), [target_to_json(t) for t in loaded.targets])
     for p, leaf, t in loaded.leaves():
         assert torch.equal(t, tensors[f"{p}.{leaf}"])
     if not sealed:
