@@ -164,25 +164,39 @@ class LowRank(torch.autograd.Function):
         return (out if dy is None else out + dy), None
 
 
-def _add_low_rank(x, A, B, s: float, y) -> torch.Tensor:
-    A, B = A.to(x.dtype), B.to(x.dtype)
+def _add_low_rank(x, A, B, s: float, y, inference: bool = False) -> torch.Tensor:
+    """y + s · (x Aᵀ) Bᵀ. `inference` (an eval-mode layer, grad off): the fewest ops, ordered as PEFT orders them,
+    y + (x Aᵀ Bᵀ) s; where kernels are small (decoding; a GPU) these launches are the adapter's whole cost per
+    target and call. A training-mode layer always takes the ops of its training path, with grad on or off: under
+    reentrant gradient checkpointing its forward runs without grad, and the recompute must match it bitwise."""
+    if A.dtype != x.dtype:
+        A, B = A.to(x.dtype), B.to(x.dtype)
+    if inference and not torch.is_grad_enabled():
+        z = F.linear(F.linear(x, A), B)
+        return z * s if y is None else torch.add(y, z, alpha=s)
     if torch.compiler.is_compiling():  # dynamo cannot trace a Function with a custom jvp; inductor fuses anyway
         return _low_rank_forward(x, A, B, s, y)[0]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, y)):
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or _requires_grad(y)):
         return LowRank.apply(x, A, B, s, y)[0]
     return _low_rank_forward(x, A, B, s, y)[0]  # nothing to differentiate: skip autograd.Function's overhead
 
 
-def low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+def _requires_grad(y: torch.Tensor | None) -> bool:
+    return y is not None and y.requires_grad
+
+
+def low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, inference: bool = False) -> torch.Tensor:
     """s · (x Aᵀ) Bᵀ, computed in x's dtype; the scale is applied on the (…, r) side where it is cheapest."""
-    return _add_low_rank(x, A, B, s, None)
+    return _add_low_rank(x, A, B, s, None, inference)
 
 
-def add_low_rank(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+def add_low_rank(
+    y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, inference: bool = False
+) -> torch.Tensor:
     """y + s · (x Aᵀ) Bᵀ, the add fused into the matmul (addmm) where y has x's dtype."""
     if y.dtype != x.dtype:
-        return y + low_rank(x, A, B, s).to(y.dtype)
-    return _add_low_rank(x, A, B, s, y)
+        return y + low_rank(x, A, B, s, inference).to(y.dtype)
+    return _add_low_rank(x, A, B, s, y, inference)
 
 
 # ---- the kind's functions: features-last layers (also used by conv1d.py) ----------------------------------------
@@ -202,7 +216,8 @@ def init_low_rank(target: Target, cfg, generator: torch.Generator | None) -> dic
 
 
 def features_last_low_rank(base: BaseLayer, x, A, B, s: float, y):
-    return low_rank(x, A, B, s) if y is None else add_low_rank(y, x, A, B, s)
+    inference = not base.module.training
+    return low_rank(x, A, B, s, inference) if y is None else add_low_rank(y, x, A, B, s, inference)
 
 
 def matrix_delta(base: BaseLayer, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
