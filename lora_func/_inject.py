@@ -486,6 +486,7 @@ class Injection:
         self.bindings: dict[nn.Module, tuple[Callable, dict, Site]] = {}
         self.parameter_bindings: dict[nn.Module, list[tuple[Callable, dict, Site]]] = {}  # `form_of`: "parameters"
         form = "input" if self.input_form else "output"
+        batched = {"forward_rows": variant.forward_rows} if variant.forward_rows is not None else {}
         roles: list[tuple[nn.Module, str]] = []
         rows = self.rows
         for module, site in resolve_sites(model, params, caller, modules):
@@ -503,7 +504,7 @@ class Injection:
             if self.input_form:
                 fn = variant.forward_input if rows is None else partial(rows.forward_input, variant.forward_input)
             else:
-                fn = variant.forward if rows is None else partial(rows.forward, variant.forward)
+                fn = variant.forward if rows is None else partial(rows.forward, variant.forward, **batched)
             self.bindings[module] = (fn, leaves, site)
             roles.append((module, form))
         roles += [(module, "parameters") for module in self.parameter_bindings]

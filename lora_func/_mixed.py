@@ -6,7 +6,10 @@ puts the rows back in order. Rows with id -1 keep the base layer's output (or in
 the base model, and no gradient to any adapter. Works for every variant: each group is an ordinary
 single-adapter call on fewer rows.
 
-Two ways to run the groups, chosen once per call:
+In inference (eval mode, grad off), a variant may batch the rows itself (`Variant.forward_rows`; LoRA on linear
+layers: each row's A and B gathered, two batched matmuls, base rows multiplied by zero), which costs a few ops
+per target whatever the adapters: what serving K adapters in one `generate` batch needs. Otherwise,
+two ways to run the groups, chosen once per call:
 - vmapped (at least two adapters, and padding every group to the largest at most doubles the adapted
   rows): the groups' rows are gathered into a (groups, width, ...) block, padded by repeating a row,
   and `torch.func.vmap` runs the variant once over the groups, each with its own adapter's leaves.
@@ -73,6 +76,7 @@ class AdapterRows:
                 )
         self.caller = caller
         self.ids = tuple(ids)
+        self._index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.rows = len(ids)
         groups: dict[int, list[int]] = {}  # adapter -> its rows, adapters in order of first appearance
         for row, a in enumerate(ids):
@@ -126,6 +130,15 @@ class AdapterRows:
                 "the batch on dim 0)"
             )
 
+    def index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each row's adapter, -1 read as 0; 1 for a row with an adapter, 0 for a base row) on `device`, for
+        variants that gather one adapter per row (`Variant.forward_rows`)."""
+        found = self._index.get(device)
+        if found is None:
+            ids = torch.tensor(self.ids, device=device)
+            found = self._index[device] = (ids.clamp(min=0), (ids >= 0).to(torch.float32))
+        return found
+
     # -- vmapped -------------------------------------------------------------------------------------
     def _block(self, t: torch.Tensor) -> torch.Tensor:
         """(groups, width, ...) rows of `t`, group g using adapter `used[g]`."""
@@ -160,9 +173,21 @@ class AdapterRows:
         return out
 
     # -- the two forms of a variant ------------------------------------------------------------------
-    def forward(self, forward: Callable, x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
+    def forward(
+        self,
+        forward: Callable,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        leaves: Leaves,
+        site: Site,
+        forward_rows: Callable | None = None,
+    ) -> torch.Tensor:
         """The variant's output-form `forward`, each row with its own adapter."""
         self._check(x, site)
+        if forward_rows is not None and not torch.is_grad_enabled() and not site.base.training:
+            out = forward_rows(x, y, leaves, self, site)
+            if out is not None:
+                return out
         if self.vmapped:
             each = torch.func.vmap(
                 lambda x_g, y_g, leaves_g: forward(x_g, y_g, leaves_g, site), randomness=_random(site)

@@ -59,6 +59,8 @@ class Variant(NamedTuple):
     create(target, cfg, init) -> leaves             initial values (see `Init`)
     forward(x, y, leaves, site) -> y'               output form: adapted output from input and base output
     forward_input(x, leaves, site) -> x'            input form: the base layer then runs on x'
+    forward_rows(x, y, stacked, rows, site) -> y'   optional, inference only: a mixed batch in one pass, row i with
+                                                    adapter rows.index[i] of the stacked leaves (None: not here)
     merge(weight, bias, leaves, site) -> (W', b')   the adapter folded into a dense float weight
     frozen                                          leaf names that do not train
     shared_shapes(targets, cfg) -> {leaf: shape}    leaves stored once for all targets (VeRA), or None
@@ -81,6 +83,7 @@ class Variant(NamedTuple):
     merge: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
     forward: Callable[..., torch.Tensor] | None = None
     forward_input: Callable[..., torch.Tensor] | None = None
+    forward_rows: Callable[..., torch.Tensor | None] | None = None
     frozen: tuple[str, ...] = ()
     shared_shapes: Callable[[tuple[Target, ...], AdapterConfig], dict[str, tuple[int, ...]]] | None = None
     create_shared: Callable[[tuple[Target, ...], AdapterConfig, Init], Leaves] | None = None

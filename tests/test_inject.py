@@ -80,6 +80,25 @@ def test_mixed_adapter_generate_gives_each_row_its_own_adapter(name):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("name", VARIANTS)
+def test_mixed_batch_in_inference_gives_each_row_its_adapter_and_base_rows_exactly(name):
+    """Eval mode without grad, where LoRA batches the rows itself (`Variant.forward_rows`) and others vmap."""
+    model = tiny_qwen3().eval()
+    adapters = [make(name, model, seed=s) for s in range(3)]
+    batch = qwen3_batch(batch=5, seq=7)
+    ids = [2, -1, 0, 2, 1]
+    got = lf.apply(model, lf.stack(adapters), batch, adapter_ids=ids).logits
+    base = model(**batch).logits
+    for row, a in enumerate(ids):
+        alone = {k: v[row : row + 1] for k, v in batch.items()}
+        if a < 0:
+            assert torch.equal(got[row], base[row]), "a -1 row must be exactly the base model"
+        else:
+            want = lf.apply(model, adapters[a], alone).logits[0]
+            torch.testing.assert_close(got[row], want, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_mixed_adapter_generate_on_a_4bit_base():
     model = tiny_qwen3_4bit().eval()
     adapters = [make("lora", model, seed=s, scale=0.5) for s in range(3)]

@@ -133,6 +133,7 @@ VARIANT = Variant(
     shapes=lora.shapes,
     create=create,
     forward=lora.forward,
+    forward_rows=lora.forward_rows,
     merge=lora.merge,
     calibrated=True,
     allocate=allocate,

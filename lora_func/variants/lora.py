@@ -63,11 +63,32 @@ def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> tor
     return site.base.add_low_rank(y, input_dropout(x, site), leaves["A"], leaves["B"], scale(site.config))
 
 
+def forward_rows(x: torch.Tensor, y: torch.Tensor, stacked: Leaves, rows, site: Site) -> torch.Tensor | None:
+    """A mixed batch in inference, row i with adapter `rows.index[i]` of the stacked (K, …) leaves: its A and B
+    gathered per row (B × r × (d_in + d_out) values, small next to the activations), two batched matmuls, and
+    base rows' B multiplied by zero, so they get y exactly. Linear layers only (None: the caller's general path)."""
+    if site.target.kind not in LINEAR_LIKE or x.dim() < 2 or y.dtype != x.dtype:
+        return None
+    index, keep = rows.index(x.device)
+    A = stacked["A"].index_select(0, index).to(x.dtype)  # (n, r, d_in)
+    B = stacked["B"].index_select(0, index).to(x.dtype) * keep.to(x.dtype)[:, None, None]  # (n, d_out, r)
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (n, T, d_in)
+    z = torch.bmm(torch.bmm(x3, A.transpose(1, 2)), B.transpose(1, 2))  # (n, T, d_out)
+    return torch.add(y, z.view(y.shape), alpha=scale(site.config))
+
+
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
     B, A = leaves["B"].to(weight.dtype), leaves["A"].to(weight.dtype)
     return weight + scale(site.config) * site.base.low_rank_delta(A, B), bias
 
 
 VARIANT = Variant(
-    name="lora", config=LoRAConfig, shapes=shapes, create=create, forward=forward, merge=merge, kinds=KINDS
+    name="lora",
+    config=LoRAConfig,
+    shapes=shapes,
+    create=create,
+    forward=forward,
+    forward_rows=forward_rows,
+    merge=merge,
+    kinds=KINDS,
 )
