@@ -76,7 +76,8 @@ class AdapterRows:
                 )
         self.caller = caller
         self.ids = tuple(ids)
-        self._index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._index: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.direct = list(ids) == list(range(len(ids)))  # row i uses adapter i
         self.rows = len(ids)
         groups: dict[int, list[int]] = {}  # adapter -> its rows, adapters in order of first appearance
         for row, a in enumerate(ids):
@@ -130,14 +131,20 @@ class AdapterRows:
                 "the batch on dim 0)"
             )
 
-    def index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(each row's adapter, -1 read as 0; 1 for a row with an adapter, 0 for a base row) on `device`, for
-        variants that gather one adapter per row (`Variant.forward_rows`)."""
-        found = self._index.get(device)
-        if found is None:
-            ids = torch.tensor(self.ids, device=device)
-            found = self._index[device] = (ids.clamp(min=0), (ids >= 0).to(torch.float32))
-        return found
+    def per_row(self, stacked: torch.Tensor) -> torch.Tensor:
+        """Row i's adapter of a stacked leaf, (rows, ...), zero for a base row (-1): for variants that gather one
+        adapter per row (`Variant.forward_rows`). The stack itself when row i uses adapter i, every one of them."""
+        if self.direct and stacked.shape[0] == self.rows:
+            return stacked
+        index, keep = self._index.get(stacked.device, (None, None))
+        if index is None:
+            ids = torch.tensor(self.ids, device=stacked.device)
+            index, keep = ids.clamp(min=0), None if bool((ids >= 0).all()) else (ids >= 0)
+            self._index[stacked.device] = index, keep
+        rows = stacked.index_select(0, index)
+        if keep is not None:
+            rows = rows * keep.view(-1, *(1,) * (rows.dim() - 1)).to(rows.dtype)
+        return rows
 
     # -- vmapped -------------------------------------------------------------------------------------
     def _block(self, t: torch.Tensor) -> torch.Tensor:

@@ -64,17 +64,19 @@ def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> tor
 
 
 def forward_rows(x: torch.Tensor, y: torch.Tensor, stacked: Leaves, rows, site: Site) -> torch.Tensor | None:
-    """A mixed batch in inference, row i with adapter `rows.index[i]` of the stacked (K, …) leaves: its A and B
-    gathered per row (B × r × (d_in + d_out) values, small next to the activations), two batched matmuls, and
-    base rows' B multiplied by zero, so they get y exactly. Linear layers only (None: the caller's general path)."""
+    """A mixed batch in inference, row i with its own adapter of the stacked (K, …) leaves: its A and B gathered
+    (rows × r × (d_in + d_out) values, small next to the activations; none when row i uses adapter i), two
+    batched matmuls, the add fused into the second; a base row's B is zero, so it gets y exactly. Linear layers
+    only (None: the caller's general path)."""
     if site.target.kind not in LINEAR_LIKE or x.dim() < 2 or y.dtype != x.dtype:
         return None
-    index, keep = rows.index(x.device)
-    A = stacked["A"].index_select(0, index).to(x.dtype)  # (n, r, d_in)
-    B = stacked["B"].index_select(0, index).to(x.dtype) * keep.to(x.dtype)[:, None, None]  # (n, d_out, r)
-    x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (n, T, d_in)
-    z = torch.bmm(torch.bmm(x3, A.transpose(1, 2)), B.transpose(1, 2))  # (n, T, d_out)
-    return torch.add(y, z.view(y.shape), alpha=scale(site.config))
+    A, B = rows.per_row(stacked["A"]), rows.per_row(stacked["B"])  # (n, r, d_in), (n, d_out, r)
+    if A.dtype != x.dtype:
+        A, B = A.to(x.dtype), B.to(x.dtype)
+    n = x.shape[0]
+    h = torch.bmm(x.reshape(n, -1, x.shape[-1]), A.mT)  # (n, T, r)
+    out = torch.baddbmm(y.reshape(n, -1, y.shape[-1]), h, B.mT, alpha=scale(site.config))  # (n, T, d_out)
+    return out.view(y.shape)
 
 
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
