@@ -20,14 +20,14 @@ from ._params import Params as Params
 from ._params import combine as combine
 from ._params import split as split
 from ._params import trainable_leaves as trainable_leaves
-from ._peft import from_peft as from_peft
-from ._peft import to_peft as to_peft
 from ._serialize import load as load
 from ._serialize import save as save
 from ._stack import stack as stack
 from ._stack import unstack as unstack
 from ._targets import Target as Target
 from ._version import __version__ as __version__
+from .peft import from_peft as from_peft
+from .peft import to_peft as to_peft
 from .variants.antipasto import AntiPaSTOConfig as AntiPaSTOConfig
 from .variants.delora import DeLoRAConfig as DeLoRAConfig
 from .variants.dora import DoRAConfig as DoRAConfig

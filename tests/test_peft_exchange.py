@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lora_func as lf
-from lora_func import _peft
+from lora_func import peft as _peft
 from lora_func.variants import variant_for
 
 peft = pytest.importorskip("peft")

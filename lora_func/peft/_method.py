@@ -1,0 +1,101 @@
+"""One PEFT method as lora_func reads and writes it: the `PeftMethod` record, and the helpers entries share."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._config import AdapterConfig
+from .._params import Params
+from .._variant import Leaves
+
+# Why a PEFT field lora_func cannot honour is refused (at any value but its default).
+REASONS = {
+    "bias": "lora_func adapters hold no bias terms",
+    "modules_to_save": "lora_func adapts linear layers only; it neither trains nor stores whole modules",
+    "fan_in_fan_out": "transposed (Conv1D-style) weights are not linear-like targets",
+    "use_dora": "lora_func reads DoRA with a plain LoRA init only (its PiSSA and DoRA are separate variants)",
+    "apply_GS": "lora_func's HRA does not offer Gram-Schmidt (R = I − 2QQᵀ is never the identity at init)",
+    "lora_bias": "lora_func adapters hold no bias terms",
+    "layer_replication": "lora_func does not duplicate layers",
+    "target_parameters": "lora_func adapts modules, not bare parameters",
+    "trainable_token_indices": "lora_func does not train embedding rows",
+    "ensure_weight_tying": "lora_func does not tie adapters across modules",
+    "init_lora_weights": "that initialisation rewrites the base weights, which the checkpoint does not hold; "
+    "convert it to a plain LoRA with PEFT's `path_initial_model_for_weight_conversion` first",
+}
+
+
+@dataclass(frozen=True)
+class PeftMethod:
+    """How one lora_func variant reads and writes as one PEFT method.
+
+    variant, peft_type: the lora_func variant name and PEFT's `peft_type`.
+    keys: lora_func leaf -> PEFT tensor name after the module path ("A" -> "lora_A.weight"). A leaf not in `keys`
+        is not written; `rebuild` makes it on import.
+    rank_fields: the PEFT fields holding `r` and `rank_pattern` (the latter None where PEFT has one rank for all
+        targets: HRA, VeRA); None for a method without a rank (IA3).
+    alpha_fields: the PEFT fields holding `alpha` and `alpha_pattern` (DeLoRA: its λ); None: no such field.
+    required: PEFT fields lora_func can express only at this value (written on export, checked on import).
+    inert: PEFT fields accepted with any value on import (no effect on the adapted function at inference),
+        with the value written on export.
+    absent: fields of `TARGETING` and `SHARED_REQUIRED` that this PEFT config class does not have (IA3 has no
+        `layers_to_transform`): not written, and on import refused unless unset, as any unknown field.
+    fields_out(cfg, written) -> {field: value}: method-specific fields written on export; `written` holds the
+        common fields already chosen (IA3-FF copies `target_modules` into `feedforward_modules`).
+    fields_in(fields, where) -> {config kwarg: value}: method-specific config kwargs on import; may raise.
+    handled: the PEFT fields that `fields_in` (or `claims`, `shared_stored`) reads.
+    claims(fields, paths, where): whether this entry reads a PEFT config of this `peft_type` whose targets are
+        `paths` (several entries may share one); may raise where no entry of the type can read it.
+    export_as(params) -> params: checked, or rewritten as another variant's params, before writing (PiSSA -> LoRA).
+    rebuild(module, cfg, leaves) -> leaves: leaves the PEFT file does not hold, from the base layer and the leaves
+        read from the file.
+    tensor_out(leaf, tensor) -> tensor, tensor_in(leaf, tensor, shape) -> tensor: layout changes between a
+        lora_func leaf and its PEFT tensor (e.g. IA3's (d,) vector stored as (d, 1)); identity by default.
+        `tensor_in` returns the tensor unchanged where it cannot reach `shape`, and the shape check reports it.
+    shared_keys: leaf of the shared entry (`SHARED`) -> its full PEFT tensor key (VeRA: "A" -> "base_model.vera_A").
+    shared_stored(fields): whether an imported file holds the shared leaves; where not, they are made as `lf.init`
+        makes them (the variant's `create_shared`).
+    """
+
+    variant: str
+    peft_type: str
+    keys: Mapping[str, str]
+    rank_fields: tuple[str, str | None] | None = ("r", "rank_pattern")
+    alpha_fields: tuple[str, str | None] | None = ("lora_alpha", "alpha_pattern")
+    required: Mapping[str, Any] = field(default_factory=dict)
+    inert: Mapping[str, Any] = field(default_factory=dict)
+    absent: tuple[str, ...] = ()
+    fields_out: Callable[[AdapterConfig, Mapping[str, Any]], dict[str, Any]] = lambda cfg, written: {}
+    fields_in: Callable[[Mapping[str, Any], str], dict[str, Any]] = lambda fields, where: {}
+    handled: tuple[str, ...] = ()
+    claims: Callable[[Mapping[str, Any], list[str], str], bool] = lambda fields, paths, where: True
+    export_as: Callable[[Params], Params] | None = None
+    rebuild: Callable[[nn.Module, AdapterConfig, Leaves], Leaves] | None = None
+    tensor_out: Callable[[str, torch.Tensor], torch.Tensor] = lambda leaf, tensor: tensor
+    tensor_in: Callable[[str, torch.Tensor, tuple[int, ...]], torch.Tensor] = lambda leaf, tensor, shape: tensor
+    shared_keys: Mapping[str, str] = field(default_factory=dict)
+    shared_stored: Callable[[Mapping[str, Any]], bool] = lambda fields: True
+
+
+def refuse(where: str, name: str, value: Any, why: str) -> None:
+    raise ValueError(f"{where}: `{name}`={json.dumps(value)} is not supported: {why}")
+
+
+def flag(fields: Mapping[str, Any], name: str, where: str) -> bool:
+    """A PEFT boolean field (false when absent); anything but true/false is refused."""
+    value = fields.get(name, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: `{name}` must be true or false, got {json.dumps(value)}")
+    return value
+
+
+def describe(paths: list[str]) -> str:
+    """`q_proj, v_proj (8 modules)`: module paths by their last name, for messages."""
+    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    return f"{', '.join(names)} ({len(paths)} modules)"
