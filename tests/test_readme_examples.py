@@ -1,5 +1,6 @@
-"""The README's training-framework examples, run as written (extracted from README.md, so the docs cannot rot):
-HF Trainer, accelerate, and DDP on 2 gloo processes, each ending with the adapter a plain loop trains."""
+"""The README's examples of training frameworks and fine-tuning tools, run as written (extracted from README.md, so
+the docs cannot rot): HF Trainer, accelerate, and DDP on 2 gloo processes, each ending with the adapter a plain
+loop trains; freeze, cast, stacking different ranks, per-row losses."""
 
 from __future__ import annotations
 
@@ -120,3 +121,42 @@ def test_ddp_example_on_two_processes_equals_one_process_on_the_global_batch(tmp
     assert_adapters_close(trained, expected, atol=1e-5)
     start = lf.init(run("setup")["model"], expected.config, seed=0)
     assert max((a - b).abs().max().item() for (_, _, a), (_, _, b) in zip(trained.leaves(), start.leaves())) > 2e-3
+
+
+def test_freeze_example(capsys):
+    namespace = run("setup", "freeze")
+    assert capsys.readouterr().out.strip() == "7 of 28 leaves train"
+    params = namespace["params"]
+    assert {leaf for _, leaf, _ in namespace["trainable"].leaves()} == {"B"}
+    assert all(".layers.0." not in path for path, _, _ in namespace["trainable"].leaves())
+    assert len(namespace["optimizer"].param_groups[0]["params"]) == 7 == len(list(namespace["module"].parameters()))
+    assert sum(1 for _ in lf.split(params)[1].leaves()) == 21
+
+
+def test_cast_example(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = run("setup", "freeze", "cast")
+    stored = lf.load("adapter-bf16.safetensors")
+    assert stored.config.dtype == torch.bfloat16
+    assert {t.dtype for _, _, t in namespace["params"].leaves()} == {torch.float32}
+    assert os.path.getsize("adapter-bf16.safetensors") < 0.6 * 4 * namespace["params"].num_params() + 16_384
+
+
+def test_pad_example_rows_equal_each_adapter_alone():
+    namespace = run("setup", "pad")
+    model, batch = namespace["model"], namespace["batch"]
+    for i, adapter in enumerate(namespace["adapters"]):
+        row = {k: v[i : i + 1] for k, v in batch.items()}
+        alone = lf.apply(model, adapter, row).logits
+        torch.testing.assert_close(namespace["out"].logits[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_per_row_losses_example():
+    namespace = run("setup", "per-row-losses")
+    model, batch, stacked = namespace["model"], namespace["batch"], namespace["stacked"]
+    adapters = lf.unstack(stacked)
+    for i, k in enumerate(namespace["ids"].tolist()):
+        row = {key: v[i : i + 1] for key, v in batch.items()}
+        expected = lf.apply(model, adapters[k], row).loss
+        torch.testing.assert_close(namespace["row_losses"][i], expected, rtol=1e-5, atol=1e-6)
+    assert all(t.grad is not None for t in lf.trainable_leaves(stacked))
