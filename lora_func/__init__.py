@@ -6,6 +6,12 @@
 """
 
 from ._apply import apply as apply
+from ._arithmetic import dare as dare
+from ._arithmetic import delta_weights as delta_weights
+from ._arithmetic import magnitude_prune as magnitude_prune
+from ._arithmetic import resize as resize
+from ._arithmetic import ties as ties
+from ._arithmetic import weighted_sum as weighted_sum
 from ._attribution import grad_dots as grad_dots
 from ._attribution import per_example_grads as per_example_grads
 from ._cast import cast as cast
