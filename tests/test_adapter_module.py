@@ -148,3 +148,24 @@ def test_bad_input_is_refused_by_name():
     with pytest.raises(AttributeError, match=r"lf.save\(module.params"):
         module.save_pretrained("somewhere")
     assert not hasattr(module, "save_pretrained")
+
+
+@pytest.mark.skipif(not hasattr(lf, "inject"), reason="AdapterModule.generate runs inside lf.inject")
+def test_generate_runs_with_the_adapter_at_every_step():
+    """Greedy decoding with the KV cache: the tokens a copy of the model with the adapter merged into its weights
+    generates; the base model afterwards generates as before."""
+    import copy
+
+    model, params = build()
+    model.eval()
+    params = _perturbed(params)
+    module = lf.AdapterModule(model, params)
+    prompt = qwen3_batch(batch=2, seq=5)["input_ids"]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    base = model.generate(prompt, **kwargs)
+    merged = copy.deepcopy(model)
+    merged.load_state_dict(lf.merge(model, params), strict=False)
+    expected = merged.generate(prompt, **kwargs)
+    assert not torch.equal(expected, base)
+    assert torch.equal(module.generate(prompt, **kwargs), expected)
+    assert torch.equal(model.generate(prompt, **kwargs), base)
