@@ -60,11 +60,12 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks against PEFT and the ideal, side by side in one process: JSON in results/, the report
     in docs/benchmarks.md with plots in docs/img/."""
-    install(session, "bench")
+    install(session, "bench", smollm2=True)
     flags = session.posargs  # each script takes --quick (a smoke run) and --no-progress
     session.run("python", "benchmarks/bench_core.py", "--out", "results/bench_core.json", *flags, env=OFFLINE)
     session.run("python", "benchmarks/bench_functional.py", "--out", "results/functional.json", *flags, env=OFFLINE)
     session.run("python", "benchmarks/bench_scaling.py", "--out", "results/scaling.json", *flags, env=OFFLINE)
+    session.run("python", "benchmarks/bench_calls.py", "--out", "results/calls.json", *flags, env=OFFLINE)
     session.run("python", "benchmarks/report.py", "--results", "results", "--docs", "docs", env=OFFLINE)
 
 

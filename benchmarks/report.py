@@ -2,7 +2,7 @@
 
     python benchmarks/report.py [--results results] [--docs docs]
 
-Reads `bench_core.json`, `functional.json` and `scaling.json` (and `gpu.json` when a GPU run left one)
+Reads `bench_core.json`, `functional.json`, `scaling.json` and `calls.json` (and `gpu.json` when a GPU run left one)
 from `--results`; writes `benchmarks.md` and `img/*.png` under `--docs`. A missing input is reported in
 the page as not run, never filled in.
 """
@@ -152,6 +152,29 @@ def scaling_section(sc: dict, img: Path) -> list[str]:
     return out
 
 
+def calls_section(calls: dict) -> list[str]:
+    setup = calls["setup"]
+    out = [
+        f"Medians of {setup['repeats']} ({setup['threads']} threads); per-call samples time "
+        f"{setup['calls_per_sample']} calls each; generation: {setup['new_tokens']} new tokens, greedy, KV cache.",
+        "",
+        "| section | contender | median ms |",
+        "|---|---|---:|",
+    ]
+    for section, entries in calls["results"].items():
+        for name, e in entries.items():
+            out.append(f"| {section} | {name} | {1000 * e['median_s']:.2f} |")
+    out += ["", "| ratio | measured | target | |", "|---|---:|---:|---|"]
+    for name, value in calls["ratios"].items():
+        target = calls["targets"].get(name)
+        if target is None:
+            out.append(f"| {name} | {value:.3f} | | |")
+        else:
+            sense, met = target.get("sense", "≤"), "met" if target["met"] else "**not met**"
+            out.append(f"| {name} | {value:.3f} | {sense} {target['target']:.2f} | {met} |")
+    return out
+
+
 def gpu_section(gpu: dict | None) -> list[str]:
     if gpu is None:
         return [
@@ -248,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     fn = load(args.results / "functional.json")
     sc = load(args.results / "scaling.json")
     gpu = load(args.results / "gpu.json")
+    calls = load(args.results / "calls.json")
 
     page = [
         "# Benchmarks",
@@ -270,6 +294,10 @@ def main(argv: list[str] | None = None) -> None:
         "## How cost grows with rank and sequence length (`benchmarks/bench_scaling.py`)",
         "",
         *(scaling_section(sc, img) if sc else ["Not run (no results/scaling.json)."]),
+        "",
+        "## Per-call cost and generation (`benchmarks/bench_calls.py`)",
+        "",
+        *(calls_section(calls) if calls else ["Not run (no results/calls.json)."]),
         "",
         "## GPU (`nox -s gpu`, `benchmarks/gpu.py`)",
         "",

@@ -20,6 +20,7 @@ from ._distributed import all_reduce_grads as all_reduce_grads
 from ._freeze import freeze as freeze
 from ._init import init as init
 from ._init import targets as targets
+from ._inject import inject as inject
 from ._merge import merge as merge
 from ._module import AdapterModule as AdapterModule
 from ._params import Params as Params

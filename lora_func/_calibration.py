@@ -118,7 +118,7 @@ def collect_input_stats(
 
     Targets that never ran are absent from the result.
     """
-    from ._apply import call_model
+    from ._sites import call_model
 
     if isinstance(batches, (torch.Tensor, Mapping)) or not isinstance(batches, Iterable):
         raise TypeError(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._apply import resolve_sites, with_shared
 from ._base import base_bias, dense_weight, quantization
 from ._params import Params
+from ._sites import resolve_sites, with_shared
 from ._stack import stack_size
 from .variants import variant_for
 

@@ -72,6 +72,7 @@ class AdapterRows:
                     f"(ids 0..{count - 1}, or -1 for the base model)"
                 )
         self.caller = caller
+        self.ids = tuple(ids)
         self.rows = len(ids)
         groups: dict[int, list[int]] = {}  # adapter -> its rows, adapters in order of first appearance
         for row, a in enumerate(ids):

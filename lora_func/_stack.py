@@ -17,6 +17,7 @@ import torch
 from ._config import config_for
 from ._pad import pad_ranks, same_but_rank
 from ._params import SHARED, Params
+from ._transform import in_transform
 from .variants import variant_for
 
 
@@ -129,9 +130,7 @@ def stack(adapters: Sequence[Params], *, pad: bool = False) -> Params:
                     f"stack: `adapters[{i}]` leaf {path}.{leaf} is {tuple(tensor.shape)} {tensor.dtype} on "
                     f"{tensor.device}; `adapters[0]` has {tuple(ref.shape)} {ref.dtype} on {ref.device}"
                 )
-    from ._apply import _in_transform
-
-    fresh = not _in_transform()
+    fresh = not in_transform()
     entries = {}
     for path in first:
         entry = {}
@@ -161,9 +160,7 @@ def unstack(params: Params) -> list[Params]:
     size = stack_size(params, "unstack")
     if size is None:
         raise ValueError("unstack: `params` is not stacked (its leaves have the shapes of one adapter)")
-    from ._apply import _in_transform
-
-    fresh = not _in_transform()
+    fresh = not in_transform()
     adapters: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(size)]
     for path, entry in params.items():
         for adapter in adapters:

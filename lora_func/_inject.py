@@ -1,0 +1,657 @@
+"""`inject`: an adapter in a model for a block of code, in one thread. `apply` is this block around one call.
+
+What lives where, and why:
+- The model's hook dicts are shared by every thread; an adapter must not be. While any injection of a
+  model is open, each touched module carries one lora_func dispatcher per role (reference-counted across
+  injections, registered and removed under one lock). A dispatcher looks up what to do in *this thread's*
+  table (`threading.local`): a plain call in another thread runs the same dispatcher, finds nothing, and
+  computes the base model; two threads with two adapters each find their own.
+- Nothing of the model is replaced, not even for a moment: no parameter swap (`functional_call` puts
+  tensors into the shared module, where every thread sees them). Base parameters that require grad (a
+  freshly loaded HF model) are kept out of the graph by a thread-local `TorchFunctionMode` that hands each
+  op a detached view of them, pushed around each forward of the model that runs with grad on.
+- Lifetime follows the autograd graph, not the output's Python object. Without gradient checkpointing
+  nothing is needed after the block: the graph holds what backward needs. With HF gradient checkpointing,
+  backward re-runs each checkpointed layer, after the block (or `apply`) has returned. Each injected call of
+  a checkpointed layer is recorded (`_LayerCall`: the injection and the autograd sequence numbers its nodes
+  got) and held by a pre-hook on the layer output's autograd node, so the record lives exactly as long as
+  that part of the graph. When a backward reaches the layer, the record is entered for that graph task; the
+  recompute, which runs inside one of the layer's own nodes, finds its record by that node's sequence
+  number. That is exact whatever else the same backward runs: outputs of other adapters, of the base model,
+  of other threads. The dispatchers stay registered (inert for everyone else) until the block has exited
+  and every record has been consumed by a backward that did not retain the graph, or freed with the graph.
+- bitsandbytes layers under torch.func transforms and in mixed batches run through `QuantizedLinear`
+  (lora_func/_base.py): bnb's autograd.Functions refuse torch.func and its kernels have no vmap rule. The
+  layer's `forward` attribute is a dispatcher while an injection is open; other threads get bnb's own.
+- Under torch.compile the hooks are closures of the one call, swapped into the hook dicts
+  (`_SwappedHooks`: `register_forward_hook` graph-breaks); backward is compiled ahead, nothing recomputes.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.autograd import Variable
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+from ._base import QuantizedLinear, quantization
+from ._mixed import AdapterRows
+from ._params import Params
+from ._sites import resolve_sites, with_shared
+from ._stack import stack_size
+from ._targets import is_linear_like
+from ._transform import in_transform
+from ._variant import Site
+from .variants import variant_for
+
+_LOCK = threading.RLock()  # guards hook registration, reference counts and the records of running backwards
+_local = threading.local()  # .active: {module: Injection} for this thread; .layers, .modes: stacks
+_HOOKED: dict[tuple[nn.Module, str], list] = {}  # (module, role) -> [count, handles]
+_ENTERED: dict[int, tuple[bool, list]] = {}  # graph task -> (keep_graph, weakrefs to the layer calls it reached)
+_MISSING = object()
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed
+    DTensor = ()  # isinstance(x, ()) is always False
+
+_graph_task = torch._C._current_graph_task_id
+_sequence_nr = torch._C._autograd._get_sequence_nr
+
+
+def _active() -> dict:
+    active = getattr(_local, "active", None)
+    if active is None:
+        active = _local.active = {}
+        _local.layers = []  # (layer, injection, first sequence number) of the checkpointed layers running
+        _local.modes = []  # (module, detaching mode or None) pushed by the modules running
+        _local.detaching = 0  # how many of those modes are entered
+    return active
+
+
+def _is_plain_parameter(p: torch.Tensor) -> bool:
+    """A parameter whose `detach()` keeps what it is: plain tensors, and DTensors (FSDP2's sharded
+    parameters). Not bnb weights: tensor subclasses whose detach() drops their quantization state."""
+    return type(p) is nn.Parameter or type(p) is torch.Tensor or isinstance(p, DTensor)
+
+
+# -- the base parameters, detached ------------------------------------------------------------------------------
+
+
+class _Detached(TorchFunctionMode):
+    """Every op of this thread gets a detached view in place of the base parameters in `table` (by id)."""
+
+    def __init__(self, table: dict[int, torch.Tensor]) -> None:
+        super().__init__()
+        self.table = table
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        table = self.table
+        args = [_swap(a, table) for a in args]
+        if kwargs:
+            kwargs = {k: _swap(v, table) for k, v in kwargs.items()}
+            return func(*args, **kwargs)
+        return func(*args)
+
+
+def _swap(value: Any, table: dict[int, torch.Tensor]) -> Any:
+    if type(value) in (list, tuple):  # torch.cat([w1, w2]), foreach ops
+        return type(value)(table.get(id(v), v) for v in value)
+    return table.get(id(value), value)
+
+
+def _push_detached(module: nn.Module, injection: Injection | None) -> None:
+    """Enter the injection's detaching mode in this thread for `module`'s forward (or note that none was)."""
+    _active()
+    modes = _local.modes
+    if injection is None or not injection.needs_detach or not torch.is_grad_enabled() or _local.detaching:
+        modes.append((module, None))
+        return
+    mode = _Detached(injection.detached())
+    mode.__enter__()
+    _local.detaching += 1
+    modes.append((module, mode))
+
+
+def _pop_detached(module: nn.Module) -> None:
+    modes = getattr(_local, "modes", None)
+    if not modes or modes[-1][0] is not module:  # a hook registered while this forward ran: nothing was pushed
+        return
+    _, mode = modes.pop()
+    if mode is not None:
+        _local.detaching -= 1
+        mode.__exit__(None, None, None)
+
+
+# -- dispatchers: one per (module, role), shared by every injection and thread ----------------------------------
+
+
+def _here(module: nn.Module, task: int) -> Injection | None:
+    """The injection this module's forward belongs to: this thread's; in a backward, the recomputed layer's.
+
+    In a backward (`task` != -1) a forward is a recompute. Of an injected call of an HF checkpointed layer:
+    its record says which injection (`_recompute_call`). Of anything else, this thread's injection applies
+    only if it was opened inside this very backward (a user's own checkpoint around `lf.apply`); a block
+    opened before the backward does not claim recomputes of calls made outside it (base-model outputs).
+    """
+    if task != -1:
+        call = _recompute_call(task)
+        if call is not None:
+            return call.injection
+    active = getattr(_local, "active", None)
+    injection = active.get(module) if active else None
+    if injection is None or injection.task != task:
+        return None
+    return injection
+
+
+def _output_hook(module, args, *rest):  # rest: (kwargs, output), or (output,) when registered as removal races
+    task = _graph_task()
+    injection = _here(module, task)
+    if injection is None:
+        return None
+    binding = injection.bindings.get(module)
+    if binding is None or injection.input_form:  # another thread's adapter of the input form shares the module
+        return None
+    if task == -1 and injection.needs_detach and not _local.detaching and torch.is_grad_enabled():
+        injection.refuse_direct_call(module)
+    fn, leaves, site = binding
+    x = args[0] if args else next(iter(rest[0].values()))
+    return fn(x, rest[-1], leaves, site)
+
+
+def _input_hook(module, args, *rest):  # rest: (kwargs,), or () when registered as removal races
+    task = _graph_task()
+    injection = _here(module, task)
+    if injection is None:
+        return None
+    binding = injection.bindings.get(module)
+    if binding is None or not injection.input_form:  # another thread's adapter of the output form shares it
+        return None
+    if task == -1 and injection.needs_detach and not _local.detaching and torch.is_grad_enabled():
+        injection.refuse_direct_call(module)
+    fn, leaves, site = binding
+    if args:
+        new_args = (fn(args[0], leaves, site), *args[1:])
+        return (new_args, rest[0]) if rest else new_args
+    kwargs = rest[0]
+    key = next(iter(kwargs))
+    return args, {**kwargs, key: fn(kwargs[key], leaves, site)}
+
+
+def _root_pre_hook(module, args, *rest):
+    _push_detached(module, _here(module, _graph_task()))
+
+
+def _root_hook(module, args, *rest):
+    _pop_detached(module)
+
+
+def _recompute_pre_hook(module, args, *rest):
+    """A module with trainable base parameters inside a checkpointed layer: in a recompute of an injected
+    call, its ops see the parameters detached, as they did in the forward."""
+    task = _graph_task()
+    call = _recompute_call(task) if task != -1 else None
+    _push_detached(module, None if call is None else call.injection)
+
+
+def _layer_pre_hook(module, args, *rest):
+    """A checkpointed layer, in an injected forward that will checkpoint: note where its autograd nodes
+    start, and give reentrant checkpointing an input that requires grad (PITFALLS.md 2)."""
+    active = getattr(_local, "active", None)
+    injection = active.get(module) if active else None
+    if injection is None or _graph_task() != -1 or not module.gradient_checkpointing:
+        return None
+    if not (module.training and torch.is_grad_enabled()):
+        return None
+    _local.layers.append((module, injection, _sequence_nr()))
+    if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return None
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            new_args = (*args[:i], a.detach().requires_grad_(), *args[i + 1 :])
+            return (new_args, rest[0]) if rest else new_args
+    return None
+
+
+def _layer_hook(module, args, *rest):
+    layers = getattr(_local, "layers", None)
+    if not layers or layers[-1][0] is not module:
+        return None
+    _, injection, start = layers.pop()
+    output = rest[-1]
+    nodes = {t.grad_fn for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+    if nodes:
+        call = _LayerCall(injection, start, _sequence_nr())
+        for node in nodes:
+            node.register_prehook(partial(_entered, call))
+    return None
+
+
+def _routed(module: nn.Module, own: Any, *args, **kwargs):
+    """A bnb layer's forward while an injection is open: `QuantizedLinear` where this call needs it."""
+    injection = _here(module, _graph_task())
+    if injection is not None and (injection.rows is not None or in_transform()):
+        return QuantizedLinear.apply(args[0], module)
+    if own is _MISSING:
+        return type(module).forward(module, *args, **kwargs)
+    return own(*args, **kwargs)
+
+
+class _Restore:
+    """Puts back a module's own instance-level `forward` (or its absence)."""
+
+    def __init__(self, module: nn.Module, own: Any) -> None:
+        self.module, self.own = module, own
+
+    def remove(self) -> None:
+        if self.own is _MISSING:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.forward = self.own
+
+
+class _Hook:
+    """A with-kwargs forward (pre-)hook put into the module's hook dicts, as `register_forward_hook` does but
+    without building a RemovableHandle: `apply` registers and removes one per target on every call. The flags
+    go in before the hook and come out after it, so a forward running in another thread meanwhile sees a
+    consistent set (and the dispatchers take either calling convention)."""
+
+    __slots__ = ("dicts", "key")
+
+    def __init__(self, module: nn.Module, hook: Callable, *, pre: bool, always_call: bool = False) -> None:
+        key = RemovableHandle.next_id
+        RemovableHandle.next_id += 1
+        if pre:
+            hooks, flags = module._forward_pre_hooks, [module._forward_pre_hooks_with_kwargs]
+        else:
+            hooks, flags = module._forward_hooks, [module._forward_hooks_with_kwargs]
+            if always_call:
+                flags.append(module._forward_hooks_always_called)
+        for flag in flags:
+            flag[key] = True
+        hooks[key] = hook
+        self.dicts, self.key = (hooks, *flags), key
+
+    def remove(self) -> None:
+        for d in self.dicts:
+            d.pop(self.key, None)
+
+
+def _register(module: nn.Module, role: str) -> list:
+    if role == "output":
+        return [_Hook(module, _output_hook, pre=False)]
+    if role == "input":
+        return [_Hook(module, _input_hook, pre=True)]
+    if role == "layer":
+        return [_Hook(module, _layer_pre_hook, pre=True), _Hook(module, _layer_hook, pre=False, always_call=True)]
+    if role == "root":
+        return [_Hook(module, _root_pre_hook, pre=True), _Hook(module, _root_hook, pre=False, always_call=True)]
+    if role == "recompute":
+        return [_Hook(module, _recompute_pre_hook, pre=True), _Hook(module, _root_hook, pre=False, always_call=True)]
+    if role == "route":
+        own = module.__dict__.get("forward", _MISSING)
+        module.forward = partial(_routed, module, own)
+        return [_Restore(module, own)]
+    raise AssertionError(role)
+
+
+def _acquire(roles: list[tuple[nn.Module, str]]) -> None:
+    with _LOCK:
+        for key in roles:
+            entry = _HOOKED.get(key)
+            if entry is None:
+                _HOOKED[key] = [1, _register(*key)]
+            else:
+                entry[0] += 1
+
+
+def _release(roles: list[tuple[nn.Module, str]]) -> None:
+    with _LOCK:
+        for key in reversed(roles):
+            entry = _HOOKED[key]
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _HOOKED[key]
+                for handle in reversed(entry[1]):
+                    handle.remove()
+
+
+# -- checkpointed layers: records that live with the graph -----------------------------------------------------
+
+
+class _Lease:
+    """Keeps an injection's dispatchers registered; released once (by a backward, or with the graph)."""
+
+    __slots__ = ("injection",)
+
+    def __init__(self, injection: Injection) -> None:
+        self.injection = injection
+        with _LOCK:
+            injection.leases += 1
+
+    def release(self) -> None:
+        with _LOCK:
+            injection, self.injection = self.injection, None
+            if injection is not None:
+                injection.leases -= 1
+                injection.unregister_if_done()
+
+
+class _LayerCall:
+    """One injected call of a checkpointed layer: its autograd nodes have sequence numbers in [start, stop)."""
+
+    __slots__ = ("injection", "start", "stop", "lease", "__weakref__")
+
+    def __init__(self, injection: Injection, start: int, stop: int) -> None:
+        self.injection, self.start, self.stop = injection, start, stop
+        self.lease = _Lease(injection)
+        weakref.finalize(self, self.lease.release)
+
+
+def _entered(call: _LayerCall, grad_outputs):
+    """A backward reached the layer's output: its recompute belongs to `call` (see `_recompute_call`).
+
+    The graph task's list holds weak references: if that backward fails before its end-of-task callback
+    runs, the records still die with their graph (and release their leases)."""
+    task = _graph_task()
+    with _LOCK:
+        entry = _ENTERED.get(task)
+        if entry is None:
+            for stale in [t for t, (_, refs) in _ENTERED.items() if all(r() is None for r in refs)]:
+                del _ENTERED[stale]  # tasks that ended in an error, whose records are gone
+            entry = _ENTERED[task] = (torch._C._autograd._get_current_graph_task_keep_graph(), [])
+            Variable._execution_engine.queue_callback(partial(_task_done, task))
+        if not any(r() is call for r in entry[1]):
+            entry[1].append(weakref.ref(call))
+    return None
+
+
+def _task_done(task: int) -> None:
+    with _LOCK:
+        keep, refs = _ENTERED.pop(task, (True, []))
+    if not keep:  # the graph's buffers are freed: no later backward recomputes these layers
+        for ref in refs:
+            call = ref()
+            if call is not None:
+                call.lease.release()
+
+
+def _recompute_call(task: int) -> _LayerCall | None:
+    """In backward: the injected layer call whose node is running (None: not a recompute of an injected call)."""
+    entry = _ENTERED.get(task)
+    if entry is None:
+        return None
+    node = torch._C._current_autograd_node()
+    if node is None:
+        return None
+    seq = node._sequence_nr()
+    found = None
+    for ref in entry[1]:
+        call = ref()
+        if call is not None and call.start <= seq < call.stop:
+            if found is not None and not found.injection.same_adapter(call.injection):
+                raise RuntimeError(
+                    f"{call.injection.caller}: a backward recomputes a checkpointed layer that two injected calls "
+                    "from different threads could own (their autograd sequence numbers overlap); call backward on "
+                    "each thread's outputs separately"
+                )
+            found = call
+    return found
+
+
+# -- one injection ----------------------------------------------------------------------------------------------
+
+
+class Injection:
+    """One adapter in one model, for a block of code in one thread (and the backwards through its outputs)."""
+
+    def __init__(self, model: nn.Module, params: Params, adapter_ids: Any, caller: str) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{caller}: `model` must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(params, Params):
+            raise TypeError(
+                f"{caller}: `params` must be lora_func Params (from lf.init or lf.load), got {type(params).__name__}"
+            )
+        variant = variant_for(params.config, caller=caller)
+        count = stack_size(params, caller)
+        self.rows: AdapterRows | None = None
+        if adapter_ids is not None:
+            if count is None:
+                raise ValueError(
+                    f"{caller}: `adapter_ids` picks among stacked adapters, but `params` holds a single adapter; "
+                    "stack K adapters with lf.stack"
+                )
+            self.rows = AdapterRows(adapter_ids, count, caller)
+        elif count is not None:
+            raise ValueError(
+                f"{caller}: `params` stacks {count} adapters (a leading dimension of {count} on every leaf); run "
+                "them with torch.func.vmap(lambda p: lf.apply(model, p, batch))(params), or give `adapter_ids` "
+                "to pick one adapter per batch row"
+            )
+        self.model, self.params, self.caller = model, params, caller
+        self.input_form = variant.forward_input is not None
+        # One pass over the model finds everything this call touches besides the targets.
+        modules: dict[str, nn.Module] = {}
+        self.layers: list[nn.Module] = []  # under HF gradient checkpointing
+        quantized: list[nn.Module] = []
+        self.needs_detach = False  # a base parameter requires grad
+        for name, module in model.named_modules():
+            modules[name] = module
+            if getattr(module, "gradient_checkpointing", False) is True:
+                self.layers.append(module)
+            own = module._parameters
+            if own and not self.needs_detach:
+                self.needs_detach = any(
+                    p is not None and p.requires_grad and _is_plain_parameter(p) for p in own.values()
+                )
+            if "weight" in own and is_linear_like(module) and quantization(module) is not None:
+                quantized.append(module)
+        self.bindings: dict[nn.Module, tuple[Callable, dict, Site]] = {}
+        form = "input" if self.input_form else "output"
+        roles: list[tuple[nn.Module, str]] = []
+        rows = self.rows
+        for module, site in resolve_sites(model, params, caller, modules):
+            if self.input_form:
+                fn = variant.forward_input if rows is None else partial(rows.forward_input, variant.forward_input)
+            else:
+                fn = variant.forward if rows is None else partial(rows.forward, variant.forward)
+            self.bindings[module] = (fn, with_shared(params, site.target.path), site)
+            roles.append((module, form))
+        self._detached: dict[int, torch.Tensor] | None = None
+        touched = [model, *self.bindings]  # the model itself: one injection per model and thread
+        if self.needs_detach:
+            roles.append((model, "root"))
+        for layer in self.layers:
+            roles.append((layer, "layer"))
+            touched.append(layer)
+            if self.needs_detach:
+                for module in layer.modules():
+                    if any(p is not None and p.requires_grad for p in module._parameters.values()):
+                        roles.append((module, "recompute"))
+        for module in quantized:
+            roles.append((module, "route"))
+            touched.append(module)
+        self.roles = roles
+        self.touched = list(dict.fromkeys(touched))
+        self.leases = 0
+        self.task = -1  # the graph task the block was entered in (-1: not inside a backward)
+        self.thread: int | None = None
+        self.exited = False
+        self.registered = False
+        self.compiled: list[_SwappedHooks] | None = None
+
+    # -- the block ---------------------------------------------------------------------------------------------
+    def __enter__(self) -> Injection:
+        if self.thread is not None:
+            raise RuntimeError(f"{self.caller}: this injection was already entered; open a new lf.inject block")
+        if torch.compiler.is_compiling():
+            self._enter_compiled()
+            return self
+        if in_transform() and self.layers and self.model.training and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{self.caller}: gradient checkpointing is on, and torch.utils.checkpoint cannot run under "
+                "torch.func transforms (grad, vmap, ...); call model.gradient_checkpointing_disable() for "
+                "torch.func, or keep checkpointing and train with loss.backward()"
+            )
+        active = _active()
+        clash = next((m for m in self.touched if m in active), None)
+        if clash is not None:
+            other = active[clash]
+            raise RuntimeError(
+                f"{self.caller}: this thread already runs {type(other.model).__name__} with an adapter "
+                f"(an open {other.caller} touching {_name(other.model, clash)!r}); one adapter per module at a time: "
+                "stack adapters with lf.stack and `adapter_ids`, or close the other block first"
+            )
+        self.thread = threading.get_ident()
+        self.task = _graph_task()
+        _acquire(self.roles)
+        self.registered = True
+        for module in self.touched:
+            active[module] = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.compiled is not None:
+            for swapped in reversed(self.compiled):
+                swapped.remove()
+            self.compiled = None
+            return
+        if threading.get_ident() != self.thread:
+            raise RuntimeError(f"{self.caller}: an lf.inject block must exit in the thread that entered it")
+        active = _local.active
+        for module in self.touched:
+            if active.get(module) is self:
+                del active[module]
+        with _LOCK:
+            self.exited = True
+            self.unregister_if_done()
+
+    def unregister_if_done(self) -> None:
+        with _LOCK:
+            if self.exited and self.leases == 0 and self.registered:
+                self.registered = False
+                _release(self.roles)
+
+    # -- helpers for the dispatchers ---------------------------------------------------------------------------
+    def detached(self) -> dict[int, torch.Tensor]:
+        """{id(base parameter): its detached view} for the parameters that require grad."""
+        if self._detached is None:
+            self._detached = {
+                id(p): p.detach() for p in self.model.parameters() if p.requires_grad and _is_plain_parameter(p)
+            }
+        return self._detached
+
+    def same_adapter(self, other: Injection) -> bool:
+        if self is other:
+            return True
+        ours = [(p, leaf, t) for p, leaf, t in self.params.leaves()]
+        theirs = [(p, leaf, t) for p, leaf, t in other.params.leaves()]
+        same_rows = (None if self.rows is None else self.rows.ids) == (None if other.rows is None else other.rows.ids)
+        return same_rows and len(ours) == len(theirs) and all(a[2] is b[2] for a, b in zip(ours, theirs))
+
+    def refuse_direct_call(self, module: nn.Module) -> None:
+        raise RuntimeError(
+            f"{self.caller}: {_name(self.model, module)!r} ran with gradients on outside a call of the "
+            f"{type(self.model).__name__} given to {self.caller}, whose base parameters require grad; lora_func "
+            "keeps base gradients out for calls of the model itself. Call the model, or freeze the base "
+            "(model.requires_grad_(False))"
+        )
+
+    # -- torch.compile -----------------------------------------------------------------------------------------
+    def _enter_compiled(self) -> None:
+        if self.needs_detach and torch.is_grad_enabled() and self.caller != "apply":
+            raise RuntimeError(
+                f"{self.caller}: under torch.compile, lf.inject cannot keep gradients out of base parameters that "
+                "require grad; freeze the base (model.requires_grad_(False)) or call lf.apply inside the compiled code"
+            )
+        self.thread = 0  # entered (dynamo cannot trace threading.get_ident)
+        self.compiled = []
+        for module, (fn, leaves, site) in self.bindings.items():
+            if self.input_form:
+
+                def pre_hook(mod, args, kwargs, fn=fn, leaves=leaves, site=site):
+                    if args:
+                        return (fn(args[0], leaves, site), *args[1:]), kwargs
+                    key = next(iter(kwargs))
+                    return args, {**kwargs, key: fn(kwargs[key], leaves, site)}
+
+                self.compiled.append(_SwappedHooks(module, pre_hook, pre=True))
+            else:
+
+                def hook(mod, args, kwargs, output, fn=fn, leaves=leaves, site=site):
+                    x = args[0] if args else next(iter(kwargs.values()))
+                    return fn(x, output, leaves, site)
+
+                self.compiled.append(_SwappedHooks(module, hook, pre=False))
+
+
+def _name(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name or "<root>"
+    return type(module).__name__
+
+
+_FORWARD_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs")
+
+
+class _SwappedHooks:
+    """A hook added under torch.compile, where `register_forward_hook` graph-breaks (its RemovableHandle
+    bumps a class attribute) and item assignment on a module's hook dicts does too. Instead the module's
+    hook dicts are replaced by copies holding the hook, and the originals put back by `remove`; dynamo
+    traces both attribute writes. The originals are read through `__dict__`, which gives dynamo a
+    reference to the objects themselves (a plain attribute read of an empty hook dict gives a fresh
+    `{}`, and restoring that would leave the module with plain dicts instead of its own). Under compile
+    the hooks never outlive the call, so restores run in reverse order of the swaps and nest correctly.
+    """
+
+    def __init__(self, module: nn.Module, hook: Any, pre: bool) -> None:
+        names = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs") if pre else _FORWARD_HOOK_DICTS
+        self.module = module
+        self.originals = [(name, module.__dict__[name]) for name in names]
+        (_, hooks), (_, with_kwargs) = self.originals
+        key = ("lora_func", len(hooks))
+        swapped_hooks, swapped_kwargs = type(hooks)(hooks), type(with_kwargs)(with_kwargs)
+        swapped_hooks[key] = hook
+        swapped_kwargs[key] = True
+        setattr(module, names[0], swapped_hooks)
+        setattr(module, names[1], swapped_kwargs)
+
+    def remove(self) -> None:
+        for name, original in self.originals:
+            setattr(self.module, name, original)
+
+
+def inject(
+    model: nn.Module,
+    params: Params,
+    *,
+    adapter_ids: torch.Tensor | Sequence[int] | None = None,
+) -> Injection:
+    """A context manager: inside the block, in this thread, every forward of `model` runs with the adapter.
+
+    Other threads, and code after the block, see the base model. `model.generate(...)`, an evaluation
+    harness, several forwards and a custom loss all run with it; outputs computed inside the block can be
+    differentiated after it exits, with or without HF gradient checkpointing (the adapter then stays
+    registered, inert for every other call, until that backward has run). `adapter_ids` (with stacked
+    params, `lf.stack`): row i of every batch uses adapter `adapter_ids[i]`, -1 the base model.
+
+    >>> with lf.inject(model, params):
+    ...     tokens = model.generate(**prompt, max_new_tokens=32)
+    >>> with lf.inject(model, lf.stack([p0, p1]), adapter_ids=[0, 1, -1]):  # one adapter per row
+    ...     tokens = model.generate(**three_prompts, max_new_tokens=32)
+
+    One adapter per module per thread at a time: a second block on the same model inside the first is an
+    error. Base parameters get no gradient, even when they require grad (the flags are left as they are);
+    the model's parameters are never replaced.
+    """
+    return Injection(model, params, adapter_ids, "inject")
