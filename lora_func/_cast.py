@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from ._params import Params
+from ._transform import in_transform
 
 
 def cast(params: Params, dtype: torch.dtype | str) -> Params:
@@ -27,9 +28,7 @@ def cast(params: Params, dtype: torch.dtype | str) -> Params:
         config = dataclasses.replace(params.config, dtype=dtype)
     except (TypeError, ValueError) as e:
         raise ValueError(f"cast: `dtype` {dtype!r} is not a floating dtype ({e})") from None
-    from ._apply import _in_transform
-
-    fresh = not _in_transform()
+    fresh = not in_transform()
 
     def to(t: torch.Tensor) -> torch.Tensor:
         if t.dtype == config.dtype:

@@ -27,14 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._inject import inject
 from ._params import Params, split
 from ._serialize import check_model
 from ._stack import stack_size
-
-try:  # lf.inject: every forward in the block runs with the adapter (generate included)
-    from ._inject import inject
-except ImportError:  # not in this checkout yet: forward goes through lf.apply, generate is unavailable
-    inject = None
 
 
 class _Leaves(nn.Module):
@@ -122,33 +118,11 @@ class AdapterModule(nn.Module):
         """`model(*args, **kwargs)` with the adapter (HF: `labels` gives `.loss`; loss kwargs pass through)."""
         if labels is not None:  # named here so that HF Trainer finds the label column (its `find_labels`)
             kwargs["labels"] = labels
-        model = self.base_model
-        if inject is None:
-            from ._apply import apply
-
-            return apply(model, self.params, self._as_kwargs(args, kwargs))
-        with inject(model, self.params):
-            return model(*args, **kwargs)
-
-    def _as_kwargs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        if not args:
-            return kwargs
-        bound = self._model_signature().bind(*args, **kwargs)
-        call: dict[str, Any] = {}
-        for name, value in bound.arguments.items():
-            kind = bound.signature.parameters[name].kind
-            if kind is inspect.Parameter.VAR_KEYWORD:
-                call.update(value)
-            elif kind is inspect.Parameter.VAR_POSITIONAL:
-                raise TypeError("AdapterModule: positional `*args` of the model's forward need lf.inject")
-            else:
-                call[name] = value
-        return call
+        with inject(self.base_model, self.params):
+            return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """`model.generate(*args, **kwargs)` with the adapter (every decoding step, KV cache included)."""
-        if inject is None:
-            raise NotImplementedError("AdapterModule.generate needs lf.inject")
         with inject(self.base_model, self.params):
             return self.base_model.generate(*args, **kwargs)
 

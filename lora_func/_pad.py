@@ -19,6 +19,7 @@ import torch
 
 from ._config import config_for
 from ._params import Params
+from ._transform import in_transform
 from .variants import lora as lora_variant
 from .variants import variant_for
 
@@ -57,9 +58,7 @@ def pad_ranks(adapters: Sequence[Params], caller: str = "stack") -> list[Params]
     root = math.sqrt(rank) if getattr(first.config, "use_rslora", False) else rank
     config = dataclasses.replace(first.config, r=rank, alpha=scales[0][0] * root, rank_pattern=(), alpha_pattern=())
     s_stack = lora_variant.scale(config)  # the first adapter's scale (up to rounding)
-    from ._apply import _in_transform
-
-    fresh = not _in_transform()
+    fresh = not in_transform()
     padded = []
     for p, row in zip(adapters, scales):
         entries = {path: dict(entry) for path, entry in p.items()}  # shared entries (none here today) as they are
