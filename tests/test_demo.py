@@ -57,6 +57,8 @@ def test_tasks_are_deterministic_and_held_out_prompts_are_unseen():
         a, b = tasks.build(name, train=200, test=16), tasks.build(name, train=200, test=16)
         assert a.fingerprint == b.fingerprint and len(a.train) == 200 and len(a.test) == 16
         assert not {e.prompt for e in a.test} & {e.prompt for e in a.train}
+    held_out = tasks.HELD_OUT_NAMES + tasks.HELD_OUT_CITIES
+    assert not [(a, b) for a in held_out for b in tasks.NAMES + tasks.CITIES if a in b or b in a]
     people = tasks.build("json", train=200, test=16)
     for e in people.test:  # unseen names, cities and sentence templates
         fields = json.loads(e.answer)

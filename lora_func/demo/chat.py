@@ -333,7 +333,8 @@ def run(
     held_out: int = 32,
     k_held_out: int = 16,
     rank: int = 8,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
+    k_lr: float = 3e-3,
     seed: int = 0,
     samples: int = 4,
     progress: bool = True,
@@ -347,12 +348,15 @@ def run(
     prompts = [e.prompt for e in task.test]
     limit = MAX_NEW_TOKENS.get(main_task, 32)
 
+    say = (lambda text: print(text, file=sys.stderr)) if progress else (lambda text: None)
+    say(f"base model: greedy replies to {len(prompts)} held-out {task.name} prompts")
     started = time.perf_counter()
     before = generate(model, chat, prompts, max_new_tokens=limit)
     base_seconds = time.perf_counter() - started
     params, curve, train_seconds = train_one(
         model, chat, task, cfg, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress
     )
+    say(f"with the adapter: greedy replies to the same {len(prompts)} prompts")
     started = time.perf_counter()
     after = generate(model, chat, prompts, params=params, max_new_tokens=limit)
     adapted_seconds = time.perf_counter() - started
@@ -381,11 +385,12 @@ def run(
 
     tasks = [build(name, train=400, test=k_held_out, seed=seed) for name in k_tasks]
     stacked, curves, k_train_seconds = train_many(
-        model, chat, tasks, cfg, steps=k_steps, batch_size=k_batch_size, lr=lr, seed=seed, progress=progress
+        model, chat, tasks, cfg, steps=k_steps, batch_size=k_batch_size, lr=k_lr, seed=seed, progress=progress
     )
     rows = [(k, e) for k, t in enumerate(tasks) for e in t.test]
     mixed_prompts = [e.prompt for _, e in rows] * 2
     mixed_ids = [k for k, _ in rows] + [-1] * len(rows)
+    say(f"one mixed-adapter generate call: {len(mixed_prompts)} rows, {len(tasks)} adapters and the base model")
     started = time.perf_counter()
     replies = generate(
         model,
@@ -412,7 +417,7 @@ def run(
         "held_out": k_held_out,
         "steps": k_steps,
         "batch_size": k_batch_size,
-        "lr": lr,
+        "lr": k_lr,
         "train_loss": {t.name: c for t, c in zip(tasks, curves)},
         "train_seconds": k_train_seconds,
         "rows": len(mixed_prompts),
@@ -439,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--k-batch-size", type=int, default=4, help="rows per task per step of the K adapters")
     parser.add_argument("--held-out", type=int, default=32, help="held-out prompts of the single adapter's task")
     parser.add_argument("--k-held-out", type=int, default=16, help="held-out prompts of each of the K tasks")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the single adapter")
+    parser.add_argument("--k-lr", type=float, default=3e-3, help="AdamW learning rate of the K adapters")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -448,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.progress:
+        os.environ["TQDM_DISABLE"] = "1"  # transformers' own bar while it dequantizes the GGUF file
 
     started = time.perf_counter()
     model, tokenizer = load_smollm2()
@@ -464,6 +472,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         k_held_out=args.k_held_out,
         rank=args.rank,
         lr=args.lr,
+        k_lr=args.k_lr,
         seed=args.seed,
         progress=args.progress,
     )

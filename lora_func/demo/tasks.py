@@ -3,7 +3,7 @@ answer is one exact string, so that greedy generation is scored by exact match.
 
 - `json`: extract a person's name, age and city from a sentence as one line of JSON. The held-out
   sentences use names, cities and sentence templates that no training example uses, so the adapter must
-  copy the fields, not recall them; a lenient score (the first `{...}` in the reply parses to the same
+  copy the fields, not recall them. A lenient score (the first `{...}` in the reply parses to the same
   object) is reported beside exact match, so a base model that answers with extra words gets its due.
 - `date`: an ISO date written out as day, month name and year (`2021-03-07` -> `7 March 2021`).
 - `time`: a 24-hour time in 12-hour form (`14:35` -> `2:35 pm`).
@@ -23,12 +23,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 NAMES = (
-    "Maria Jonas Aiko Pedro Fatima Lukas Chen Amara Diego Ingrid Omar Sofia Kenji Lena Tariq Elena Mateo Priya "
-    "Hugo Zara Felix Nadia Ravi Clara Yusuf Greta Malik Hana Bruno Leila"
+    "Maria Jonas Aiko Pedro Fatima Lukas Chen Amara Diego Ingrid Omar Sofia Kenji Lena Tariq Elena Mateo Priya Hugo "
+    "Zara Felix Nadia Ravi Clara Yusuf Greta Malik Hana Bruno Leila Oscar Mei Tobias Ayesha Carlos Signe Emeka Julia "
+    "Arjun Noor Viktor Lucia Kwame Astrid Jamal Yuki Rafael Dalia Henrik Ines Sipho Marta Farid Chloe Bao Nina Lars "
+    "Esther Kofi Paula Hiro Selma Andrei Lina Ibrahim Vera Mario Ananya Erik Soraya Theo Beatriz Olu Mila Sven Amina"
 ).split()
-HELD_OUT_NAMES = "Tomas Keiko Rosa Anders Imani Pablo Freya Samir".split()
-CITIES = "Lisbon Oslo Kyoto Lima Cairo Vienna Dublin Nairobi Quito Hanoi Seoul Porto Krakow Accra Zurich Madrid".split()
-HELD_OUT_CITIES = "Tunis Riga Bogota Perth Lyon Manila".split()
+HELD_OUT_NAMES = (
+    "Tomas Keiko Rosa Anders Imani Pablo Freya Samir Ada Ngozi Lorenzo Saanvi Mikael Thandi Jonah Lucinda".split()
+)
+CITIES = (
+    "Lisbon Oslo Kyoto Lima Cairo Vienna Dublin Nairobi Quito Hanoi Seoul Porto Krakow Accra Zurich Madrid Bergen "
+    "Osaka Prague Athens Lagos Denver Toronto Havana Dakar Tallinn Munich Chennai Santiago Helsinki Glasgow Marseille "
+    "Budapest Jakarta Karachi Montreal Kampala Valencia Sapporo Leipzig Cusco Tbilisi Boston Geneva Rabat Hamburg "
+    "Naples Ottawa Busan Beirut Calgary Seville Taipei Warsaw Antwerp Luanda Gdansk Lyon Bristol Adelaide"
+).split() + ["New Delhi", "Cape Town", "Buenos Aires", "Los Angeles", "Abu Dhabi", "Rio de Janeiro"]
+HELD_OUT_CITIES = "Tunis Riga Bogota Perth Manila Turin Nagoya Windhoek Bilbao Vilnius".split() + [
+    "Hong Kong",
+    "San Jose",
+]
 TEMPLATES = (
     "{name} is {age} years old and lives in {city}.",
     "Meet {name}, a {age}-year-old from {city}.",
