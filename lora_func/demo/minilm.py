@@ -1,6 +1,6 @@
 """Fine-tune the pretrained all-MiniLM-L6-v2 with every registered variant, offline, and compare them.
 
-    python -m lora_func.demo [--steps 50] [--variants lora,pissa] [--out results/demo] [--no-progress]
+    python -m lora_func.demo --minilm [--steps 50] [--variants lora,pissa] [--out results/demo/minilm] [--no-progress]
 
 The task (see `_demo_data.py`): tell which standard-library module a docstring comes from. The model
 embeds the docstring and a short description of each module (mean pooling over tokens, L2-normalised);
@@ -272,13 +272,16 @@ def parse_variants(text: str | None) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description="Fine-tune MiniLM with every lora_func variant on stdlib docstrings.")
+    parser = argparse.ArgumentParser(
+        prog="python -m lora_func.demo --minilm",
+        description="Fine-tune MiniLM with every lora_func variant on stdlib docstrings.",
+    )
     parser.add_argument("--steps", type=int, default=50, help="training steps per variant (default 50)")
     parser.add_argument("--variants", default=None, help="comma-separated names (default: all registered)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=Path("results/demo"))
+    parser.add_argument("--out", type=Path, default=Path("results/demo/minilm"))
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
     names = parse_variants(args.variants)

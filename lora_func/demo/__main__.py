@@ -1,0 +1,3 @@
+from lora_func.demo import main
+
+main()
