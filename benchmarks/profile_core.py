@@ -5,9 +5,9 @@
 Three views, on the bench model of bench_core.py:
 1. Steps, alternated and timed by process CPU time (min and median): ideal; lora_func with LoRA's
    forward replaced by `y` unchanged on inputs that require grad (all of `apply`'s machinery, no adapter
-   math: hooks, functional_call over detached base parameters, cleanup); lora_func LoRA; PEFT.
-2. `apply`'s fixed costs per call, timed alone: resolving targets, registering and removing hooks,
-   the detached-parameter dict, scanning for checkpointed layers, functional_call's re-parametrization.
+   math: dispatchers, the detaching mode over base parameters, cleanup); lora_func LoRA; PEFT.
+2. `apply`'s fixed costs per call, timed alone: the survey of the model, the structure check, resolving
+   targets, building the injection and registering and removing its dispatchers, the detached-parameter table.
 3. Operators the lora_func step calls more often than the ideal (profiler, grouped by input shapes,
    each side the min over repeats): the adapter's matmuls, adds, casts, the autograd.Function's own
    overhead, and the extra accumulation of input gradients.
@@ -32,8 +32,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import bench_core as bc  # noqa: E402
 
 import lora_func as lf  # noqa: E402
-from lora_func import _apply  # noqa: E402
-from lora_func.variants import REGISTRY, variant_for  # noqa: E402
+from lora_func.variants import REGISTRY  # noqa: E402
 
 
 def machinery_step(model, params, batch):
@@ -62,33 +61,20 @@ def per_call_ms(fn, n: int = 100) -> float:
 
 
 def fixed_costs(model, params, batch) -> dict[str, float]:
-    variant = variant_for(params.config, caller="apply")
+    """`apply`'s costs per call besides running the model (lora_func/_inject.py)."""
+    from lora_func import _inject, _sites, _structure
 
     def hooks_on_and_off():
-        injection = _apply.Injection(model, "apply")
-        for module, site in _apply.resolve_sites(model, params, "apply"):
-            injection.add_target(module, variant, _apply.with_shared(params, site.target.path), site)
-        injection.close()
+        with _inject.Injection(model, params, None, "apply"):
+            pass
 
-    overrides = _apply._trainable_base(model)
-
-    class Shell(torch.nn.Module):  # functional_call's swap cost, without running the model
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return x
-
-    shell, x = Shell(model), torch.zeros(1)
-    shell_overrides = {f"inner.{k}": v for k, v in overrides.items()}
     return {
-        "resolve targets": per_call_ms(lambda: _apply.resolve_sites(model, params, "apply")),
-        "resolve + register + remove hooks": per_call_ms(hooks_on_and_off),
-        "detached base-parameter dict": per_call_ms(lambda: _apply._trainable_base(model)),
-        "scan for checkpointed layers": per_call_ms(lambda: _apply._checkpointed_layers(model)),
-        f"functional_call over {len(overrides)} parameters": per_call_ms(
-            lambda: torch.func.functional_call(shell, shell_overrides, (x,))
+        "survey of the model (one walk)": per_call_ms(lambda: _inject._survey(model)),
+        "structure check": per_call_ms(lambda: _structure.check(params, "apply")),
+        "resolve targets": per_call_ms(lambda: _sites.resolve_sites(model, params, "apply")),
+        "whole injection: build, register and remove the dispatchers": per_call_ms(hooks_on_and_off),
+        "detached base-parameter table": per_call_ms(
+            lambda: {id(p): p.detach() for p in model.parameters() if p.requires_grad}
         ),
     }
 
