@@ -166,10 +166,15 @@ def _output_hook(module, args, *rest):  # rest: (kwargs, output), or (output,) w
     binding = injection.bindings.get(module)
     if binding is None or injection.input_form:  # another thread's adapter of the input form shares the module
         return None
-    if task == -1 and injection.needs_detach and not _local.detaching and torch.is_grad_enabled():
-        injection.refuse_direct_call(module)
-    fn, leaves, site = binding
+    fn, leaves, site, inference = binding
     x = args[0] if args else next(iter(rest[0].values()))
+    if not torch.is_grad_enabled():
+        if inference is not None and not module.training:
+            y = inference(x, rest[-1], leaves)
+            if y is not None:
+                return y
+    elif task == -1 and injection.needs_detach and not _local.detaching:
+        injection.refuse_direct_call(module)
     return fn(x, rest[-1], leaves, site)
 
 
@@ -183,7 +188,7 @@ def _input_hook(module, args, *rest):  # rest: (kwargs,), or () when registered 
         return None
     if task == -1 and injection.needs_detach and not _local.detaching and torch.is_grad_enabled():
         injection.refuse_direct_call(module)
-    fn, leaves, site = binding
+    fn, leaves, site, _ = binding
     if args:
         new_args = (fn(args[0], leaves, site), *args[1:])
         return (new_args, rest[0]) if rest else new_args
@@ -483,10 +488,9 @@ class Injection:
             )
         self.model, self.params, self.caller = model, params, caller
         self.input_form = variant.forward_input is not None
-        self.bindings: dict[nn.Module, tuple[Callable, dict, Site]] = {}
+        self.bindings: dict[nn.Module, tuple[Callable, dict, Site, Callable | None]] = {}  # fn, leaves, site, inference
         self.parameter_bindings: dict[nn.Module, list[tuple[Callable, dict, Site]]] = {}  # `form_of`: "parameters"
         form = "input" if self.input_form else "output"
-        batched = {"forward_rows": variant.forward_rows} if variant.forward_rows is not None else {}
         roles: list[tuple[nn.Module, str]] = []
         rows = self.rows
         for module, site in resolve_sites(model, params, caller, modules):
@@ -504,8 +508,9 @@ class Injection:
             if self.input_form:
                 fn = variant.forward_input if rows is None else partial(rows.forward_input, variant.forward_input)
             else:
-                fn = variant.forward if rows is None else partial(rows.forward, variant.forward, **batched)
-            self.bindings[module] = (fn, leaves, site)
+                fn = variant.forward if rows is None else partial(rows.forward, variant.forward)
+            inference = None if self.input_form or variant.inference is None else variant.inference(site, rows)
+            self.bindings[module] = (fn, leaves, site, inference)
             roles.append((module, form))
         roles += [(module, "parameters") for module in self.parameter_bindings]
         self._detached: dict[int, torch.Tensor] | None = None
@@ -623,7 +628,7 @@ class Injection:
             )
         self.thread = 0  # entered (dynamo cannot trace threading.get_ident)
         self.compiled = []
-        for module, (fn, leaves, site) in self.bindings.items():
+        for module, (fn, leaves, site, _) in self.bindings.items():
             if self.input_form:
 
                 def pre_hook(mod, args, kwargs, fn=fn, leaves=leaves, site=site):

@@ -6,7 +6,7 @@ puts the rows back in order. Rows with id -1 keep the base layer's output (or in
 the base model, and no gradient to any adapter. Works for every variant: each group is an ordinary
 single-adapter call on fewer rows.
 
-In inference (eval mode, grad off), a variant may batch the rows itself (`Variant.forward_rows`; LoRA on linear
+In inference (eval mode, grad off), a variant may batch the rows itself (`Variant.inference`; LoRA on linear
 layers: each row's A and B gathered, two batched matmuls, base rows multiplied by zero), which costs a few ops
 per target whatever the adapters: what serving K adapters in one `generate` batch needs. Otherwise,
 two ways to run the groups, chosen once per call:
@@ -122,7 +122,7 @@ class AdapterRows:
         self.inverse = torch.empty_like(self.order)
         self.inverse[self.order] = torch.arange(len(ids))
 
-    def _check(self, x: torch.Tensor, site: Site) -> None:
+    def check(self, x: torch.Tensor, site: Site) -> None:
         if x.dim() == 0 or x.shape[0] != self.rows:
             rows = x.shape[0] if x.dim() else "no"
             raise ValueError(
@@ -133,7 +133,7 @@ class AdapterRows:
 
     def per_row(self, stacked: torch.Tensor) -> torch.Tensor:
         """Row i's adapter of a stacked leaf, (rows, ...), zero for a base row (-1): for variants that gather one
-        adapter per row (`Variant.forward_rows`). The stack itself when row i uses adapter i, every one of them."""
+        adapter per row (`Variant.inference`). The stack itself when row i uses adapter i, every one of them."""
         if self.direct and stacked.shape[0] == self.rows:
             return stacked
         index, keep = self._index.get(stacked.device, (None, None))
@@ -187,14 +187,9 @@ class AdapterRows:
         y: torch.Tensor,
         leaves: Leaves,
         site: Site,
-        forward_rows: Callable | None = None,
     ) -> torch.Tensor:
         """The variant's output-form `forward`, each row with its own adapter."""
-        self._check(x, site)
-        if forward_rows is not None and not torch.is_grad_enabled() and not site.base.training:
-            out = forward_rows(x, y, leaves, self, site)
-            if out is not None:
-                return out
+        self.check(x, site)
         if self.vmapped:
             each = torch.func.vmap(
                 lambda x_g, y_g, leaves_g: forward(x_g, y_g, leaves_g, site), randomness=_random(site)
@@ -208,7 +203,7 @@ class AdapterRows:
 
     def forward_input(self, transform: Callable, x: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
         """The variant's input transform, each row with its own adapter; the base layer then runs once."""
-        self._check(x, site)
+        self.check(x, site)
         if self.vmapped:
             each = torch.func.vmap(lambda x_g, leaves_g: transform(x_g, leaves_g, site), randomness=_random(site))
             return self._unblock(each(self._block(x), self._used_leaves(leaves)), x)

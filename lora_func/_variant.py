@@ -59,8 +59,10 @@ class Variant(NamedTuple):
     create(target, cfg, init) -> leaves             initial values (see `Init`)
     forward(x, y, leaves, site) -> y'               output form: adapted output from input and base output
     forward_input(x, leaves, site) -> x'            input form: the base layer then runs on x'
-    forward_rows(x, y, stacked, rows, site) -> y'   optional, inference only: a mixed batch in one pass, row i with
-                                                    adapter rows.index[i] of the stacked leaves (None: not here)
+    inference(site, rows) -> run(x, y, leaves) -> y'  optional: the output form for one target in inference (an
+                                                    eval-mode layer, grad off), built once per injection; with `rows`
+                                                    (`AdapterRows`) row i uses adapter rows.index[i] of the stacked
+                                                    leaves. None (built or returned): `forward` runs instead
     merge(weight, bias, leaves, site) -> (W', b')   the adapter folded into a dense float weight
     frozen                                          leaf names that do not train
     shared_shapes(targets, cfg) -> {leaf: shape}    leaves stored once for all targets (VeRA), or None
@@ -83,7 +85,7 @@ class Variant(NamedTuple):
     merge: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
     forward: Callable[..., torch.Tensor] | None = None
     forward_input: Callable[..., torch.Tensor] | None = None
-    forward_rows: Callable[..., torch.Tensor | None] | None = None
+    inference: Callable[..., Callable | None] | None = None
     frozen: tuple[str, ...] = ()
     shared_shapes: Callable[[tuple[Target, ...], AdapterConfig], dict[str, tuple[int, ...]]] | None = None
     create_shared: Callable[[tuple[Target, ...], AdapterConfig, Init], Leaves] | None = None

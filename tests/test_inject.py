@@ -82,7 +82,7 @@ def test_mixed_adapter_generate_gives_each_row_its_own_adapter(name):
 @torch.no_grad()
 @pytest.mark.parametrize("name", VARIANTS)
 def test_mixed_batch_in_inference_gives_each_row_its_adapter_and_base_rows_exactly(name):
-    """Eval mode without grad, where LoRA batches the rows itself (`Variant.forward_rows`) and others vmap."""
+    """Eval mode without grad, where LoRA batches the rows itself (`Variant.inference`) and others vmap."""
     model = tiny_qwen3().eval()
     adapters = [make(name, model, seed=s) for s in range(3)]
     batch = qwen3_batch(batch=5, seq=7)
@@ -96,6 +96,27 @@ def test_mixed_batch_in_inference_gives_each_row_its_adapter_and_base_rows_exact
         else:
             want = lf.apply(model, adapters[a], alone).logits[0]
             torch.testing.assert_close(got[row], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_eval_mode_without_grad_equals_the_merged_model_and_the_grad_path(name):
+    """Decoding's path (an eval-mode model, grad off: LoRA's and EVA's `Variant.inference`, one adapter and a
+    mixed batch) against the dense merged weights and against the same call with grad on."""
+    model = tiny_qwen3().eval()
+    adapters = [make(name, model, seed=s) for s in range(2)]
+    batch = qwen3_batch(batch=2, seq=6)
+    with torch.enable_grad(), lf.inject(model, adapters[0]):
+        with_grad = model(**batch).logits
+    with torch.no_grad():
+        with lf.inject(model, adapters[0]):
+            got = model(**batch).logits
+        merged = torch.func.functional_call(model, lf.merge(model, adapters[0]), args=(), kwargs=batch).logits
+        with lf.inject(model, lf.stack(adapters), adapter_ids=[0, 0]):
+            rows = model(**batch).logits
+    torch.testing.assert_close(got, with_grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, merged, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rows, got, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, model(**batch).logits, atol=1e-3)  # the adapter acts
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ Reference: peft/tuners/lora/layer.py (`Linear`, `Conv2d`, `Embedding`, `ParamWra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -63,20 +64,41 @@ def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> tor
     return site.base.add_low_rank(y, input_dropout(x, site), leaves["A"], leaves["B"], scale(site.config))
 
 
-def forward_rows(x: torch.Tensor, y: torch.Tensor, stacked: Leaves, rows, site: Site) -> torch.Tensor | None:
-    """A mixed batch in inference, row i with its own adapter of the stacked (K, …) leaves: its A and B gathered
-    (rows × r × (d_in + d_out) values, small next to the activations; none when row i uses adapter i), two
-    batched matmuls, the add fused into the second; a base row's B is zero, so it gets y exactly. Linear layers
-    only (None: the caller's general path)."""
-    if site.target.kind not in LINEAR_LIKE or x.dim() < 2 or y.dtype != x.dtype:
+def inference(site: Site, rows) -> Callable | None:
+    """The target's forward in inference (an eval-mode layer, grad off), built once per injection: the fewest ops
+    and Python frames between the hook and the kernels. Where kernels are small (decoding; a GPU) these calls are
+    the adapter's whole cost per target and token. The same ops as `forward`'s inference path, so the same bits.
+
+    With `rows` (a mixed batch), row i runs adapter rows.index[i] of the stacked (K, …) leaves: its A and B
+    gathered (rows × r × (d_in + d_out) values, small next to the activations; none when row i uses adapter i),
+    two batched matmuls, the add fused into the second; a base row's B is zero, so it gets y exactly.
+    Linear layers only; a returned function gives None where dtypes differ (then `forward` runs)."""
+    if site.target.kind not in LINEAR_LIKE:
         return None
-    A, B = rows.per_row(stacked["A"]), rows.per_row(stacked["B"])  # (n, r, d_in), (n, d_out, r)
-    if A.dtype != x.dtype:
-        A, B = A.to(x.dtype), B.to(x.dtype)
-    n = x.shape[0]
-    h = torch.bmm(x.reshape(n, -1, x.shape[-1]), A.mT)  # (n, T, r)
-    out = torch.baddbmm(y.reshape(n, -1, y.shape[-1]), h, B.mT, alpha=scale(site.config))  # (n, T, d_out)
-    return out.view(y.shape)
+    s = scale(site.config)
+    linear, add = F.linear, torch.add
+    if rows is None:
+
+        def run(x: torch.Tensor, y: torch.Tensor, leaves: Leaves) -> torch.Tensor | None:
+            A = leaves["A"]
+            if A.dtype != x.dtype or y.dtype != x.dtype:
+                return None
+            return add(y, linear(linear(x, A), leaves["B"]), alpha=s)
+
+        return run
+    check, per_row, bmm, baddbmm = rows.check, rows.per_row, torch.bmm, torch.baddbmm
+
+    def run_rows(x: torch.Tensor, y: torch.Tensor, stacked: Leaves) -> torch.Tensor | None:
+        A = stacked["A"]
+        if x.dim() < 2 or A.dtype != x.dtype or y.dtype != x.dtype:
+            return None
+        check(x, site)
+        n = x.shape[0]
+        h = bmm(x.reshape(n, -1, x.shape[-1]), per_row(A).mT)  # (n, T, r)
+        out = baddbmm(y.reshape(n, -1, y.shape[-1]), h, per_row(stacked["B"]).mT, alpha=s)  # (n, T, d_out)
+        return out.view(y.shape)
+
+    return run_rows
 
 
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
@@ -90,7 +112,7 @@ VARIANT = Variant(
     shapes=shapes,
     create=create,
     forward=forward,
-    forward_rows=forward_rows,
+    inference=inference,
     merge=merge,
     kinds=KINDS,
 )
