@@ -1,6 +1,6 @@
 """The main job: fine-tune the chat LLM SmolLM2-135M-Instruct with LoRA on CPU, offline, and serve K adapters at once.
 
-    python -m lora_func.demo [--steps 40] [--k-steps 40] [--out results/demo] [--no-progress] [--threads N]
+    python -m lora_func.demo [--steps 20] [--k-steps 20] [--out results/demo] [--no-progress] [--threads N]
 
 1. One adapter. LoRA (r = 8 on all 210 linear layers) learns to extract a person's name, age and city from a
    sentence as one line of JSON (`tasks.py`: held-out sentences use unseen names, cities and phrasings). The
@@ -326,8 +326,8 @@ def run(
     model: nn.Module,
     tokenizer: Any,
     *,
-    steps: int = 40,
-    k_steps: int = 40,
+    steps: int = 20,
+    k_steps: int = 20,
     batch_size: int = 8,
     k_batch_size: int = 4,
     held_out: int = 32,
@@ -438,8 +438,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         description="Fine-tune SmolLM2-135M-Instruct with LoRA on CPU; K adapters in one pass and one mixed batch. "
         "--minilm runs the comparison of every variant on MiniLM instead.",
     )
-    parser.add_argument("--steps", type=int, default=40, help="steps of the single adapter (default 40)")
-    parser.add_argument("--k-steps", type=int, default=40, help="steps of the K adapters trained at once (default 40)")
+    parser.add_argument("--steps", type=int, default=20, help="steps of the single adapter (default 20)")
+    parser.add_argument("--k-steps", type=int, default=20, help="steps of the K adapters trained at once (default 20)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per step of the single adapter")
     parser.add_argument("--k-batch-size", type=int, default=4, help="rows per task per step of the K adapters")
     parser.add_argument("--held-out", type=int, default=32, help="held-out prompts of the single adapter's task")
