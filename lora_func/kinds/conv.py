@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._kind import BaseLayer, Kind, Target
+from . import linear
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -162,10 +163,7 @@ def low_rank_shapes(target: Target, cfg) -> dict[str, tuple[int, ...]]:
 
 def init_low_rank(target: Target, cfg, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
     """A kaiming-uniform as a conv weight (fan-in d_in·∏kernel, PEFT's default), B = 0."""
-    shapes = low_rank_shapes(target, cfg)
-    A = torch.empty(shapes["A"])
-    torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-    return {"A": A, "B": torch.zeros(shapes["B"])}
+    return linear.kaiming_low_rank(low_rank_shapes(target, cfg), generator)
 
 
 def low_rank(base: BaseLayer, x, A, B, s: float, y):

@@ -207,12 +207,16 @@ def low_rank_shapes(target: Target, cfg) -> dict[str, tuple[int, ...]]:
     return {"A": (cfg.r, target.d_in), "B": (target.d_out, cfg.r)}
 
 
-def init_low_rank(target: Target, cfg, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-    """A kaiming-uniform (as nn.Linear's weight, PEFT's default), B = 0."""
-    shapes = low_rank_shapes(target, cfg)
+def kaiming_low_rank(shapes: dict[str, tuple[int, ...]], generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """A kaiming-uniform as a layer weight of its shape (fan-in: all but dim 0; PEFT's default), B = 0."""
     A = torch.empty(shapes["A"])
     torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
     return {"A": A, "B": torch.zeros(shapes["B"])}
+
+
+def init_low_rank(target: Target, cfg, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """A kaiming-uniform (as nn.Linear's weight, PEFT's default), B = 0."""
+    return kaiming_low_rank(low_rank_shapes(target, cfg), generator)
 
 
 def features_last_low_rank(base: BaseLayer, x, A, B, s: float, y):
