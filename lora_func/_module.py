@@ -30,7 +30,7 @@ from torch import nn
 from ._inject import inject
 from ._params import Params, split
 from ._serialize import check_model
-from ._stack import stack_size
+from ._structure import check
 
 
 class _Leaves(nn.Module):
@@ -72,7 +72,7 @@ class AdapterModule(nn.Module):
             raise TypeError(f"AdapterModule: `model` must be an nn.Module, got {type(model).__name__}")
         if not isinstance(params, Params):
             raise TypeError(f"AdapterModule: `params` must be lora_func Params, got {type(params).__name__}")
-        if stack_size(params, "AdapterModule") is not None:
+        if check(params, "AdapterModule") is not None:  # the structure check: K stacked adapters, or None
             raise ValueError("AdapterModule: `params` stacks several adapters; give one adapter (see lf.unstack)")
         check_model(model, params.targets, "AdapterModule")
         self.__dict__["_base"] = model  # outside the module tree: not in parameters() or state_dict()

@@ -16,7 +16,6 @@ import torch
 from ._pad import pad_ranks, same_but_rank
 from ._params import Params
 from ._structure import check
-from ._structure import stack_size as stack_size  # what `apply` calls: the full structure check, K or None
 from ._transform import in_transform
 
 

@@ -1,7 +1,7 @@
 """The one structure check of a params pytree (DESIGN invariant 12), and the one place leaf shapes are declared.
 
-Every entry point checks its params here before anything runs or is written: `apply` (through `stack_size`),
-`merge`, `save`, `to_peft`, `stack`, `unstack`, `per_example_grads`; `init`, `load` and `from_peft` build
+Every entry point checks its params here before anything runs or is written: `apply` and `inject` (with the
+model), `merge`, `save`, `to_peft`, `stack`, `unstack`, `per_example_grads`; `init`, `load` and `from_peft` build
 their leaves from `declared_shapes` and check the result the same way.
 
 What is checked, in this order, each failure a ValueError naming the leaf (`path.leaf`), the rule and what was
@@ -260,9 +260,3 @@ def _submodule(model: nn.Module, path: str) -> nn.Module | None:
         return model.get_submodule(path)
     except AttributeError:
         return None
-
-
-def stack_size(params: Params, caller: str) -> int | None:
-    """K when `params` is a whole adapter stacked K times (`lf.stack`), None for one adapter; else an error.
-    The full structure check: what `apply` runs before anything else."""
-    return check(params, caller)
