@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -20,7 +22,8 @@ def merge(model: nn.Module, params: Params) -> dict[str, torch.Tensor]:
     each module's own layout (transformers' Conv1D transposed, a conv's kernel shape); a fused-experts target's
     key is its parameter's name; a `modules_to_save` copy gives its module's parameters. A grouped convolution
     adapted by LoRA does not merge (an error names it). Differentiable with respect to `params`; `.detach()` the
-    result to write a checkpoint.
+    result to write a checkpoint. An enclosing `torch.autocast` does not reach the merge: the weights are computed
+    at full precision, as outside it.
 
     >>> merged = lf.merge(model, params)
     >>> model_copy.load_state_dict(merged, strict=False)
@@ -28,15 +31,29 @@ def merge(model: nn.Module, params: Params) -> dict[str, torch.Tensor]:
     check(params, "merge", stacked=False, model=model)
     variant = variant_for(params.config, caller="merge")
     merged: dict[str, torch.Tensor] = {}
-    for _, site in resolve_sites(model, params, "merge"):
-        path = site.target.path
-        try:
-            named = merged_parameters(variant, site, with_shared(params, path))
-        except ValueError as e:
-            raise ValueError(f"merge: {e}") from None
-        prefix = form_of(variant, site.target).module_path
-        for name, tensor in named.items():
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"merge: the merged {name} of {path!r} has NaN or inf values")
-            merged[f"{prefix}.{name}" if prefix else name] = tensor
+    with _autocast_off({t.device.type for _, _, t in params.leaves()}):
+        for _, site in resolve_sites(model, params, "merge"):
+            _merge_site(variant, site, params, merged)
     return merged
+
+
+def _merge_site(variant, site, params: Params, merged: dict[str, torch.Tensor]) -> None:
+    path = site.target.path
+    try:
+        named = merged_parameters(variant, site, with_shared(params, path))
+    except ValueError as e:
+        raise ValueError(f"merge: {e}") from None
+    prefix = form_of(variant, site.target).module_path
+    for name, tensor in named.items():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"merge: the merged {name} of {path!r} has NaN or inf values")
+        merged[f"{prefix}.{name}" if prefix else name] = tensor
+
+
+def _autocast_off(device_types: set[str]) -> contextlib.ExitStack:
+    """Autocast switched off on these device types (a merged weight is a weight, not an activation)."""
+    stack = contextlib.ExitStack()
+    for device in sorted(device_types):
+        if torch.amp.is_autocast_available(device):
+            stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
