@@ -174,3 +174,21 @@ def test_lora_on_every_kind_trains_under_bf16_autocast(kind):
     assert relative(output(ref), base) > 0.05  # the adapter moves the output well past the tolerance below
     assert relative(output(out), output(ref)) < 0.03
     assert relative(grads, ref_grads) < 0.15
+
+
+def test_per_example_grads_under_autocast():
+    """torch.func's vmap(grad) through the low-rank path under bf16 autocast: within bf16 precision of float32."""
+    import torch.nn.functional as F
+
+    model, batch, params = setup("lora")
+    inputs = {"input_ids": batch["input_ids"]}
+
+    def token_loss(out):
+        logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
+        return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
+
+    want = lf.per_example_grads(model, params, inputs, token_loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lf.per_example_grads(model, params, inputs, token_loss)
+    assert all(t.dtype == torch.float32 for _, _, t in got.leaves())
+    assert relative(flat(t for _, _, t in got.leaves()), flat(t for _, _, t in want.leaves())) < 0.05
