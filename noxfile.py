@@ -1,4 +1,5 @@
-"""Every job on a fresh machine: `pip install nox`, then `nox -s tests`, `nox -s demo` or `nox -s notebooks`.
+"""Every job on a fresh machine: `pip install nox`, then `nox -s tests`, `nox -s demo`, `nox -s notebooks` or
+`nox -s docs`.
 
 Each session installs the pinned CPU torch first (an unpinned torch requirement can pull a multi-GB CUDA
 build), then everything else at the exact versions of `constraints.txt`, the ones the suite is tested with.
@@ -32,9 +33,10 @@ def install(session: nox.Session, extras: str, *, smollm2: bool = False) -> None
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """The CPU test suite, on the pinned versions."""
+    """The CPU test suite, on the pinned versions, on two worker processes (`-- -n 0`: one process);
+    `-- -m "not slow"` is the fast tier, the tests that take under ~5 s each."""
     install(session, "test", smollm2=True)
-    session.run("python", "-m", "pytest", "tests", "-q", *session.posargs, env=OFFLINE)
+    session.run("python", "-m", "pytest", "tests", "-q", "-n", "2", *session.posargs, env=OFFLINE)
 
 
 @nox.session(python=PYTHON, default=False)
@@ -67,6 +69,15 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_scaling.py", "--out", "results/scaling.json", *flags, env=OFFLINE)
     session.run("python", "benchmarks/bench_calls.py", "--out", "results/calls.json", *flags, env=OFFLINE)
     session.run("python", "benchmarks/report.py", "--results", "results", "--docs", "docs", env=OFFLINE)
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """The documentation site (mkdocs-material, API reference from the docstrings) in site/, built with
+    `--strict`: a broken link, a missing page or a docstring reference that does not resolve fails it."""
+    docs_extra = nox.project.load_toml("pyproject.toml")["project"]["optional-dependencies"]["docs"]
+    session.install(*CONSTRAINTS, *docs_extra)  # mkdocstrings reads lora_func's source: no torch needed
+    session.run("mkdocs", "build", "--strict", *session.posargs)
 
 
 @nox.session(python=PYTHON)

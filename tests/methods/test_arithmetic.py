@@ -185,7 +185,7 @@ def test_weighted_sum_of_different_ranks_scales_and_targets(tmp_path):
 
 
 def test_averaging_factors_is_wrong_and_weighted_sum_is_exact():
-    """½(A₁+A₂), ½(B₁+B₂) is ¼(B₁+B₂)(A₁+A₂): cross terms (PITFALLS item 19); concatenation is exact."""
+    """½(A₁+A₂), ½(B₁+B₂) is ¼(B₁+B₂)(A₁+A₂): cross terms; concatenation is exact."""
     model = tiny_qwen3()
     a, b = make("lora", model, seed=0), make("lora", model, seed=1)
     want = dense_sum(model, [a, b], [0.5, 0.5])

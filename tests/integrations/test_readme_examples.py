@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 import lora_func as lf
 
 pytest.importorskip("transformers")
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 TIMEOUT_S = 120
 
 
