@@ -1,4 +1,5 @@
-"""Every job on a fresh machine: `pip install nox`, then `nox -s tests`, `nox -s demo` or `nox -s notebooks`.
+"""Every job on a fresh machine: `pip install nox`, then `nox -s tests`, `nox -s demo`, `nox -s notebooks` or
+`nox -s docs`.
 
 Each session installs the pinned CPU torch first (an unpinned torch requirement can pull a multi-GB CUDA
 build), then everything else at the exact versions of `constraints.txt`, the ones the suite is tested with.
@@ -35,9 +36,10 @@ def install(session: nox.Session, extras: str, *, smollm2: bool = False) -> None
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """The CPU test suite, on the pinned versions."""
+    """The CPU test suite, on the pinned versions, on two worker processes (`-- -n 0`: one process);
+    `-- -m "not slow"` is the fast tier, the tests that take under ~5 s each."""
     install(session, "test", smollm2=True)
-    session.run("python", "-m", "pytest", "tests", "-q", *session.posargs, env=OFFLINE)
+    session.run("python", "-m", "pytest", "tests", "-q", "-n", "2", *session.posargs, env=OFFLINE)
 
 
 @nox.session(python=PYTHON, default=False)
@@ -93,6 +95,15 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """The documentation site (mkdocs-material, API reference from the docstrings) in site/, built with
+    `--strict`: a broken link, a missing page or a docstring reference that does not resolve fails it."""
+    docs_extra = nox.project.load_toml("pyproject.toml")["project"]["optional-dependencies"]["docs"]
+    session.install(*CONSTRAINTS, *docs_extra)  # mkdocstrings reads lora_func's source: no torch needed
+    session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
+
+
+@nox.session(python=PYTHON)
 def notebooks(session: nox.Session) -> None:
     """Execute the research notebooks top to bottom on 1 thread; executed copies and plots in results/notebooks."""
     install(session, "notebooks")
@@ -103,8 +114,8 @@ def notebooks(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff: lint and format check."""
     session.install(*CONSTRAINTS, "ruff")
-    session.run("ruff", "check", "lora_func", "tests", "benchmarks", "notebooks", "noxfile.py")
-    session.run("ruff", "format", "--check", "lora_func", "tests", "benchmarks", "notebooks", "noxfile.py")
+    session.run("ruff", "check", "lora_func", "tests", "benchmarks", "notebooks", "docs/ext", "noxfile.py")
+    session.run("ruff", "format", "--check", "lora_func", "tests", "benchmarks", "notebooks", "docs/ext", "noxfile.py")
 
 
 @nox.session(python=PYTHON)
