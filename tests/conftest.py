@@ -29,7 +29,9 @@ from components import (  # noqa: E402, F401
 )
 from torch import nn  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Two threads, or under pytest-xdist (`nox -s tests` runs `-n 2`) the cores shared among the workers.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads(), (os.cpu_count() or 1) // _WORKERS)))
 
 
 @dataclass
