@@ -8,6 +8,9 @@ build), then everything else at the exact versions of `constraints.txt`, the one
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "tests"]
@@ -46,6 +49,26 @@ def tests_latest(session: nox.Session) -> None:
     session.install("--upgrade", "--upgrade-strategy", "eager", TORCH, "-e", ".[test]")
     session.install("--upgrade", *SMOLLM2)
     session.run("python", "-m", "pip", "freeze", "--exclude-editable")
+    session.run("python", "-m", "pytest", "tests", "-q", *session.posargs, env=OFFLINE)
+
+
+TORCH_NEXT = "torch==2.15.0"
+
+
+@nox.session(python=PYTHON, default=False)
+def tests_torch_next(session: nox.Session) -> None:
+    """The CPU test suite on the newest torch release beside the pin (not part of CI): the other packages at the
+    pins of constraints.txt. PyPI's Linux wheel of torch 2.15 brings the CUDA libraries (a few GB) and runs on
+    the CPU. pip's configuration is bypassed for the install, since some machines cap torch at a release on
+    disk."""
+    no_cap = {"PIP_CONFIG_FILE": os.devnull}
+    pins = Path(session.create_tmp()) / "constraints-torch-next.txt"
+    lines = Path("constraints.txt").read_text().splitlines()
+    pins.write_text("\n".join(line for line in lines if not line.startswith("torch==")) + "\n")
+    session.install(TORCH_NEXT, env=no_cap)
+    session.install("-c", str(pins), "-e", ".[test]", env=no_cap)
+    session.install("-c", str(pins), *SMOLLM2, env=no_cap)
+    session.run("python", "-c", "import torch; print('torch', torch.__version__)")
     session.run("python", "-m", "pytest", "tests", "-q", *session.posargs, env=OFFLINE)
 
 
