@@ -137,7 +137,11 @@ SUBJECTS = {
 }
 
 
-@pytest.fixture(params=list(SUBJECTS))
+# The tiny Qwen3 is the fast tier's subject; the pretrained MiniLM (real weights, 22M parameters) takes seconds a test.
+SLOW_SUBJECTS = {"minilm"}
+
+
+@pytest.fixture(params=[pytest.param(s, marks=pytest.mark.slow) if s in SLOW_SUBJECTS else s for s in SUBJECTS])
 def subject(request) -> Subject:
     return SUBJECTS[request.param]()
 
