@@ -137,8 +137,9 @@ SUBJECTS = {
 }
 
 
-# The tiny Qwen3 is the fast tier's subject; the pretrained MiniLM (real weights, 22M parameters) takes seconds a test.
-SLOW_SUBJECTS = {"minilm"}
+# The fast tier runs the contract on the tiny Qwen3; the pretrained MiniLM (real weights) and the 4-bit base take
+# seconds a test.
+SLOW_SUBJECTS = {"minilm", "qwen3-4bit"}
 
 
 @pytest.fixture(params=[pytest.param(s, marks=pytest.mark.slow) if s in SLOW_SUBJECTS else s for s in SUBJECTS])
