@@ -41,9 +41,33 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 def placed_like(tensor: torch.Tensor, like: object) -> torch.Tensor:
     """`tensor` (whole, the same on every rank) as a `DTensor` with the mesh and placements of `like` where `like`
-    is one, each rank keeping its own slice (no communication); else `tensor`. Differentiable."""
+    is one, each rank keeping a copy of its own slice (no communication; the whole tensor is not kept alive);
+    else `tensor`. Differentiable."""
     if not is_sharded(like):
         return tensor
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    return distribute_tensor(tensor, like.device_mesh, like.placements, src_data_rank=None)
+    mesh, placements = like.device_mesh, like.placements
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, mesh, placements)
+    local = tensor[tuple(slice(o, o + n) for o, n in zip(offset, shape))].clone()
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=tensor.shape, stride=tensor.stride())
+
+
+def parameter(module: object, name: str) -> torch.Tensor | None:
+    """The parameter `name` (dotted) of `module`, or None."""
+    try:
+        return module.get_parameter(name)
+    except AttributeError:
+        return None
+
+
+def model_class(model: object) -> type:
+    """The model's own class: FSDP2 gives a module it shards a subclass `FSDP<name>` of it."""
+    cls = type(model)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        if issubclass(cls, FSDPModule):
+            return next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    return cls

@@ -1,0 +1,268 @@
+"""One rank of `test_fsdp2.py`: every variant on a base sharded by FSDP2, against the same base unsharded.
+
+Launched by the test as `torchrun --standalone --nproc-per-node 2 fsdp2_worker.py OUT_DIR` (gloo, CPU). Every
+rank builds the same tiny Qwen3 twice: one stays whole (the reference, run on the global batch), the other has
+each decoder layer and the root sharded with `fully_shard` (run on this rank's half of the batch). Rank r writes
+what it measured to OUT_DIR/rank<r>.json; the test asserts on the numbers. Maximum absolute differences:
+
+- init: the sharded init's leaves against the unsharded init's (plain tensors, not DTensors).
+- out/grads: logits of this rank's rows, and the trainable leaves' gradients after `lf.all_reduce_grads`,
+  against the reference on the global batch; for the base as loaded (requires_grad=True), frozen, and as
+  loaded under HF gradient checkpointing (reentrant and not); base gradients counted (must be none).
+- mixed: two stacked adapters and the base, one per row (`adapter_ids`), logits and gradients.
+- merge/delta: `lf.merge` / `lf.delta_weights` of the sharded base (DTensors placed as the base parameters,
+  gathered here for the comparison) against the unsharded results; `merged_forward`: a sharded copy of the base
+  with the merged weights loaded (`load_state_dict`) against `lf.apply`.
+- save: after one SGD step on the averaged gradients, the saved file against the reference's after its step on
+  the global batch; to_peft: the PEFT tensors, likewise (variants PEFT has).
+- memory: peak bytes the torch CPU allocator held during `merge`, `delta_weights` and `init` on a larger Qwen3
+  (profiler memory events), against the whole model's and the largest target weight's bytes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for components
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from components import perturbed, qwen3_batch, tiny_qwen3  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+import lora_func as lf  # noqa: E402
+from lora_func.variants import REGISTRY  # noqa: E402
+
+WORLD = 2
+ROWS = 2  # per rank
+
+
+def shard_model(model, mesh):
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def rows(batch, rank):
+    return {k: v[rank * ROWS : (rank + 1) * ROWS] for k, v in batch.items()}
+
+
+def max_diff(a, b) -> float:
+    a = a.full_tensor() if isinstance(a, DTensor) else a
+    b = b.full_tensor() if isinstance(b, DTensor) else b
+    return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def dict_diff(a: dict, b: dict) -> float:
+    if a.keys() != b.keys():
+        raise AssertionError(f"keys differ: {sorted(set(a) ^ set(b))[:4]}")
+    return max(max_diff(a[k], b[k]) for k in a)
+
+
+def grad_diff(p, q) -> float:
+    pairs = zip(lf.split(p)[0].leaves(), lf.split(q)[0].leaves())
+    return max(max_diff(a.grad, b.grad) for (_, _, a), (_, _, b) in pairs)
+
+
+def base_grads(model) -> int:
+    return sum(p.grad is not None for p in model.parameters())
+
+
+def make(name, model, batch):
+    cfg = REGISTRY[name].config(r=4)
+    if REGISTRY[name].calibrated:  # the same calibration batches on every rank: the same adapter everywhere
+        return lf.init(model, cfg, seed=0, calibration_data=[batch], progress=False)
+    return lf.init(model, cfg, seed=0)
+
+
+def train_step(model, params, batch, world_sync: bool) -> dict:
+    """Forward + backward (+ all_reduce_grads): the logits, then an SGD step on the leaves in place."""
+    out = lf.apply(model, params, batch)
+    out.loss.backward()
+    if world_sync:
+        lf.all_reduce_grads(params)
+    return out.logits.detach()
+
+
+def sgd(params):
+    with torch.no_grad():
+        for t in lf.trainable_leaves(params):
+            t -= 0.5 * t.grad
+
+
+def compare_variant(name, rank, models, global_batch, local, scratch) -> dict:
+    reference, sharded, frozen, checkpointed = models
+    found: dict[str, float | int | str] = {}
+    ref_init = make(name, reference, global_batch)
+    sh_init = make(name, sharded, global_batch)
+    found["plain_leaves"] = all(type(t) is torch.Tensor for _, _, t in sh_init.leaves())
+    found["init"] = dict_diff({(p, k): t for p, k, t in sh_init.leaves()}, {(p, k): t for p, k, t in ref_init.leaves()})
+
+    ref = perturbed(ref_init)
+    ref_logits = train_step(reference, ref, global_batch, world_sync=False)
+    mine = slice(rank * ROWS, (rank + 1) * ROWS)
+    for label, model in (("loaded", sharded), ("frozen", frozen), *checkpointed.items()):
+        p = perturbed(make(name, model, global_batch))
+        logits = train_step(model, p, local, world_sync=True)
+        found[f"out_{label}"] = max_diff(logits, ref_logits[mine])
+        found[f"grads_{label}"] = grad_diff(p, ref)
+        found[f"base_grads_{label}"] = base_grads(model)
+        if label == "loaded":
+            trained = p
+
+    # merge and delta_weights before the step (the reference's leaves are those of `trained`)
+    with torch.no_grad():
+        merged = lf.merge(sharded, trained)
+        found["merge_placed"] = all(
+            isinstance(v, DTensor) and v.placements == sharded.get_parameter(k).placements for k, v in merged.items()
+        )
+        found["merge"] = dict_diff(merged, lf.merge(reference, ref))
+        found["delta"] = dict_diff(lf.delta_weights(sharded, trained), lf.delta_weights(reference, ref))
+        copy = models_copy(sharded)
+        copy.load_state_dict(merged, strict=False)
+        found["merged_forward"] = max_diff(copy(**local).logits, lf.apply(sharded, trained, local).logits)
+
+    sgd(trained)
+    sgd(ref)
+    if rank == 0:
+        lf.save(trained, os.path.join(scratch, f"{name}-sharded.safetensors"))
+        lf.save(ref, os.path.join(scratch, f"{name}-reference.safetensors"))
+    dist.barrier()
+    found["save"] = dict_diff(
+        load_file(os.path.join(scratch, f"{name}-sharded.safetensors")),
+        load_file(os.path.join(scratch, f"{name}-reference.safetensors")),
+    )
+    found["moved"] = dict_diff({(p, k): t for p, k, t in ref.leaves()}, {(p, k): t for p, k, t in ref_init.leaves()})
+    found["to_peft"] = to_peft_diff(name, trained, ref, sharded, reference, rank, scratch)
+
+    # mixed adapters per row: two perturbed adapters and the base model
+    ids = torch.tensor([0, 1, -1, 1])
+    ref_stack = lf.stack([perturbed(ref_init, seed=5), perturbed(ref_init, seed=6)])
+    sh_stack = lf.stack([perturbed(sh_init, seed=5), perturbed(sh_init, seed=6)])
+    ref_out = lf.apply(reference, ref_stack, global_batch, adapter_ids=ids)
+    ref_out.loss.backward()
+    out = lf.apply(sharded, sh_stack, local, adapter_ids=ids[mine])
+    out.loss.backward()
+    lf.all_reduce_grads(sh_stack)
+    found["mixed_out"] = max_diff(out.logits, ref_out.logits[mine])
+    found["mixed_grads"] = grad_diff(sh_stack, ref_stack)
+    return found
+
+
+_COPY = {}
+
+
+def models_copy(sharded):
+    """A second sharded base (built once), reset to the base weights: where merged weights are loaded."""
+    if "model" not in _COPY:
+        _COPY["model"] = shard_model(tiny_qwen3(), _COPY["mesh"])
+    model = _COPY["model"]
+    model.load_state_dict(sharded.state_dict())
+    return model
+
+
+def to_peft_diff(name, trained, ref, sharded, reference, rank, scratch) -> float | str:
+    if rank == 0:
+        try:
+            lf.to_peft(trained, os.path.join(scratch, f"{name}-peft-sharded"), model=sharded)
+            lf.to_peft(ref, os.path.join(scratch, f"{name}-peft-reference"), model=reference)
+            outcome = "written"
+        except ValueError as e:  # a method PEFT does not have: the same refusal on both
+            outcome = str(e)
+        box = [outcome]
+    else:
+        box = [None]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] != "written":
+        return "not a PEFT method"
+    files = [os.path.join(scratch, f"{name}-peft-{k}", "adapter_model.safetensors") for k in ("sharded", "reference")]
+    configs = [os.path.join(scratch, f"{name}-peft-{k}", "adapter_config.json") for k in ("sharded", "reference")]
+    if open(configs[0]).read() != open(configs[1]).read():
+        return "configs differ"
+    return dict_diff(load_file(files[0]), load_file(files[1]))
+
+
+def peak_bytes(fn):
+    """(peak bytes the torch CPU allocator held above the start while `fn` ran, those held at its end, result)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    return peak, live, result
+
+
+def memory(mesh) -> dict:
+    """Peak allocator bytes of merge, delta_weights and a weight-reading init, on a Qwen3 large enough that one
+    layer's weights stand out from the bookkeeping (4 layers, 256 wide, MLP 1024)."""
+    shape = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, head_dim=64)
+    model = shard_model(tiny_qwen3(**shape), mesh)
+    whole = tiny_qwen3(**shape)
+    model_bytes = sum(p.numel() * p.element_size() for p in whole.parameters())
+    found = {"model_bytes": model_bytes}
+    for cfg_name, cfg in (("lora", lf.LoRAConfig(r=8)), ("dora", lf.DoRAConfig(r=8)), ("pissa", lf.PiSSAConfig(r=8))):
+        targets = lf.targets(whole, cfg)
+        found["largest_target_bytes"] = max(t.d_in * t.d_out * 4 for t in targets)
+        found["target_bytes"] = sum(t.d_in * t.d_out * 4 for t in targets)
+        for where, m in (("sharded", model), ("whole", whole)):
+            peak, _, params = peak_bytes(lambda m=m, cfg=cfg: lf.init(m, cfg, seed=0))
+            found[f"{cfg_name}_init_{where}"] = peak
+            params = perturbed(params)
+            with torch.no_grad():
+                for fn in (lf.merge, lf.delta_weights):
+                    peak, held, _ = peak_bytes(lambda m=m, fn=fn, params=params: fn(m, params))
+                    found[f"{cfg_name}_{fn.__name__}_{where}"] = peak
+                    found[f"{cfg_name}_{fn.__name__}_{where}_result"] = held
+    return found
+
+
+def main(out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    rank = dist.get_rank()
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        _COPY["mesh"] = mesh
+        global_batch = qwen3_batch(batch=ROWS * WORLD, seq=12)
+        local = rows(global_batch, rank)
+        reference = tiny_qwen3()  # as loaded: parameters require grad
+        sharded = shard_model(tiny_qwen3(), mesh)
+        frozen = shard_model(tiny_qwen3().requires_grad_(False), mesh)
+        checkpointed = {}
+        for reentrant in (True, False):
+            model = tiny_qwen3()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            checkpointed["reentrant" if reentrant else "nonreentrant"] = shard_model(model, mesh)
+        models = (reference, sharded, frozen, checkpointed)
+        results: dict = {"variants": {}}
+        with tempfile.TemporaryDirectory() as scratch:
+            box = [scratch]
+            dist.broadcast_object_list(box, src=0)  # one scratch folder (rank 0's) for the files both compare
+            for name in sorted(REGISTRY):
+                results["variants"][name] = compare_variant(name, rank, models, global_batch, local, box[0])
+            dist.barrier()
+        results["memory"] = memory(mesh)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
