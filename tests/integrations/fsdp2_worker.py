@@ -15,8 +15,8 @@ what it measured to OUT_DIR/rank<r>.json; the test asserts on the numbers. Maxim
   with the merged weights loaded (`load_state_dict`) against `lf.apply`.
 - save: after one SGD step on the averaged gradients, the saved file against the reference's after its step on
   the global batch; to_peft: the PEFT tensors, likewise (variants PEFT has).
-- memory: peak bytes the torch CPU allocator held during `merge`, `delta_weights` and `init` on a larger Qwen3
-  (profiler memory events), against the whole model's and the largest target weight's bytes.
+- memory: the peak resident bytes above the start during `merge`, `delta_weights` and `init` on a larger Qwen3,
+  against the whole model's, the result's and the largest target weight's bytes.
 """
 
 from __future__ import annotations
@@ -159,6 +159,35 @@ def compare_variant(name, rank, models, global_batch, local, scratch) -> dict:
     return found
 
 
+def frameworks(name, rank, reference, sharded, global_batch, local) -> dict:
+    """`inject` + `generate`, `AdapterModule` with `all_reduce_grads`, and DDP over `AdapterModule`."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    found: dict[str, float] = {}
+    ref = perturbed(make(name, reference, global_batch))
+    train_step(reference, ref, global_batch, world_sync=False)
+    prompt = global_batch["input_ids"][:, :6]  # the same prompts on every rank: the same number of steps
+    settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with lf.inject(reference, ref):
+            expected = reference.generate(input_ids=prompt, **settings)
+        with lf.inject(sharded, ref):
+            tokens = sharded.generate(input_ids=prompt, **settings)
+    found["generate_same_tokens"] = bool(torch.equal(tokens, expected))
+
+    module = lf.AdapterModule(sharded, perturbed(make(name, sharded, global_batch)))
+    module(**local).loss.backward()
+    lf.all_reduce_grads(module.params)
+    found["adapter_module_grads"] = grad_diff(module.params, ref)
+
+    module = lf.AdapterModule(sharded, perturbed(make(name, sharded, global_batch)))
+    ddp = DistributedDataParallel(module)
+    ddp(**local).loss.backward()
+    found["ddp_grads"] = grad_diff(module.params, ref)
+    found["base_grads"] = base_grads(sharded)
+    return found
+
+
 _COPY = {}
 
 
@@ -172,63 +201,80 @@ def models_copy(sharded):
 
 
 def to_peft_diff(name, trained, ref, sharded, reference, rank, scratch) -> float | str:
+    """The PEFT files written from the sharded run against the reference's; where to_peft refuses the method,
+    "not a PEFT method" if it refuses both the same way."""
     if rank == 0:
-        try:
-            lf.to_peft(trained, os.path.join(scratch, f"{name}-peft-sharded"), model=sharded)
-            lf.to_peft(ref, os.path.join(scratch, f"{name}-peft-reference"), model=reference)
-            outcome = "written"
-        except ValueError as e:  # a method PEFT does not have: the same refusal on both
-            outcome = str(e)
-        box = [outcome]
+        outcomes = []
+        for label, params, model in (("sharded", trained, sharded), ("reference", ref, reference)):
+            try:
+                lf.to_peft(params, os.path.join(scratch, f"{name}-peft-{label}"), model=model)
+                outcomes.append("written")
+            except ValueError as e:
+                outcomes.append(str(e))
+        box = [outcomes]
     else:
         box = [None]
     dist.broadcast_object_list(box, src=0)
-    if box[0] != "written":
+    sharded_outcome, reference_outcome = box[0]
+    if sharded_outcome != reference_outcome:
+        return f"sharded: {sharded_outcome}; reference: {reference_outcome}"
+    if sharded_outcome != "written":
         return "not a PEFT method"
-    files = [os.path.join(scratch, f"{name}-peft-{k}", "adapter_model.safetensors") for k in ("sharded", "reference")]
-    configs = [os.path.join(scratch, f"{name}-peft-{k}", "adapter_config.json") for k in ("sharded", "reference")]
-    if open(configs[0]).read() != open(configs[1]).read():
+    folders = [os.path.join(scratch, f"{name}-peft-{k}") for k in ("sharded", "reference")]
+    configs = [open(os.path.join(f, "adapter_config.json")).read() for f in folders]
+    if configs[0] != configs[1]:
         return "configs differ"
-    return dict_diff(load_file(files[0]), load_file(files[1]))
+    return dict_diff(*(load_file(os.path.join(f, "adapter_model.safetensors")) for f in folders))
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def peak_bytes(fn):
-    """(peak bytes the torch CPU allocator held above the start while `fn` ran, those held at its end, result)."""
-    from torch.profiler import ProfilerActivity, profile
+    """(the process's peak resident bytes above those at the start while `fn` ran, `fn`'s result).
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
-    live = peak = 0
-    for _, n in events:
-        live += n
-        peak = max(peak, live)
-    return peak, live, result
+    Linux's high-water mark, reset first (/proc/self/clear_refs); the test runs this worker with glibc's
+    MALLOC_MMAP_THRESHOLD_ low, so that every tensor of some size is its own mapping, returned when freed, and
+    resident memory follows the tensors alive. (torch's profiler misses the frees that gloo's threads make.)"""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start = _status("VmRSS")
+    result = fn()
+    return _status("VmHWM") - start, result
 
 
-def memory(mesh) -> dict:
-    """Peak allocator bytes of merge, delta_weights and a weight-reading init, on a Qwen3 large enough that one
-    layer's weights stand out from the bookkeeping (4 layers, 256 wide, MLP 1024)."""
-    shape = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, head_dim=64)
+def held_bytes(tensors: dict) -> int:
+    """Bytes of the storages that the values of `tensors` (DTensors: their local tensors) keep alive."""
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors.values()]
+    return sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in local}.values())
+
+
+def memory(mesh, layers: int = 8) -> dict:
+    """Peak resident bytes of merge, delta_weights and a weight-reading init on a Qwen3 large enough that one
+    layer's weights stand out from the bookkeeping (`layers` layers, 256 wide, MLP 1024: 1 MiB per MLP weight)."""
+    shape = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=layers, num_attention_heads=4, head_dim=64)
     model = shard_model(tiny_qwen3(**shape), mesh)
     whole = tiny_qwen3(**shape)
-    model_bytes = sum(p.numel() * p.element_size() for p in whole.parameters())
-    found = {"model_bytes": model_bytes}
+    found = {"model_bytes": sum(p.numel() * p.element_size() for p in whole.parameters())}
     for cfg_name, cfg in (("lora", lf.LoRAConfig(r=8)), ("dora", lf.DoRAConfig(r=8)), ("pissa", lf.PiSSAConfig(r=8))):
         targets = lf.targets(whole, cfg)
         found["largest_target_bytes"] = max(t.d_in * t.d_out * 4 for t in targets)
         found["target_bytes"] = sum(t.d_in * t.d_out * 4 for t in targets)
         for where, m in (("sharded", model), ("whole", whole)):
-            peak, _, params = peak_bytes(lambda m=m, cfg=cfg: lf.init(m, cfg, seed=0))
+            peak, params = peak_bytes(lambda m=m, cfg=cfg: lf.init(m, cfg, seed=0))
             found[f"{cfg_name}_init_{where}"] = peak
             params = perturbed(params)
             with torch.no_grad():
                 for fn in (lf.merge, lf.delta_weights):
-                    peak, held, _ = peak_bytes(lambda m=m, fn=fn, params=params: fn(m, params))
+                    peak, out = peak_bytes(lambda m=m, fn=fn, params=params: fn(m, params))
                     found[f"{cfg_name}_{fn.__name__}_{where}"] = peak
-                    found[f"{cfg_name}_{fn.__name__}_{where}_result"] = held
+                    found[f"{cfg_name}_{fn.__name__}_{where}_result"] = held_bytes(out)
+                    del out
     return found
 
 
@@ -257,6 +303,9 @@ def main(out_dir: str) -> None:
             for name in sorted(REGISTRY):
                 results["variants"][name] = compare_variant(name, rank, models, global_batch, local, box[0])
             dist.barrier()
+        results["frameworks"] = {
+            n: frameworks(n, rank, reference, sharded, global_batch, local) for n in ("lora", "dora")
+        }
         results["memory"] = memory(mesh)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f, indent=1)
