@@ -17,7 +17,7 @@ The low-rank family stores ΔW as a product of factors, ΔW = B' A' (the scale f
 
 `weighted_sum` adds them exactly by concatenation, Σ_i w_i B'_i A'_i = [w_1 B'_1 … w_n B'_n] [A'_1; …; A'_n]
 (ranks add), never by averaging factors: ½(A₁ + A₂), ½(B₁ + B₂) gives ¼ (B₁ + B₂)(A₁ + A₂), with the
-cross terms B₁A₂ + B₂A₁ (docs/PITFALLS item 19; PEFT's `add_weighted_adapter` linear/ties/dare modes).
+cross terms B₁A₂ + B₂A₁ (docs/internals.md; PEFT's `add_weighted_adapter` linear/ties/dare modes).
 DoRA, IA3, IA3-FF and ROAD rescale or rotate W itself: their ΔW is dense (full rank in general), so
 it has no exact low-rank sum; the merging methods (`ties`, `dare`, `magnitude_prune`, `resize`) take it
 as a dense matrix, from the model's (dequantized) base weight.

@@ -253,7 +253,7 @@ def _recompute_pre_hook(module, args, *rest):
 
 def _layer_pre_hook(module, args, *rest):
     """A checkpointed layer, in an injected forward that will checkpoint: note where its autograd nodes
-    start, and give reentrant checkpointing an input that requires grad (PITFALLS.md 2)."""
+    start, and give reentrant checkpointing an input that requires grad (docs/internals.md)."""
     active = getattr(_local, "active", None)
     injection = active.get(module) if active else None
     if injection is None or _graph_task() != -1 or not module.gradient_checkpointing:
