@@ -69,6 +69,10 @@ def dict_diff(a: dict, b: dict) -> float:
     return max(max_diff(a[k], b[k]) for k in a)
 
 
+def leaf_dict(params) -> dict:
+    return {(path, leaf): t for path, leaf, t in params.leaves()}
+
+
 def grad_diff(p, q) -> float:
     pairs = zip(lf.split(p)[0].leaves(), lf.split(q)[0].leaves())
     return max(max_diff(a.grad, b.grad) for (_, _, a), (_, _, b) in pairs)
@@ -106,7 +110,7 @@ def compare_variant(name, rank, models, global_batch, local, scratch) -> dict:
     ref_init = make(name, reference, global_batch)
     sh_init = make(name, sharded, global_batch)
     found["plain_leaves"] = all(type(t) is torch.Tensor for _, _, t in sh_init.leaves())
-    found["init"] = dict_diff({(p, k): t for p, k, t in sh_init.leaves()}, {(p, k): t for p, k, t in ref_init.leaves()})
+    found["init"] = dict_diff(leaf_dict(sh_init), leaf_dict(ref_init))
 
     ref = perturbed(ref_init)
     ref_logits = train_step(reference, ref, global_batch, world_sync=False)
@@ -142,7 +146,7 @@ def compare_variant(name, rank, models, global_batch, local, scratch) -> dict:
         load_file(os.path.join(scratch, f"{name}-sharded.safetensors")),
         load_file(os.path.join(scratch, f"{name}-reference.safetensors")),
     )
-    found["moved"] = dict_diff({(p, k): t for p, k, t in ref.leaves()}, {(p, k): t for p, k, t in ref_init.leaves()})
+    found["moved"] = dict_diff(leaf_dict(ref), leaf_dict(ref_init))
     found["to_peft"] = to_peft_diff(name, trained, ref, sharded, reference, rank, scratch)
 
     # mixed adapters per row: two perturbed adapters and the base model
@@ -185,6 +189,51 @@ def frameworks(name, rank, reference, sharded, global_batch, local) -> dict:
     ddp(**local).loss.backward()
     found["ddp_grads"] = grad_diff(module.params, ref)
     found["base_grads"] = base_grads(sharded)
+    return found
+
+
+def quantized_qwen3() -> torch.nn.Module:
+    """The tiny Qwen3 with bitsandbytes 4-bit (nf4) decoder linears whose packed weights are stored as float32
+    (`quant_storage`), which FSDP2 can shard like any float parameter."""
+    import bitsandbytes as bnb
+
+    model = tiny_qwen3()
+    for module in list(model.model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.float32,
+                    quant_type="nf4",
+                    quant_storage=torch.float32,
+                )
+                q.load_state_dict(child.state_dict())
+                setattr(module, name, q.to("cpu"))  # moving quantizes
+    return model
+
+
+def qlora(rank, mesh, global_batch, local) -> dict:
+    """QLoRA + FSDP2: the 4-bit base sharded against the same 4-bit base whole, for variants that read the weight
+    (dequantized, gathered) and one that does not."""
+    reference, sharded = quantized_qwen3(), shard_model(quantized_qwen3(), mesh)
+    mine = slice(rank * ROWS, (rank + 1) * ROWS)
+    found: dict = {"packed_sharded": isinstance(sharded.model.layers[0].mlp.up_proj.weight, DTensor)}
+    for name in ("lora", "dora", "pissa"):
+        ref_init, sh_init = make(name, reference, global_batch), make(name, sharded, global_batch)
+        ref, p = perturbed(ref_init), perturbed(sh_init)
+        ref_logits = train_step(reference, ref, global_batch, world_sync=False)
+        logits = train_step(sharded, p, local, world_sync=True)
+        with torch.no_grad():
+            merge = dict_diff(lf.merge(sharded, p), lf.merge(reference, ref))
+        found[name] = {
+            "init": dict_diff(leaf_dict(sh_init), leaf_dict(ref_init)),
+            "out": max_diff(logits, ref_logits[mine]),
+            "grads": grad_diff(p, ref),
+            "merge": merge,
+            "base_grads": base_grads(sharded),
+        }
     return found
 
 
@@ -306,6 +355,7 @@ def main(out_dir: str) -> None:
         results["frameworks"] = {
             n: frameworks(n, rank, reference, sharded, global_batch, local) for n in ("lora", "dora")
         }
+        results["qlora"] = qlora(rank, mesh, global_batch, local)
         results["memory"] = memory(mesh)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f, indent=1)

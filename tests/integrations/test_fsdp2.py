@@ -106,6 +106,20 @@ def test_generate_adapter_module_and_ddp(measured, name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "dora", "pissa"])
+def test_qlora_on_a_sharded_4bit_base(measured, name):
+    """QLoRA + FSDP2: bitsandbytes nf4 layers with float32 `quant_storage`, their packed weights sharded by FSDP2,
+    give the whole 4-bit model's init (DoRA and PiSSA dequantize each layer's gathered weight), outputs, adapter
+    gradients and merged weights."""
+    for rank in measured:
+        found = rank["qlora"]
+        assert found["packed_sharded"], "FSDP2 did not shard the packed 4-bit weights"
+        m = found[name]
+        assert m["init"] == 0.0 and m["out"] <= 1e-6 and m["grads"] <= 1e-6 and m["merge"] <= 1e-6, m
+        assert m["base_grads"] == 0
+
+
+@pytest.mark.slow
 def test_merge_delta_weights_and_init_gather_one_layer_at_a_time(measured):
     """On 8 layers (56 targets, 30 MiB; 1 MiB the largest), each rank's peak resident memory during `merge` and
     `delta_weights` is its slice of the result plus a few single-layer temporaries, and during a weight-reading
