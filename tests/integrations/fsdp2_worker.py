@@ -1,6 +1,6 @@
 """One rank of `test_fsdp2.py`: every variant on a base sharded by FSDP2, against the same base unsharded.
 
-Launched by the test as `torchrun --standalone --nproc-per-node 2 fsdp2_worker.py OUT_DIR` (gloo, CPU). Every
+Launched by the test as `torchrun --standalone --nproc-per-node 2 fsdp2_worker.py OUT_DIR [trainer]` (gloo, CPU). Every
 rank builds the same tiny Qwen3 twice: one stays whole (the reference, run on the global batch), the other has
 each decoder layer and the root sharded with `fully_shard` (run on this rank's half of the batch). Rank r writes
 what it measured to OUT_DIR/rank<r>.json; the test asserts on the numbers. Maximum absolute differences:
@@ -15,6 +15,7 @@ what it measured to OUT_DIR/rank<r>.json; the test asserts on the numbers. Maxim
   with the merged weights loaded (`load_state_dict`) against `lf.apply`.
 - save: after one SGD step on the averaged gradients, the saved file against the reference's after its step on
   the global batch; to_peft: the PEFT tensors, likewise (variants PEFT has).
+- trainer (its own launch): HF Trainer over `lf.AdapterModule` on a sharded base, see `trainer`.
 - memory: the peak resident bytes above the start during `merge`, `delta_weights` and `init` on a larger Qwen3,
   against the whole model's, the result's and the largest target weight's bytes.
 """
@@ -327,12 +328,72 @@ def memory(mesh, layers: int = 8) -> dict:
     return found
 
 
-def main(out_dir: str) -> None:
+def trainer(rank, mesh, out_dir) -> dict:
+    """HF Trainer over `lf.AdapterModule` on a base sharded by FSDP2 beforehand: accelerate (2 CPU processes) wraps
+    the module in DDP, which averages the adapter's gradients. Against the same run on the whole base; a run
+    resumed from its step-1 checkpoint against the uninterrupted one; the checkpoint's tensors."""
+    from safetensors.torch import load_file
+    from test_trainer import collate, dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Probe(TrainerCallback):
+        def __init__(self, base):
+            self.base, self.sharded = base, []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.sharded.append(isinstance(self.base.model.layers[0].self_attn.q_proj.weight, DTensor))
+
+    def run(sharded: bool, name: str, resume: str | None = None):
+        base = shard_model(tiny_qwen3(), mesh) if sharded else tiny_qwen3()
+        module = lf.AdapterModule(base, lf.init(base, lf.LoRAConfig(r=4, alpha=8), seed=0))
+        args = TrainingArguments(
+            output_dir=os.path.join(out_dir, name),
+            per_device_train_batch_size=2,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            max_steps=2,
+            save_strategy="steps",
+            save_steps=1,
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        probe = Probe(base)
+        run = Trainer(model=module, args=args, train_dataset=dataset(8), data_collator=collate, callbacks=[probe])
+        run.train(resume_from_checkpoint=resume)
+        return module, probe.sharded, type(run.model_wrapped).__name__
+
+    sharded, seen, wrapper = run(True, "sharded")
+    whole, _, _ = run(False, "whole")
+    resumed, _, _ = run(True, "resumed", resume=os.path.join(out_dir, "sharded", "checkpoint-1"))
+    final = leaf_dict(sharded.params)
+    saved = load_file(os.path.join(out_dir, "sharded", "checkpoint-2", "model.safetensors"))
+    return {
+        "wrapper": wrapper,
+        "base_sharded_while_training": all(seen) and len(seen) == 2,
+        "vs_whole_base": dict_diff(final, leaf_dict(whole.params)),
+        "resumed": dict_diff(final, leaf_dict(resumed.params)),
+        "moved": dict_diff(final, leaf_dict(lf.init(tiny_qwen3(), lf.LoRAConfig(r=4, alpha=8), seed=0))),
+        "checkpoint": dict_diff(
+            {k.removeprefix("adapter."): v for k, v in saved.items()},
+            {f"{p}.{leaf}": t for (p, leaf), t in final.items()},
+        ),
+    }
+
+
+def main(out_dir: str, mode: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank = dist.get_rank()
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
+        if mode == "trainer":
+            with open(os.path.join(out_dir, f"trainer{rank}.json"), "w") as f:
+                json.dump(trainer(rank, mesh, out_dir), f, indent=1)
+            return
         _COPY["mesh"] = mesh
         global_batch = qwen3_batch(batch=ROWS * WORLD, seq=12)
         local = rows(global_batch, rank)
@@ -364,4 +425,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "variants")

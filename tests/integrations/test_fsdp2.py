@@ -20,10 +20,8 @@ TIMEOUT_S = 420  # about 2 minutes on 2 busy cores
 MiB = 2**20
 
 
-@pytest.fixture(scope="module")
-def measured(tmp_path_factory):
-    """What each of the two ranks measured: {"variants": {name: {...}}, "frameworks": {...}, "memory": {...}}."""
-    out = tmp_path_factory.mktemp("fsdp2")
+def launch(out, *mode: str) -> list[dict]:
+    """Run the worker on 2 gloo processes (torchrun, a fresh interpreter each); what each rank wrote."""
     root = os.path.dirname(os.path.dirname(lf.__file__))
     env = dict(
         os.environ,
@@ -31,15 +29,21 @@ def measured(tmp_path_factory):
         MALLOC_MMAP_THRESHOLD_="65536",  # resident memory follows the live tensors (see `peak_bytes`)
         OMP_NUM_THREADS="1",
     )
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, str(out)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER]
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        done = subprocess.run([*command, str(out), *mode], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the FSDP2 workers did not finish within {TIMEOUT_S} s")
     if done.returncode != 0:
         pytest.fail(f"the FSDP2 workers failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    return ranks
+    name = mode[0] if mode else "rank"
+    return [json.loads((out / f"{name}{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """What each of the two ranks measured: {"variants": {name: {...}}, "frameworks", "qlora", "memory"}."""
+    return launch(tmp_path_factory.mktemp("fsdp2"))
 
 
 @pytest.mark.slow
@@ -135,3 +139,17 @@ def test_merge_delta_weights_and_init_gather_one_layer_at_a_time(measured):
                 assert result == whole // 2, (cfg, fn, result / MiB)  # this rank's half of every weight
                 transient = m[f"{cfg}_{fn}_sharded"] - result
                 assert transient <= 12 * layer, (cfg, fn, transient / MiB)
+
+
+@pytest.mark.slow
+def test_trainer_over_adapter_module_on_a_sharded_base(tmp_path):
+    """HF Trainer (accelerate, 2 CPU processes) trains `lf.AdapterModule` over a base sharded by FSDP2 beforehand:
+    accelerate wraps the module in DDP, the base's parameters are DTensors while it trains, the adapter ends where
+    the same run on the whole base ends, the checkpoint holds the whole adapter, and resuming from the step-1
+    checkpoint ends where the uninterrupted run does."""
+    for rank in launch(tmp_path, "trainer"):
+        assert rank["wrapper"] == "DistributedDataParallel"
+        assert rank["base_sharded_while_training"]
+        assert rank["moved"] > 1e-3
+        assert rank["vs_whole_base"] <= 1e-6 and rank["resumed"] <= 1e-6, rank
+        assert rank["checkpoint"] == 0.0
