@@ -122,6 +122,12 @@ def _push_detached(module: nn.Module, injection: Injection | None) -> None:
     if modes:
         _heal(modes)
     depth = private.function_mode_depth()
+    if injection is not None and injection.needs_detach:
+        # FSDP2 swaps its gathered copies in for the registered (sharded) parameters while a layer runs
+        table = injection.detached()
+        for p in module._parameters.values():
+            if p is not None and p.requires_grad and id(p) not in table and _is_plain_parameter(p):
+                table[id(p)] = p.detach()
     if injection is None or not injection.needs_detach or not torch.is_grad_enabled() or _local.detaching:
         modes.append((module, None, depth))
         return

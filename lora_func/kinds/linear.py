@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._kind import BaseLayer, Kind, Target
+from .._sharded import full, is_sharded
 from .._variant import require_rank
 
 
@@ -36,6 +37,8 @@ def quantization(module: nn.Module) -> str | None:
     weight = module.weight
     if getattr(weight, "quant_state", None) is not None or type(weight).__name__ == "Params4bit":
         return "4bit"
+    if getattr(module, "quant_state", None) is not None:  # bnb's Linear4bit sharded by FSDP2: the state is the layer's
+        return "4bit"
     if weight.dtype == torch.int8:
         return "8bit"
     return None
@@ -50,9 +53,11 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
         if kind == "4bit":
             import bitsandbytes.functional as bnbf
 
-            if weight.quant_state is None:
+            state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
+            if state is None:
                 raise ValueError(f"{type(module).__name__} weight is not quantized yet (no `quant_state`)")
-            dense = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+            packed = full(weight.detach()) if is_sharded(weight) else weight.data  # FSDP2: gathered, this layer only
+            dense = bnbf.dequantize_4bit(packed, state)
         elif kind == "8bit":
             scale = getattr(weight, "SCB", None)
             if scale is None:
