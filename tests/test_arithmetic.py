@@ -13,7 +13,8 @@ from conftest import assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qw
 from torch import nn
 
 import lora_func as lf
-from lora_func._arithmetic import LOW_RANK, target_seed
+from lora_func._arithmetic import target_seed
+from lora_func._variant import LowRank
 from lora_func.kinds.linear import dense_weight
 from lora_func.variants import REGISTRY
 
@@ -112,10 +113,6 @@ def test_delta_weights_are_differentiable():
     torch.testing.assert_close(B.grad, 2 * s * (s * B @ A) @ A.T, rtol=1e-5, atol=1e-6)
 
 
-def test_the_low_rank_table_names_registered_variants():
-    assert set(LOW_RANK) <= set(REGISTRY)
-
-
 # -- weighted_sum: exact, by concatenated factors -------------------------------------------------------------------
 
 
@@ -124,11 +121,12 @@ def test_weighted_sum_is_exact_or_refused_by_name(name):
     model = tiny_qwen3().eval()
     a, b = make(name, model, seed=0), make(name, model, seed=1)
     weights = [0.7, -1.3]
-    if name not in LOW_RANK:
+    low = REGISTRY[name].capability(LowRank)
+    if low is None:
         with pytest.raises(ValueError, match=rf"`adapters\[0\]` \({type(a.config).__name__}\).*lf.magnitude_prune"):
             lf.weighted_sum([a, b], weights, model=model)
         return
-    model_arg = model if LOW_RANK[name].reads_weight else None
+    model_arg = model if low.reads_weight else None
     if model_arg is not None:
         with pytest.raises(ValueError, match=r"reads the base weight.*`model=`"):
             lf.weighted_sum([a, b], weights)
