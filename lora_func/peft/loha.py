@@ -1,6 +1,7 @@
 """LoHa as PEFT's LOHA: `hada_w1_a`, `hada_w1_b`, `hada_w2_a`, `hada_w2_b` stored as lora_func holds them, on
-nn.Linear targets; `r`/`rank_pattern` and `alpha`/`alpha_pattern` as PEFT names them. PEFT's LoHa has no
-`bias` field and no transformers Conv1D layer."""
+nn.Linear, nn.Conv1d and nn.Conv2d targets (a kernel flattened, PEFT's `use_effective_conv2d=False`);
+`r`/`rank_pattern` and `alpha`/`alpha_pattern` as PEFT names them. PEFT's LoHa has no `bias` field, no
+transformers Conv1D and no nn.Conv3d layer."""
 
 from __future__ import annotations
 
@@ -19,4 +20,6 @@ METHOD = PeftMethod(
         "init_weights": True,  # init-time only
     },
     absent=("bias",),
+    kinds=("linear", "conv"),
+    conv_dims=(1, 2),
 )

@@ -1,7 +1,10 @@
 """LoHa: the weight change is the Hadamard (element-wise) product of two rank-r products.
 
-    ΔW = s · (W1a W1b) ⊙ (W2a W2b),   W1a, W2a (d_out, r),  W1b, W2b (r, d_in),  s = alpha / r
-    y' = y + x ΔWᵀ
+    ΔW = s · (W1a W1b) ⊙ (W2a W2b),   W1a, W2a (d_out, r),  W1b, W2b (r, fan_in),  s = alpha / r
+    y' = y + x ΔWᵀ                      (a convolution: y + ΔW ⋆ x, with the layer's stride, padding, ...)
+
+On a convolution fan_in = d_in / groups · ∏kernel and ΔW is the kernel flattened (PEFT's LoHa without
+`use_effective_conv2d`), applied by the layer's own convolution (its padding mode, groups, dilation).
 
 ΔW has rank up to r² with 4r(d_in + d_out)/2 values, twice LoRA's at the same r. As PEFT does, the forward
 builds ΔW (d_out × d_in) and applies it, which is PEFT's order of operations, so outputs and gradients are
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from .._config import AdapterConfig
 from .._kind import Target
 from .._variant import LINEAR_LIKE, Init, Leaves, LowRank, Padding, PeftExchange, Recipe, Site, Variant, require_rank
+from ..kinds.conv import fan_in
 
 LEAVES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")  # PEFT's parameter names
 
@@ -45,8 +49,22 @@ def scale(cfg: AdapterConfig) -> float:
 
 def shapes(target: Target, cfg: AdapterConfig) -> dict[str, tuple[int, ...]]:
     require_rank(target, cfg)
-    r, d_in, d_out = cfg.r, target.d_in, target.d_out
+    r, d_in, d_out = cfg.r, columns(target), target.d_out
     return {"hada_w1_a": (d_out, r), "hada_w1_b": (r, d_in), "hada_w2_a": (d_out, r), "hada_w2_b": (r, d_in)}
+
+
+def columns(target: Target) -> int:
+    """The columns of W in its kind's layout: d_in, or a convolution's d_in / groups · ∏kernel."""
+    return fan_in(target) if target.kind == "conv" else target.d_in
+
+
+def apply_delta(x: torch.Tensor, dw: torch.Tensor, site: Site) -> torch.Tensor:
+    """x ΔWᵀ, or ΔW ⋆ x as the layer convolves (ΔW reshaped to its kernel), without bias; in ΔW's dtype."""
+    x = x.to(dw.dtype)
+    if site.target.kind != "conv":
+        return F.linear(x, dw)
+    module = site.base.module
+    return module._conv_forward(x, dw.reshape(module.weight.shape), None)
 
 
 def create(target: Target, cfg: LoHaConfig, init: Init) -> Leaves:
@@ -65,8 +83,7 @@ def delta(leaves: Leaves, s: float) -> torch.Tensor:
 
 
 def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
-    dw = delta(leaves, scale(site.config))
-    return y + F.linear(x.to(dw.dtype), dw).to(y.dtype)
+    return y + apply_delta(x, delta(leaves, scale(site.config)), site).to(y.dtype)
 
 
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
@@ -89,7 +106,7 @@ VARIANT = Variant(
     create=create,
     forward=forward,
     merge=merge,
-    kinds=LINEAR_LIKE,
+    kinds=(*LINEAR_LIKE, "conv"),
     capabilities=(
         LowRank(low_rank_factors),
         Padding(axes=(("hada_w1_a", 1), ("hada_w1_b", 0), ("hada_w2_a", 1), ("hada_w2_b", 0)), scaled=("hada_w1_a",)),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from components import perturbed, qwen3_batch, tiny_qwen3
+from components import cnn_batch, perturbed, qwen3_batch, tiny_cnn, tiny_qwen3
 from peft_parity import PROJECTIONS, assert_same_as_peft, copy_into_peft, randomized, twins
 
 import lora_func as lf
@@ -82,3 +82,31 @@ def test_peft_fields_it_cannot_honour_are_refused(tmp_path):
     config.write_text(config.read_text().replace('"use_effective_conv2d": false', '"use_effective_conv2d": true'))
     with pytest.raises(lf.AdapterFileError, match="use_effective_conv2d"):
         lf.from_peft(tmp_path, model)
+
+
+CONVS = ["stem", "conv", "mix", "down", "pointwise"]  # plain, "same", grouped, strided, 1×1 (zero padding, as PEFT's)
+
+
+def test_convolutions_match_peft_outputs_gradients_and_files(tmp_path):
+    """nn.Conv2d targets (grouped, strided, 1×1 too): PEFT's LoHa on the flattened kernel, given the same leaves."""
+    model, twin = tiny_cnn(), tiny_cnn()
+    cfg = lf.LoHaConfig(r=2, alpha=3.0, target_names=(rf"^({'|'.join(CONVS)})$",))
+    params = randomized(lf.init(model, cfg, seed=0), _draw)
+    peft_model = peft.get_peft_model(twin, peft.LoHaConfig(r=2, alpha=3, target_modules=CONVS))
+    copy_into_peft(peft_model, params, _peft_leaf)
+    x = cnn_batch()
+    out, ref = lf.apply(model, params, x), peft_model(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    for path, leaf, tensor in lf.split(params)[0].leaves():
+        expected = _peft_leaf(peft_model.get_base_model().get_submodule(path), leaf).grad
+        torch.testing.assert_close(tensor.grad, expected, rtol=1e-4, atol=1e-6, msg=f"{path}.{leaf}")
+
+    model.eval(), peft_model.eval()
+    lf.to_peft(params, tmp_path, model=model)
+    loaded = peft.PeftModel.from_pretrained(tiny_cnn().eval(), tmp_path)
+    back = lf.from_peft(tmp_path, model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), peft_model(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(lf.apply(model, back, x), peft_model(x), rtol=0, atol=1e-5)
