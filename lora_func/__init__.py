@@ -45,7 +45,10 @@ from .variants.eva import EVAConfig as EVAConfig
 from .variants.hra import HRAConfig as HRAConfig
 from .variants.ia3 import IA3Config as IA3Config
 from .variants.ia3ff import IA3FFConfig as IA3FFConfig
+from .variants.loha import LoHaConfig as LoHaConfig
+from .variants.lokr import LoKrConfig as LoKrConfig
 from .variants.lora import LoRAConfig as LoRAConfig
+from .variants.oft import OFTConfig as OFTConfig
 from .variants.pissa import PiSSAConfig as PiSSAConfig
 from .variants.road import ROADConfig as ROADConfig
 from .variants.ssvd import SSVDConfig as SSVDConfig
