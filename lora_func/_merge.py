@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ._params import Params
+from ._sharded import parameter, placed_like
 from ._sites import resolve_sites, with_shared
 from ._structure import check
 from .kinds import form_of, merged_parameters
@@ -19,7 +20,9 @@ def merge(model: nn.Module, params: Params) -> dict[str, torch.Tensor]:
 
     `torch.func.functional_call(model, lf.merge(model, params), batch)` equals `lf.apply(model, params, batch)`.
     Float bases keep their dtype; bitsandbytes bases are dequantized and returned in float32. Weights come in
-    each module's own layout (transformers' Conv1D transposed, a conv's kernel shape); a fused-experts target's
+    each module's own layout (transformers' Conv1D transposed, a conv's kernel shape), and placed as its parameter: on
+    a base sharded by FSDP2 a `DTensor` holding this rank's slice (one layer is gathered at a time; `model.
+    load_state_dict(merged, strict=False)` takes them as they are). A fused-experts target's
     key is its parameter's name; a `modules_to_save` copy gives its module's parameters. A grouped convolution
     adapted by LoRA does not merge (an error names it). Differentiable with respect to `params`; `.detach()` the
     result to write a checkpoint. An enclosing `torch.autocast` does not reach the merge: the weights are computed
@@ -53,7 +56,8 @@ def merge(model: nn.Module, params: Params) -> dict[str, torch.Tensor]:
                 if not torch.isfinite(tensor).all():
                     raise ValueError(f"merge: the merged {name} of {path!r} has NaN or inf values")
                 _refuse_tied(model, owner, prefix, name, names)
-                merged[key] = tensor
+                # a sharded base (FSDP2): each rank keeps its slice, placed as the base parameter is
+                merged[key] = placed_like(tensor, parameter(owner, name))
     return merged
 
 
