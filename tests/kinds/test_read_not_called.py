@@ -21,7 +21,7 @@ VARIANTS = sorted(REGISTRY)
 
 def encoder(batch_first: bool = True) -> nn.Module:
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+    layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=batch_first)
     return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
 
 
@@ -32,7 +32,7 @@ def adapter(name: str, model: nn.Module, x: torch.Tensor, **fields) -> lf.Params
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_default_targets_are_all_live_and_merge_equals_apply(name):
-    model, x = encoder(), torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+    model, x = encoder(), torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(1))
     params = adapter(name, model, x)
     paths = [t.path for t in params.targets]
     assert paths == [f"layers.{i}.{n}" for i in range(2) for n in ("linear1", "linear2")]
@@ -53,7 +53,7 @@ def test_default_targets_are_all_live_and_merge_equals_apply(name):
 def test_inference_fast_path_runs_the_adapter(batch_first):
     """Eval mode without grad is where `nn.TransformerEncoderLayer` and `nn.MultiheadAttention` take their fused
     fast path (reading `linear1`/`linear2` weights too): inside `lf.inject` the adapter still acts, as merged."""
-    model, x = encoder(batch_first).eval(), torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+    model, x = encoder(batch_first).eval(), torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(1))
     params = adapter("lora", model, x)
     with torch.no_grad():
         with lf.inject(model, params):
@@ -80,4 +80,4 @@ def test_excluding_out_proj_by_name_is_accepted():
 
 def test_a_bare_multihead_attention_has_no_target():
     with pytest.raises(ValueError, match="LoRAConfig selects no module of MultiheadAttention"):
-        lf.init(nn.MultiheadAttention(16, 2), lf.LoRAConfig(r=2))
+        lf.init(nn.MultiheadAttention(32, 2), lf.LoRAConfig(r=2))
