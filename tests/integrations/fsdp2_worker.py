@@ -148,7 +148,13 @@ def compare_variant(name, rank, models, global_batch, local, scratch) -> dict:
         load_file(os.path.join(scratch, f"{name}-reference.safetensors")),
     )
     found["moved"] = dict_diff(leaf_dict(ref), leaf_dict(ref_init))
+    loaded = lf.load(os.path.join(scratch, f"{name}-sharded.safetensors"), sharded)  # checked against the sharded base
+    found["load"] = dict_diff(leaf_dict(loaded), leaf_dict(trained))
     found["to_peft"] = to_peft_diff(name, trained, ref, sharded, reference, rank, scratch)
+    if found["to_peft"] != "not a PEFT method":  # and back, read against the sharded base
+        back = lf.from_peft(os.path.join(scratch, f"{name}-peft-sharded"), sharded)
+        expected = lf.from_peft(os.path.join(scratch, f"{name}-peft-reference"), reference)
+        found["from_peft"] = dict_diff(leaf_dict(back), leaf_dict(expected))
 
     # mixed adapters per row: two perturbed adapters and the base model
     ids = torch.tensor([0, 1, -1, 1])
@@ -161,6 +167,43 @@ def compare_variant(name, rank, models, global_batch, local, scratch) -> dict:
     lf.all_reduce_grads(sh_stack)
     found["mixed_out"] = max_diff(out.logits, ref_out.logits[mine])
     found["mixed_grads"] = grad_diff(sh_stack, ref_stack)
+    return found
+
+
+IDIOMS = {  # the ways real loops call backward (invariant 10): each returns the gradients of the trainable leaves
+    "dropped_output": lambda model, p, b: torch.autograd.backward(lf.apply(model, p, b).loss / 2),
+    "summed_losses": lambda model, p, b: (lf.apply(model, p, b).loss + 0.5 * lf.apply(model, p, b).loss).backward(),
+    "retain_graph_twice": lambda model, p, b: _twice(lf.apply(model, p, b).loss),
+    "autograd_grad": lambda model, p, b: _into_grad(p, lf.apply(model, p, b).loss),
+}
+
+
+def _twice(loss):
+    loss.backward(retain_graph=True)
+    loss.backward()
+
+
+def _into_grad(params, loss):
+    leaves = lf.trainable_leaves(params)
+    for t, g in zip(leaves, torch.autograd.grad(loss, leaves)):
+        t.grad = g
+
+
+def idioms(name, reference, checkpointed, global_batch, local) -> dict:
+    """Each backward idiom on the checkpointed sharded bases (reentrant and not), after `all_reduce_grads`,
+    against the same idiom on the whole base and the global batch."""
+    found = {}
+    for idiom, step in IDIOMS.items():
+        ref = perturbed(make(name, reference, global_batch))
+        step(reference, ref, global_batch)
+        for label, model in checkpointed.items():
+            if idiom == "autograd_grad" and label == "reentrant":
+                continue  # torch's own limit: reentrant checkpointing refuses .grad() (tests/contract covers it)
+            p = perturbed(make(name, model, global_batch))
+            step(model, p, local)
+            lf.all_reduce_grads(p)
+            found[f"{idiom}_{label}"] = grad_diff(p, ref)
+            found[f"{idiom}_{label}_base_grads"] = base_grads(model)
     return found
 
 
@@ -416,6 +459,7 @@ def main(out_dir: str, mode: str) -> None:
         results["frameworks"] = {
             n: frameworks(n, rank, reference, sharded, global_batch, local) for n in ("lora", "dora")
         }
+        results["idioms"] = {n: idioms(n, reference, checkpointed, global_batch, local) for n in ("lora", "dora")}
         results["qlora"] = qlora(rank, mesh, global_batch, local)
         results["memory"] = memory(mesh)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

@@ -94,7 +94,23 @@ def test_merge_delta_weights_save_and_to_peft(measured, name):
         assert found["merged_forward"] <= 1e-5, (name, found["merged_forward"])
         assert found["moved"] > 1e-2, f"{name}: the SGD step did not move the adapter"
         assert found["save"] <= 1e-6, (name, found["save"])
+        assert found["load"] == 0.0, (name, "lf.load against the sharded base", found["load"])
         assert found["to_peft"] == "not a PEFT method" or found["to_peft"] <= 1e-6, (name, found["to_peft"])
+        if found["to_peft"] != "not a PEFT method":
+            assert found["from_peft"] <= 1e-6, (name, "from_peft against the sharded base", found["from_peft"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_every_backward_idiom_under_checkpointing(measured, name):
+    """Invariant 10 on a sharded base under HF gradient checkpointing (reentrant and not): the output dropped
+    before backward, two losses summed, retain_graph and a second backward, torch.autograd.grad (not reentrant:
+    torch refuses it there, sharded or not)."""
+    for rank in measured:
+        found = rank["idioms"][name]
+        assert len(found) == 14
+        for key, value in found.items():
+            assert value == 0 if key.endswith("base_grads") else value <= 1e-6, (name, key, value)
 
 
 @pytest.mark.slow
