@@ -5,7 +5,8 @@ never modified. The object of all of them is each target's weight change
 
     ΔW_t = W'_t − W_t        (W' the merged weight of `lf.merge`, W the base weight, (d_out, d_in))
 
-The low-rank family stores ΔW as a product of factors, ΔW = B' A' (the scale folded into B'):
+The low-rank family stores ΔW as a product of factors, ΔW = B' A' (the scale folded into B'), each variant
+declaring them in its own file (`LowRank` in `Variant.capabilities`):
 
     LoRA, EVA          B' = s B,                         A' = A                  s = alpha/r (rsLoRA: alpha/√r),
                                                                                  per target from the patterns
@@ -18,8 +19,8 @@ The low-rank family stores ΔW as a product of factors, ΔW = B' A' (the scale f
 `weighted_sum` adds them exactly by concatenation, Σ_i w_i B'_i A'_i = [w_1 B'_1 … w_n B'_n] [A'_1; …; A'_n]
 (ranks add), never by averaging factors: ½(A₁ + A₂), ½(B₁ + B₂) gives ¼ (B₁ + B₂)(A₁ + A₂), with the
 cross terms B₁A₂ + B₂A₁ (docs/internals.md; PEFT's `add_weighted_adapter` linear/ties/dare modes).
-DoRA, IA3, IA3-FF and ROAD rescale or rotate W itself: their ΔW is dense (full rank in general), so
-it has no exact low-rank sum; the merging methods (`ties`, `dare`, `magnitude_prune`, `resize`) take it
+DoRA, IA3, IA3-FF and ROAD rescale or rotate W itself (they declare `Dense`): their ΔW is dense (full rank
+in general), so it has no exact low-rank sum; the merging methods (`ties`, `dare`, `magnitude_prune`, `resize`) take it
 as a dense matrix, from the model's (dequantized) base weight.
 
 Results are ordinary LoRAs (`lf.LoRAConfig`): scale 1 on every target (alpha = r, `alpha_pattern` = the
@@ -50,77 +51,26 @@ from ._kind import Target
 from ._params import SHARED, Params
 from ._sharded import parameter, placed_like
 from ._structure import check
-from ._variant import Site, Variant
+from ._variant import LowRank, Site, Variant
 from .kinds import site_for
-from .variants import antipasto, delora, hra, lora, ssvd, variant_for, vera
+from .variants import lora, variant_for
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (B', A') with ΔW = B' @ A'
-WeightFn = Callable[[], torch.Tensor]  # the dense base weight, read on demand
 
 
-# -- ΔW of one target as factors, for the low-rank family --------------------------------------------------------
-
-
-def _lora_factors(f: dict, site: Site, weight: WeightFn) -> Factors:
-    return lora.scale(site.config) * f["B"], f["A"]
-
-
-def _pissa_factors(f: dict, site: Site, weight: WeightFn) -> Factors:
-    # B A − B0 A0 = B (A − A0) + (B − B0) A0, as PiSSA's forward: exact zeros while A = A0, B = B0.
-    A = torch.cat([f["A"] - f["A0"], f["A0"]])  # (2r, d_in)
-    B = torch.cat([f["B"], f["B"] - f["B0"]], dim=1)  # (d_out, 2r)
-    return lora.scale(site.config) * B, A
-
-
-def _vera_factors(f: dict, site: Site, weight: WeightFn) -> Factors:
-    A, B = vera.factors(f, site)
-    return B, A
-
-
-def _delora_factors(f: dict, site: Site, weight: WeightFn) -> Factors:
-    return f["B"] * delora.rank_scale(f, site.config.r), f["A"] * f["w_norm"][None, :]
-
-
-def _ssvd_factors(f: dict, site: Site, weight: WeightFn) -> Factors:
-    return f["U"] @ ssvd.core(f["S"], f["delta_s"], ssvd.rotation(f)), f["Vh"]
-
-
-def _antipasto_factors(f: dict, site: Site, weight: WeightFn) -> Factors:
-    return f["U"] @ antipasto._core(f, site.config), f["Vh"]
-
-
-def _hra_factors(f: dict, site: Site, weight: WeightFn) -> Factors:
-    A, B = hra.update_factors(f, f["u"].dtype)  # W R(u) − W R(u0) = −W B A
-    return -(weight().to(B.dtype) @ B), A
-
-
-class LowRank(NamedTuple):
-    """How a variant's ΔW factors: `factors(leaves, site, weight) -> (B', A')`; `reads_weight`: needs the base W."""
-
-    factors: Callable[[dict, Site, WeightFn], Factors]
-    reads_weight: bool = False
-
-
-# Variants whose ΔW is a product of factors. A variant missing here is treated as dense (its ΔW is
-# merged − W, which needs the model), so a new variant is never mistaken for a low-rank one.
-LOW_RANK: dict[str, LowRank] = {
-    "lora": LowRank(_lora_factors),
-    "eva": LowRank(_lora_factors),
-    "pissa": LowRank(_pissa_factors),
-    "vera": LowRank(_vera_factors),
-    "delora": LowRank(_delora_factors),
-    "ssvd": LowRank(_ssvd_factors),
-    "antipasto": LowRank(_antipasto_factors),
-    "hra": LowRank(_hra_factors, reads_weight=True),
-}
 # nn.Linear and its subclasses (`Target.module`): weight (d_out, d_in), LoRA's layout. Others are refused by name.
 LINEAR_KINDS = frozenset(
     {"Linear", "NonDynamicallyQuantizableLinear", "Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt"}
 )
 
 
+def _low_rank(variant: Variant) -> LowRank | None:
+    """The variant's `LowRank` record (its ΔW as factors), or None where it declares its ΔW `Dense`."""
+    return variant.capability(LowRank)
+
+
 def _needs_weight(variant: Variant) -> bool:
-    low = LOW_RANK.get(variant.name)
+    low = _low_rank(variant)
     return low is None or low.reads_weight
 
 
@@ -270,14 +220,14 @@ def _each_delta(params: Params, where: str, caller: str, model: nn.Module | None
     if model is None and _needs_weight(variant):
         why = (
             "reads the base weight (ΔW = −W B A)"
-            if variant.name in LOW_RANK
+            if _low_rank(variant) is not None
             else "is W' − W, not a product of low-rank factors (it rescales or rotates W)"
         )
         raise ValueError(
             f"{caller}: {where} ({type(params.config).__name__}) has a ΔW that {why}; pass the base model as `model=`"
         )
     dtype = _compute_dtype(params)
-    low = LOW_RANK.get(variant.name)
+    low = _low_rank(variant)
     for target in params.targets:
         if model is None:
             site = Site(target, config_for(params.config, target.path), None)
@@ -432,7 +382,7 @@ def weighted_sum(adapters: Sequence[Params], weights: Sequence[float], *, model:
     adapters = _check_adapters(adapters, caller)
     weights = _check_weights(weights, len(adapters), caller)
     for i, p in enumerate(adapters):
-        if variant_for(p.config, caller=caller).name not in LOW_RANK:
+        if _low_rank(variant_for(p.config, caller=caller)) is None:
             raise ValueError(
                 f"{caller}: `adapters[{i}]` ({type(p.config).__name__}) has a ΔW that is not a product of "
                 "low-rank factors (it rescales or rotates W), so no exact sum of factors exists; merge the dense "

@@ -10,7 +10,7 @@ from torch import nn
 
 from ._params import SHARED, Params
 from ._variant import Site
-from .kinds import site_for
+from .kinds import refuse_offloaded, site_for
 
 
 def call_model(model: nn.Module, batch: Any, overrides: Mapping[str, torch.Tensor] | None = None) -> Any:
@@ -31,6 +31,7 @@ def resolve_sites(
 ) -> list[tuple[nn.Module, Site]]:
     """Each target of `params` located in `model` (or in `modules`, its `named_modules()` when the caller has
     them already) and checked against it (`lora_func.kinds.site_for`): (the module it acts on, its site)."""
+    refuse_offloaded(model, caller)
     sites = []
     for target in params.targets:
         site = site_for(model, target, params.config, caller, modules)

@@ -114,9 +114,14 @@ def check(
     """
     if not isinstance(params, Params):
         raise TypeError(f"{caller}: `{name}` must be lora_func Params, got {type(params).__name__}")
-    variant = variant_for(params.config, caller=caller)
     cfg = params.config
-    declared, grows = _layout(cfg, params.targets, caller, name)
+    if torch.compiler.is_compiling():  # nothing read from or written to the Params object: dynamo would guard on it
+        variant, (declared, grows) = variant_for(cfg, caller=caller), _layout(cfg, params.targets, caller, name)
+    else:  # resolved once per Params (`replace` passes the layout on), and once per (config, targets) in `_layout`
+        variant = params.variant or variant_for(cfg, caller=caller)
+        if params.layout is None:
+            params.layout = _layout(cfg, params.targets, caller, name)
+        declared, grows = params.layout
     entries = params._entries  # the Params' own dict: this runs on every `apply`
     if entries.keys() != declared.keys():
         missing = [p for p in declared if p not in entries]

@@ -9,7 +9,10 @@ through `QuantizedLinear` under torch.func. Reference: peft/tuners/lora/layer.py
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +108,24 @@ class QuantizedLinear(torch.autograd.Function):
 # ---- LoRA's product on features-last layers: shared with transformers' Conv1D -----------------------------------
 
 
+_recording = threading.local()  # .record: this thread's book-keeping recorder (`recording`), or absent
+
+
+@contextlib.contextmanager
+def recording(record: Callable[..., None]) -> Iterator[None]:
+    """Inside the block, in this thread, each `LowRank` product built with grad hands its backward's pieces to
+    `record(A, B, x, h, gh, g)` instead of computing dA and dB (it returns no gradient for A and B; dx and dy as
+    usual): x (n, d_in), h = s x Aᵀ (n, r), gh = s B ᵀ gᵀ (r, n), g (n, d_out), n the tokens of the call.
+    DP-SGD's book-keeping (`lora_func/_private.py`) builds per-example norms and clipped sums from them.
+    The recorder is bound when the forward runs, so a backward outside the block still records."""
+    previous = getattr(_recording, "record", None)
+    _recording.record = record
+    try:
+        yield
+    finally:
+        _recording.record = previous
+
+
 def _low_rank_forward(x, A, B, s: float, y) -> tuple[torch.Tensor, torch.Tensor]:
     """(y + s · (x Aᵀ) Bᵀ, h = s · x Aᵀ as (n, r)); y may be None."""
     x2 = x.reshape(-1, x.shape[-1])  # (n, d_in)
@@ -136,6 +157,7 @@ class LowRank(torch.autograd.Function):
         ctx.save_for_backward(x, A, B, output[1])
         ctx.save_for_forward(x, A, B)
         ctx.s, ctx.has_y = s, y is not None
+        ctx.record = getattr(_recording, "record", None)
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)
 
@@ -150,6 +172,9 @@ class LowRank(torch.autograd.Function):
             h = (A @ x2.t()).t() * s  # differentiable, for double backward
         gh = (B.t() @ g2.t()) * s  # (r, n): ∂/∂h, transposed
         dx = (gh.t() @ A).view(x.shape) if ctx.needs_input_grad[0] else None  # (..., d_in)
+        if ctx.record is not None:
+            ctx.record(A, B, x2, h, gh, g2)
+            return dx, None, None, None, (g if ctx.has_y else None)
         dA = gh @ x2 if ctx.needs_input_grad[1] else None  # (r, d_in)
         dB = (h.t() @ g2).t() if ctx.needs_input_grad[2] else None  # (d_out, r)
         return dx, dA, dB, None, (g if ctx.has_y else None)

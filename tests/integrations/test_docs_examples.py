@@ -134,6 +134,24 @@ def test_every_page_has_its_blocks_and_only_the_listed_ones_are_not_run():
     assert len(names) == len(set(names)) and CHECKED | {"setup"} <= set(names)
 
 
+def test_the_api_reference_shows_every_public_name():
+    """docs/api.md renders each name `import lora_func as lf` exports (a new method's config included)."""
+    import inspect
+
+    public = {name for name in dir(lf) if not name.startswith("_") and not inspect.ismodule(getattr(lf, name))}
+    shown = set(re.findall(r"^::: lora_func\.(\w+)$", (ROOT / "docs" / "api.md").read_text(), re.M))
+    assert public - shown == set(), "missing from docs/api.md"
+    assert shown - public == set(), "not public"
+
+
+def test_the_readme_lists_every_registered_method():
+    from lora_func.variants import REGISTRY
+
+    table = (ROOT / "README.md").read_text().split("## Methods", 1)[1].split("\n## ", 1)[0]
+    missing = [v.config.__name__ for v in REGISTRY.values() if f"`lf.{v.config.__name__}`" not in table]
+    assert not missing, "add a row with the paper to the README's table of methods"
+
+
 # vmap over stacked adapters runs attention through torch's batching fallback, which says so.
 @pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented")
 @pytest.mark.parametrize("page", [p for p in PAGES if any(b.not_run is None for b in blocks(p))])
