@@ -47,13 +47,13 @@ from torch.autograd import Variable
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from . import _torch_private as private
 from ._mixed import AdapterRows
 from ._params import Params
 from ._sites import resolve_sites, with_shared
 from ._structure import check
 from ._transform import in_transform
 from ._variant import Site
-from . import _torch_private as private
 from .kinds import form_of
 from .kinds.linear import QuantizedLinear, is_linear_like, quantization
 from .variants import variant_for
@@ -206,6 +206,8 @@ def _here(module: nn.Module, task: int) -> Injection | None:
     injection = active.get(module) if active else None
     if injection is None or injection.task != task:
         return None
+    if torch.compiler.is_compiling():
+        injection.refuse_compiled_model()
     return injection
 
 
@@ -256,7 +258,7 @@ def _refuse_unseen_checkpoint(injection: Injection, module: nn.Module) -> None:
     """A target running inside `torch.utils.checkpoint` that no recorded HF layer set up (the model's own call,
     or HF checkpointing switched on inside the block) would be recomputed in backward without the adapter:
     reentrant checkpointing then gives no adapter gradient, silently, and non-reentrant fails inside torch."""
-    if _local.layers:  # inside an HF checkpointed layer that this thread's injections recorded
+    if _local.layers or torch.compiler.is_compiling():  # an HF checkpointed layer recorded; compiled: `_here`
         return
     if torch.is_grad_enabled():  # non-reentrant: the checkpoint's saved-tensor hooks, opened inside the block
         hooks = private.saved_tensors_hooks()
@@ -711,6 +713,13 @@ class Injection:
                 "torch.func transforms (grad, vmap, ...); call model.gradient_checkpointing_disable() for "
                 "torch.func, or keep checkpointing and train with loss.backward()"
             )
+        compiled = next((m for m in self.touched if m.__dict__.get("_compiled_call_impl") is not None), None)
+        if compiled is not None:  # `module.compile()`: its compiled code ignores hooks added after it compiled
+            raise RuntimeError(
+                f"{self.caller}: {_name(self.model, compiled)!r} was compiled in place (module.compile()); its "
+                "compiled code would run without the adapter. Call lf.apply inside a compiled function instead "
+                "(torch.compile(lambda p, b: lf.apply(model, p, b))), or use a model that was not compiled"
+            )
         active = _active()
         clash = next((m for m in self.touched if m in active), None)
         if clash is not None:
@@ -794,6 +803,14 @@ class Injection:
         theirs = [(p, leaf, t) for p, leaf, t in other.params.leaves()]
         same_rows = (None if self.rows is None else self.rows.ids) == (None if other.rows is None else other.rows.ids)
         return same_rows and len(ours) == len(theirs) and all(a[2] is b[2] for a, b in zip(ours, theirs))
+
+    def refuse_compiled_model(self) -> None:
+        raise RuntimeError(
+            f"{self.caller}: torch.compile traces {type(self.model).__name__} inside an lf.{self.caller} block "
+            "opened outside the compiled code; compiled code does not see the block's adapter (one layer's "
+            "adapter for every layer, or none). Open the block inside the compiled function "
+            "(torch.compile(lambda p, b: lf.apply(model, p, b))), or run the model eagerly in the block"
+        )
 
     def refuse_direct_call(self, module: nn.Module) -> None:
         raise RuntimeError(

@@ -7,9 +7,9 @@ from here, never from `torch._C` or `torch.utils._pytree` directly.
 
 from __future__ import annotations
 
-import torch
 import inspect
 
+import torch
 from torch.utils.checkpoint import CheckpointFunction, checkpoint
 
 
