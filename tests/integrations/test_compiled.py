@@ -47,10 +47,10 @@ def test_model_compiled_inside_a_block_runs_each_layers_adapter(cfg):
     batch = qwen3_batch()
     before = snapshot(model)
     for params in adapters(model, cfg):
-        expected = loss_and_grads(lambda: lf.apply(model, params, batch).loss, params)
+        expected = loss_and_grads(lambda p=params: lf.apply(model, p, batch).loss, params)
         with lf.inject(model, params):
             compiled = torch.compile(model, backend="eager")
-            got = loss_and_grads(lambda: compiled(**batch).loss, params)
+            got = loss_and_grads(lambda c=compiled: c(**batch).loss, params)
         torch.testing.assert_close(got[0], expected[0])
         for g, e in zip(got[1], expected[1]):
             torch.testing.assert_close(g, e)
@@ -66,9 +66,9 @@ def test_compiled_adapter_module_trains_like_eager():
     before = snapshot(model)
     for params in adapters(model):
         module = lf.AdapterModule(model, params)
-        expected = loss_and_grads(lambda: module(**batch).loss, module.params)
+        expected = loss_and_grads(lambda m=module: m(**batch).loss, module.params)
         compiled = torch.compile(module, backend="eager")
-        got = loss_and_grads(lambda: compiled(**batch).loss, module.params)
+        got = loss_and_grads(lambda c=compiled: c(**batch).loss, module.params)
         torch.testing.assert_close(got[0], expected[0])
         for g, e in zip(got[1], expected[1]):
             torch.testing.assert_close(g, e)
