@@ -41,11 +41,8 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
-from torch.autograd import Variable
 from torch.overrides import TorchFunctionMode
-from torch.utils.hooks import RemovableHandle
 
 from . import _torch_private as private
 from ._mixed import AdapterRows
@@ -69,8 +66,8 @@ try:
 except ImportError:  # a torch build without torch.distributed
     DTensor = ()  # isinstance(x, ()) is always False
 
-_graph_task = torch._C._current_graph_task_id
-_sequence_nr = torch._C._autograd._get_sequence_nr
+_graph_task = private.graph_task_id
+_sequence_nr = private.sequence_nr
 
 
 def _active() -> dict:
@@ -368,7 +365,8 @@ def _layer_hook(module, args, *rest):
         return None
     _, injection, start = layers.pop()
     output = rest[-1]
-    nodes = {t.grad_fn for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+    leaves = private.pytree.tree_leaves(output)
+    nodes = {t.grad_fn for t in leaves if isinstance(t, torch.Tensor) and t.grad_fn is not None}
     if nodes:
         call = _LayerCall(injection, start, _sequence_nr())
         for node in nodes:
@@ -416,14 +414,11 @@ class _Hook:
     __slots__ = ("dicts", "key")
 
     def __init__(self, module: nn.Module, hook: Callable, *, pre: bool, always_call: bool = False) -> None:
-        key = RemovableHandle.next_id
-        RemovableHandle.next_id += 1
-        if pre:
-            hooks, flags = module._forward_pre_hooks, [module._forward_pre_hooks_with_kwargs]
-        else:
-            hooks, flags = module._forward_hooks, [module._forward_hooks_with_kwargs]
-            if always_call:
-                flags.append(module._forward_hooks_always_called)
+        key = private.new_hook_id()
+        names = private.FORWARD_PRE_HOOK_DICTS if pre else private.FORWARD_HOOK_DICTS
+        if always_call:
+            names = (*names, private.ALWAYS_CALLED)
+        hooks, *flags = (module.__dict__[name] for name in names)
         for flag in flags:
             flag[key] = True
         hooks[key] = _Dispatcher(hook)
@@ -464,10 +459,7 @@ class _Orphan:
         return None
 
 
-_HOOK_DICTS = (
-    ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"),
-    ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
-)
+_HOOK_DICTS = (private.FORWARD_PRE_HOOK_DICTS, (*private.FORWARD_HOOK_DICTS, private.ALWAYS_CALLED))
 
 
 def _register(module: nn.Module, role: str) -> list:
@@ -564,8 +556,8 @@ def _entered(call: _LayerCall, grad_outputs):
         entry = _ENTERED.get(task)
         if entry is None:
             _drop_failed_tasks()
-            entry = _ENTERED[task] = (torch._C._autograd._get_current_graph_task_keep_graph(), [])
-            Variable._execution_engine.queue_callback(partial(_task_done, task))
+            entry = _ENTERED[task] = (private.graph_task_keep_graph(), [])
+            private.queue_engine_callback(partial(_task_done, task))
         if not any(r() is call for r in entry[1]):
             entry[1].append(weakref.ref(call))
     return None
@@ -593,10 +585,10 @@ def _recompute_call(task: int) -> _LayerCall | None:
     entry = _ENTERED.get(task)
     if entry is None:
         return None
-    node = torch._C._current_autograd_node()
+    node = private.current_autograd_node()
     if node is None:
         return None
-    seq = node._sequence_nr()
+    seq = private.node_sequence_nr(node)
     found = None
     for ref in entry[1]:
         call = ref()
@@ -895,9 +887,6 @@ def _name(model: nn.Module, module: nn.Module) -> str:
     return type(module).__name__
 
 
-_FORWARD_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs")
-
-
 class _SwappedHooks:
     """A hook added under torch.compile, where `register_forward_hook` graph-breaks (its RemovableHandle
     bumps a class attribute) and item assignment on a module's hook dicts does too. Instead the module's
@@ -909,7 +898,7 @@ class _SwappedHooks:
     """
 
     def __init__(self, module: nn.Module, hook: Any, pre: bool) -> None:
-        names = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs") if pre else _FORWARD_HOOK_DICTS
+        names = private.FORWARD_PRE_HOOK_DICTS if pre else private.FORWARD_HOOK_DICTS
         self.module = module
         self.originals = [(name, module.__dict__[name]) for name in names]
         (_, hooks), (_, with_kwargs) = self.originals
