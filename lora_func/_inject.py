@@ -41,19 +41,16 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
-from torch.autograd import Variable
 from torch.overrides import TorchFunctionMode
-from torch.utils.hooks import RemovableHandle
 
+from . import _torch_private as private
 from ._mixed import AdapterRows
 from ._params import Params
 from ._sites import resolve_sites, with_shared
 from ._structure import check
 from ._transform import in_transform
 from ._variant import Site
-from . import _torch_private as private
 from .kinds import form_of
 from .kinds.linear import QuantizedLinear, is_linear_like, quantization
 from .variants import variant_for
@@ -69,8 +66,8 @@ try:
 except ImportError:  # a torch build without torch.distributed
     DTensor = ()  # isinstance(x, ()) is always False
 
-_graph_task = torch._C._current_graph_task_id
-_sequence_nr = torch._C._autograd._get_sequence_nr
+_graph_task = private.graph_task_id
+_sequence_nr = private.sequence_nr
 
 
 def _active() -> dict:
@@ -212,6 +209,8 @@ def _here(module: nn.Module, task: int) -> Injection | None:
     injection = active.get(module) if active else None
     if injection is None or injection.task != task:
         return None
+    if torch.compiler.is_compiling():
+        injection.refuse_compiled_model()
     return injection
 
 
@@ -262,7 +261,7 @@ def _refuse_unseen_checkpoint(injection: Injection, module: nn.Module) -> None:
     """A target running inside `torch.utils.checkpoint` that no recorded HF layer set up (the model's own call,
     or HF checkpointing switched on inside the block) would be recomputed in backward without the adapter:
     reentrant checkpointing then gives no adapter gradient, silently, and non-reentrant fails inside torch."""
-    if _local.layers:  # inside an HF checkpointed layer that this thread's injections recorded
+    if _local.layers or torch.compiler.is_compiling():  # an HF checkpointed layer recorded; compiled: `_here`
         return
     if torch.is_grad_enabled():  # non-reentrant: the checkpoint's saved-tensor hooks, opened inside the block
         hooks = private.saved_tensors_hooks()
@@ -372,7 +371,8 @@ def _layer_hook(module, args, *rest):
         return None
     _, injection, start = layers.pop()
     output = rest[-1]
-    nodes = {t.grad_fn for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+    leaves = private.pytree.tree_leaves(output)
+    nodes = {t.grad_fn for t in leaves if isinstance(t, torch.Tensor) and t.grad_fn is not None}
     if nodes:
         call = _LayerCall(injection, start, _sequence_nr())
         for node in nodes:
@@ -420,14 +420,11 @@ class _Hook:
     __slots__ = ("dicts", "key")
 
     def __init__(self, module: nn.Module, hook: Callable, *, pre: bool, always_call: bool = False) -> None:
-        key = RemovableHandle.next_id
-        RemovableHandle.next_id += 1
-        if pre:
-            hooks, flags = module._forward_pre_hooks, [module._forward_pre_hooks_with_kwargs]
-        else:
-            hooks, flags = module._forward_hooks, [module._forward_hooks_with_kwargs]
-            if always_call:
-                flags.append(module._forward_hooks_always_called)
+        key = private.new_hook_id()
+        names = private.FORWARD_PRE_HOOK_DICTS if pre else private.FORWARD_HOOK_DICTS
+        if always_call:
+            names = (*names, private.ALWAYS_CALLED)
+        hooks, *flags = (module.__dict__[name] for name in names)
         for flag in flags:
             flag[key] = True
         hooks[key] = _Dispatcher(hook)
@@ -468,10 +465,7 @@ class _Orphan:
         return None
 
 
-_HOOK_DICTS = (
-    ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"),
-    ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
-)
+_HOOK_DICTS = (private.FORWARD_PRE_HOOK_DICTS, (*private.FORWARD_HOOK_DICTS, private.ALWAYS_CALLED))
 
 
 def _register(module: nn.Module, role: str) -> list:
@@ -568,8 +562,8 @@ def _entered(call: _LayerCall, grad_outputs):
         entry = _ENTERED.get(task)
         if entry is None:
             _drop_failed_tasks()
-            entry = _ENTERED[task] = (torch._C._autograd._get_current_graph_task_keep_graph(), [])
-            Variable._execution_engine.queue_callback(partial(_task_done, task))
+            entry = _ENTERED[task] = (private.graph_task_keep_graph(), [])
+            private.queue_engine_callback(partial(_task_done, task))
         if not any(r() is call for r in entry[1]):
             entry[1].append(weakref.ref(call))
     return None
@@ -597,10 +591,10 @@ def _recompute_call(task: int) -> _LayerCall | None:
     entry = _ENTERED.get(task)
     if entry is None:
         return None
-    node = torch._C._current_autograd_node()
+    node = private.current_autograd_node()
     if node is None:
         return None
-    seq = node._sequence_nr()
+    seq = private.node_sequence_nr(node)
     found = None
     for ref in entry[1]:
         call = ref()
@@ -717,6 +711,13 @@ class Injection:
                 "torch.func transforms (grad, vmap, ...); call model.gradient_checkpointing_disable() for "
                 "torch.func, or keep checkpointing and train with loss.backward()"
             )
+        compiled = next((m for m in self.touched if m.__dict__.get("_compiled_call_impl") is not None), None)
+        if compiled is not None:  # `module.compile()`: its compiled code ignores hooks added after it compiled
+            raise RuntimeError(
+                f"{self.caller}: {_name(self.model, compiled)!r} was compiled in place (module.compile()); its "
+                "compiled code would run without the adapter. Call lf.apply inside a compiled function instead "
+                "(torch.compile(lambda p, b: lf.apply(model, p, b))), or use a model that was not compiled"
+            )
         active = _active()
         clash = next((m for m in self.touched if m in active), None)
         if clash is not None:
@@ -801,6 +802,14 @@ class Injection:
         same_rows = (None if self.rows is None else self.rows.ids) == (None if other.rows is None else other.rows.ids)
         return same_rows and len(ours) == len(theirs) and all(a[2] is b[2] for a, b in zip(ours, theirs))
 
+    def refuse_compiled_model(self) -> None:
+        raise RuntimeError(
+            f"{self.caller}: torch.compile traces {type(self.model).__name__} inside an lf.{self.caller} block "
+            "opened outside the compiled code; compiled code does not see the block's adapter (one layer's "
+            "adapter for every layer, or none). Open the block inside the compiled function "
+            "(torch.compile(lambda p, b: lf.apply(model, p, b))), or run the model eagerly in the block"
+        )
+
     def refuse_direct_call(self, module: nn.Module) -> None:
         raise RuntimeError(
             f"{self.caller}: {_name(self.model, module)!r} ran with gradients on outside a call of the "
@@ -884,9 +893,6 @@ def _name(model: nn.Module, module: nn.Module) -> str:
     return type(module).__name__
 
 
-_FORWARD_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs")
-
-
 class _SwappedHooks:
     """A hook added under torch.compile, where `register_forward_hook` graph-breaks (its RemovableHandle
     bumps a class attribute) and item assignment on a module's hook dicts does too. Instead the module's
@@ -898,7 +904,7 @@ class _SwappedHooks:
     """
 
     def __init__(self, module: nn.Module, hook: Any, pre: bool) -> None:
-        names = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs") if pre else _FORWARD_HOOK_DICTS
+        names = private.FORWARD_PRE_HOOK_DICTS if pre else private.FORWARD_HOOK_DICTS
         self.module = module
         self.originals = [(name, module.__dict__[name]) for name in names]
         (_, hooks), (_, with_kwargs) = self.originals
