@@ -96,7 +96,9 @@ def test_privacy_engine_drives_an_adapter_module_as_private_grads_does():
     start = perturbed(lf.init(tiny_qwen3(), lf.LoRAConfig(r=4)))
 
     def copy():
-        return start.replace({p: {k: v.detach().clone().requires_grad_(True) for k, v in e.items()} for p, e in start.items()})
+        return start.replace(
+            {p: {k: v.detach().clone().requires_grad_(True) for k, v in e.items()} for p, e in start.items()}
+        )
 
     trained_opacus, eps_opacus = opacus_run(copy())
     trained_ours, eps_ours = private_grads_run(copy())
