@@ -41,6 +41,10 @@ class Params(Mapping):
         self.variant = registered(config)
         self.layout = None  # (declared shapes, growing shared dims): set by `lora_func._structure.check`
 
+    def __reduce__(self):
+        """Pickled and deep-copied as its constructor's arguments: the variant and layout are found again."""
+        return (Params, (self._entries, self.config, self.targets, self.frozen))
+
     def __getitem__(self, path: str) -> dict[str, torch.Tensor]:
         return self._entries[path]
 
