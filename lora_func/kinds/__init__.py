@@ -158,14 +158,15 @@ def refuse_offloaded(model: nn.Module, caller: str) -> None:
 
 
 def _on_meta(kind: Kind, target: Target, module: nn.Module) -> bool:
-    """Whether the base weight the adapter reads is on the meta device (no values)."""
-    if kind.module_path is not None:  # a parameter target: that parameter
-        tensors = (getattr(module, target.path.rpartition(".")[2], None),)
-    elif kind.leaf_shapes is not None:  # a saved copy: the module's parameters
-        tensors = tuple(module.parameters())
-    else:
-        tensors = (getattr(module, "weight", None),)
-    return any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors)
+    """Whether the base weight the adapter reads is on the meta device (no values). Runs per target on every
+    `apply`: reads the module's parameter dict, not `nn.Module.__getattr__`."""
+    if kind.leaf_shapes is not None:  # a saved copy: the module's parameters
+        return any(p.is_meta for p in module.parameters())
+    name = "weight" if kind.module_path is None else target.path.rpartition(".")[2]  # a parameter target: its own
+    tensor = module._parameters.get(name)
+    if tensor is None:
+        tensor = getattr(module, name, None)
+    return isinstance(tensor, torch.Tensor) and tensor.is_meta
 
 
 def site_for(

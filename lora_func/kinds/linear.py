@@ -221,11 +221,25 @@ def _add_low_rank(x, A, B, s: float, y, inference: bool = False) -> torch.Tensor
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype `torch.autocast` runs x's matmuls in, or None where autocast is off for x's device (or leaves x as
-    it is: autocast never casts float64)."""
-    device = x.device.type
-    if x.dtype == torch.float64 or not x.is_floating_point() or not torch.amp.is_autocast_available(device):
+    it is: autocast never casts float64). Called on every differentiated low-rank product, so the common devices
+    skip building a `torch.device`."""
+    if x.is_cpu:
+        device = "cpu"
+    elif x.is_cuda:
+        device = "cuda"
+    else:
+        device = x.device.type
+        available = _AUTOCAST_DEVICES.get(device)
+        if available is None:
+            available = _AUTOCAST_DEVICES[device] = torch.amp.is_autocast_available(device)
+        if not available:
+            return None
+    if not torch.is_autocast_enabled(device) or x.dtype == torch.float64 or not x.is_floating_point():
         return None
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return torch.get_autocast_dtype(device)
+
+
+_AUTOCAST_DEVICES: dict[str, bool] = {}  # device type -> whether torch.autocast exists for it
 
 
 def _requires_grad(y: torch.Tensor | None) -> bool:
