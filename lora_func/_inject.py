@@ -60,6 +60,7 @@ _local = threading.local()  # .active: {module: Injection} for this thread; .lay
 _HOOKED: dict[tuple[nn.Module, str], list] = {}  # (module, role) -> [count, handles]
 _ENTERED: dict[int, tuple[bool, list]] = {}  # graph task -> (keep_graph, weakrefs to the layer calls it reached)
 _MISSING = object()
+_EAGER: list = [0, None]  # eager blocks open in the process, and the compile stance they found (see `_run_eager`)
 
 try:
     from torch.distributed.tensor import DTensor
@@ -686,6 +687,7 @@ class Injection:
         self.exited = False
         self.registered = False
         self.compiled: list[_SwappedHooks] | None = None
+        self.eager = False  # whether this block holds compiled code to eager (`_run_eager`)
         self.pending: list[weakref.ref] = []  # records of layer calls made by a model call that has not returned
         self.grad_at_enter = False
         self.saved_hooks: tuple | None = None  # the saved-tensor hooks the block was entered under
@@ -704,13 +706,6 @@ class Injection:
                 f"{self.caller}: gradient checkpointing is on, and torch.utils.checkpoint cannot run under "
                 "torch.func transforms (grad, vmap, ...); call model.gradient_checkpointing_disable() for "
                 "torch.func, or keep checkpointing and train with loss.backward()"
-            )
-        compiled = next((m for m in self.touched if m.__dict__.get("_compiled_call_impl") is not None), None)
-        if compiled is not None:  # `module.compile()`: its compiled code ignores hooks added after it compiled
-            raise RuntimeError(
-                f"{self.caller}: {_name(self.model, compiled)!r} was compiled in place (module.compile()); its "
-                "compiled code would run without the adapter. Call lf.apply inside a compiled function instead "
-                "(torch.compile(lambda p, b: lf.apply(model, p, b))), or use a model that was not compiled"
             )
         active = _active()
         clash = next((m for m in self.touched if m in active), None)
@@ -734,6 +729,7 @@ class Injection:
             self.registered = True
             for module in self.touched:
                 active[module] = self
+            self.eager = _run_eager(True)
         except BaseException:
             self._close(active, failed=True)
             raise
@@ -764,6 +760,8 @@ class Injection:
                 if table.get(module) is self:
                     del table[module]
         with _LOCK:
+            if self.eager:
+                self.eager = _run_eager(False)
             if failed:
                 pending, self.pending = self.pending, []
                 for ref in pending:
@@ -843,6 +841,29 @@ class Injection:
                     return fn(x, output, leaves, site)
 
                 self.compiled.append(_SwappedHooks(module, hook, pre=False))
+
+
+def _run_eager(enter: bool) -> bool:
+    """While an eager block is open, compiled code runs eagerly (`torch.compiler.set_stance("force_eager")`), in
+    every thread: a model compiled before the block would otherwise run its compiled code, which ignores hooks
+    added after it compiled (dynamo does not guard on them), and give the base model's outputs in silence. Blocks
+    are counted; the last to close puts back the stance the first found. Returns whether this block holds it."""
+    with _LOCK:
+        if enter:
+            current = private.compile_stance()
+            if current is None:  # dynamo never imported: nothing compiled
+                return False
+            if _EAGER[0] == 0:
+                if not private.set_compile_stance(private.eager_stance(current)):
+                    return False  # inside compiled code (a graph break): torch keeps its stance
+                _EAGER[1] = current
+            _EAGER[0] += 1
+            return True
+        _EAGER[0] -= 1
+        if _EAGER[0] == 0:
+            private.set_compile_stance(_EAGER[1])
+            _EAGER[1] = None
+        return False
 
 
 def _survey(model: nn.Module) -> tuple[dict[str, nn.Module], list[nn.Module], list[nn.Module], bool]:
