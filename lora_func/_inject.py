@@ -29,6 +29,15 @@ What lives where, and why:
   layer's `forward` attribute is a dispatcher while an injection is open; other threads get bnb's own.
 - Under torch.compile the hooks are closures of the one call, swapped into the hook dicts
   (`_SwappedHooks`: `register_forward_hook` graph-breaks); backward is compiled ahead, nothing recomputes.
+  Code compiled outside the block ignores hooks added after it compiled (dynamo does not guard on them): while an
+  eager block is open, compiled code runs eagerly (`_run_eager`), and the dispatchers refuse to be traced.
+- Exceptions, `BaseException`s too: torch runs `always_call` hooks after an `Exception` only, so the block's exit
+  unwinds what an interrupted forward pushed, a failed backward's leftovers are dropped at the next push (the
+  engine itself drops the modes a failing node entered), and a failed call releases its unfinished layer records.
+- A copy of the model (`copy.deepcopy`, `torch.save`) holds inert `_Orphan`s where the original holds dispatchers.
+- `torch.utils.checkpoint` that lora_func did not set up (the model's own, or HF checkpointing switched on inside
+  the block) is refused at the forward (`_refuse_unseen_checkpoint`): its recompute would not see the adapter.
+- Private torch names: through `_torch_private` only.
 """
 
 from __future__ import annotations
