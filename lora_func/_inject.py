@@ -29,6 +29,15 @@ What lives where, and why:
   layer's `forward` attribute is a dispatcher while an injection is open; other threads get bnb's own.
 - Under torch.compile the hooks are closures of the one call, swapped into the hook dicts
   (`_SwappedHooks`: `register_forward_hook` graph-breaks); backward is compiled ahead, nothing recomputes.
+  Code compiled outside the block ignores hooks added after it compiled (dynamo does not guard on them): while an
+  eager block is open, compiled code runs eagerly (`_run_eager`), and the dispatchers refuse to be traced.
+- Exceptions, `BaseException`s too: torch runs `always_call` hooks after an `Exception` only, so the block's exit
+  unwinds what an interrupted forward pushed, a failed backward's leftovers are dropped at the next push (the
+  engine itself drops the modes a failing node entered), and a failed call releases its unfinished layer records.
+- A copy of the model (`copy.deepcopy`, `torch.save`) holds inert `_Orphan`s where the original holds dispatchers.
+- `torch.utils.checkpoint` that lora_func did not set up (the model's own, or HF checkpointing switched on inside
+  the block) is refused at the forward (`_refuse_unseen_checkpoint`): its recompute would not see the adapter.
+- Private torch names: through `_torch_private` only.
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ _local = threading.local()  # .active: {module: Injection} for this thread; .lay
 _HOOKED: dict[tuple[nn.Module, str], list] = {}  # (module, role) -> [count, handles]
 _ENTERED: dict[int, tuple[bool, list]] = {}  # graph task -> (keep_graph, weakrefs to the layer calls it reached)
 _MISSING = object()
+_EAGER: list = [0, None]  # eager blocks open in the process, and the compile stance they found (see `_run_eager`)
 
 try:
     from torch.distributed.tensor import DTensor
@@ -692,6 +702,7 @@ class Injection:
         self.exited = False
         self.registered = False
         self.compiled: list[_SwappedHooks] | None = None
+        self.eager = False  # whether this block holds compiled code to eager (`_run_eager`)
         self.pending: list[weakref.ref] = []  # records of layer calls made by a model call that has not returned
         self.grad_at_enter = False
         self.saved_hooks: tuple | None = None  # the saved-tensor hooks the block was entered under
@@ -710,13 +721,6 @@ class Injection:
                 f"{self.caller}: gradient checkpointing is on, and torch.utils.checkpoint cannot run under "
                 "torch.func transforms (grad, vmap, ...); call model.gradient_checkpointing_disable() for "
                 "torch.func, or keep checkpointing and train with loss.backward()"
-            )
-        compiled = next((m for m in self.touched if m.__dict__.get("_compiled_call_impl") is not None), None)
-        if compiled is not None:  # `module.compile()`: its compiled code ignores hooks added after it compiled
-            raise RuntimeError(
-                f"{self.caller}: {_name(self.model, compiled)!r} was compiled in place (module.compile()); its "
-                "compiled code would run without the adapter. Call lf.apply inside a compiled function instead "
-                "(torch.compile(lambda p, b: lf.apply(model, p, b))), or use a model that was not compiled"
             )
         active = _active()
         clash = next((m for m in self.touched if m in active), None)
@@ -740,6 +744,7 @@ class Injection:
             self.registered = True
             for module in self.touched:
                 active[module] = self
+            self.eager = _run_eager(True)
         except BaseException:
             self._close(active, failed=True)
             raise
@@ -770,6 +775,8 @@ class Injection:
                 if table.get(module) is self:
                     del table[module]
         with _LOCK:
+            if self.eager:
+                self.eager = _run_eager(False)
             if failed:
                 pending, self.pending = self.pending, []
                 for ref in pending:
@@ -849,6 +856,29 @@ class Injection:
                     return fn(x, output, leaves, site)
 
                 self.compiled.append(_SwappedHooks(module, hook, pre=False))
+
+
+def _run_eager(enter: bool) -> bool:
+    """While an eager block is open, compiled code runs eagerly (`torch.compiler.set_stance("force_eager")`), in
+    every thread: a model compiled before the block would otherwise run its compiled code, which ignores hooks
+    added after it compiled (dynamo does not guard on them), and give the base model's outputs in silence. Blocks
+    are counted; the last to close puts back the stance the first found. Returns whether this block holds it."""
+    with _LOCK:
+        if enter:
+            current = private.compile_stance()
+            if current is None:  # dynamo never imported: nothing compiled
+                return False
+            if _EAGER[0] == 0:
+                if not private.set_compile_stance(private.eager_stance(current)):
+                    return False  # inside compiled code (a graph break): torch keeps its stance
+                _EAGER[1] = current
+            _EAGER[0] += 1
+            return True
+        _EAGER[0] -= 1
+        if _EAGER[0] == 0:
+            private.set_compile_stance(_EAGER[1])
+            _EAGER[1] = None
+        return False
 
 
 def _survey(model: nn.Module) -> tuple[dict[str, nn.Module], list[nn.Module], list[nn.Module], bool]:

@@ -8,6 +8,7 @@ rest of the package reaches them only through this module.
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 
 import optree
@@ -77,3 +78,25 @@ def new_hook_id() -> int:
 
 # -- optree -----------------------------------------------------------------------------------------------------
 OPTREE_GLOBAL_NAMESPACE: str = getattr(optree.registry, "__GLOBAL_NAMESPACE")  # plain optree calls see it
+
+
+# -- torch.compile's stance -------------------------------------------------------------------------------------
+def compile_stance() -> object | None:
+    """The process's `torch.compiler.set_stance` state (`torch._dynamo.eval_frame._stance`); None when dynamo was
+    never imported (then nothing was compiled)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return None if eval_frame is None else eval_frame._stance
+
+
+def set_compile_stance(stance: object) -> bool:
+    """Set a stance from `compile_stance` or `eager_stance`; False where torch refuses (inside compiled code)."""
+    try:
+        sys.modules["torch._dynamo.eval_frame"]._set_stance(stance)
+    except RuntimeError:  # "attempted to set_stance in a torch.compile region"
+        return False
+    return True
+
+
+def eager_stance(current: object) -> object:
+    """`torch.compiler.set_stance("force_eager")`'s state, of the type of `current`."""
+    return type(current)(stance="force_eager")

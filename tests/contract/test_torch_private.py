@@ -157,6 +157,23 @@ def probe_pytree():
     )
 
 
+def probe_compile_stance():
+    import torch._dynamo  # noqa: F401 - compile_stance reads dynamo's state once it is imported
+    from torch._dynamo.utils import counters
+
+    current = private.compile_stance()
+    assert current is not None and current.stance == "default", "torch._dynamo.eval_frame._stance: not found"
+    assert private.set_compile_stance(private.eager_stance(current)), "torch._dynamo.eval_frame._set_stance: refused"
+    try:
+        assert private.compile_stance().stance == "force_eager", "torch._dynamo.eval_frame._set_stance: not set"
+        graphs = counters["stats"]["unique_graphs"]
+        torch.compile(lambda x: x.sin() + 1, backend="eager")(torch.ones(3))
+        assert counters["stats"]["unique_graphs"] == graphs, "DynamoStance('force_eager'): compiled code still compiles"
+    finally:
+        assert private.set_compile_stance(current), "torch._dynamo.eval_frame._set_stance: refused"
+    assert private.compile_stance() is current
+
+
 PROBES = {name[len("probe_") :]: fn for name, fn in list(globals().items()) if name.startswith("probe_")}
 
 
