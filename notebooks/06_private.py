@@ -47,7 +47,7 @@ from lora_func._demo_data import build_dataset
 
 OUT = Path("results/notebooks")
 OUT.mkdir(parents=True, exist_ok=True)
-STEPS, BATCH, MAX_TOKENS, LAYERS, SEED, LR, C = 15, 16, 24, (5,), 0, 3e-2, 1.0
+STEPS, BATCH, MAX_TOKENS, LAYERS, SEED, LR, C = 15, 16, 24, (5,), 0, 2e-2, 1.0
 EPSILONS = (1.0, 3.0, 8.0)
 print(f"{torch.get_num_threads()} thread(s)")
 
@@ -157,7 +157,8 @@ for row in ours:
 # ## Opacus + PEFT
 #
 # The same LoRA through PEFT (`lora_A`/`lora_B` as `nn.Linear` modules), made private by Opacus's
-# `PrivacyEngine` with its default `grad_sample_mode="hooks"` and its Poisson `DPDataLoader`, at the same σ.
+# `PrivacyEngine` with its default `grad_sample_mode="hooks"` and its Poisson `DPDataLoader`, at the same σ,
+# from the same initial adapter (the lora_func init copied into PEFT's `lora_A`, `lora_B`).
 # (An `lf.AdapterModule` runs under the engine too, with `grad_sample_mode="no_op"` and per-sample gradients
 # from `lf.per_example_grads`: see `docs/private.md`.)
 
@@ -177,6 +178,10 @@ def opacus_peft_run(epsilon):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft = get_peft_model(demo.load_minilm()[0].eval(), peft_cfg)
+    start_from = lf.init(model, cfg, seed=SEED)  # the same initial adapter as the lora_func runs
+    with torch.no_grad():
+        for path, leaf, value in start_from.leaves():
+            peft.get_parameter(f"base_model.model.{path}.lora_{leaf}.default.weight").copy_(value)
     optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     loader = DataLoader(indices, batch_size=BATCH, collate_fn=collate, generator=torch.Generator().manual_seed(SEED))
     engine = None
@@ -193,6 +198,8 @@ def opacus_peft_run(epsilon):
                 poisson_sampling=True,
                 noise_generator=torch.Generator().manual_seed(SEED),
             )
+    if engine is None:
+        loader = poisson_batches(SEED)  # without privacy: the lora_func run's batches
     start, steps = time.perf_counter(), 0
     while steps < STEPS:
         for item in loader:
