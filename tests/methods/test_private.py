@@ -249,6 +249,24 @@ def test_seeded_calls_are_reproducible_bit_for_bit_and_none_uses_the_global_gene
         assert not torch.equal(g, other[path][leaf])
 
 
+def test_an_empty_poisson_draw_is_the_noise_alone():
+    model, params, batch, loss = _noise_setup()
+    empty = {k: v[:0] for k, v in batch.items()}
+    grads = lf.private_grads(
+        model,
+        params,
+        empty,
+        loss,
+        max_grad_norm=0.5,
+        noise_multiplier=2.0,
+        generator=torch.Generator().manual_seed(1),
+        expected_batch_size=4,
+    )
+    generator = torch.Generator().manual_seed(1)
+    for _, _, g in grads.leaves():
+        torch.testing.assert_close(g, torch.normal(0.0, 1.0, size=g.shape, generator=generator) / 4, rtol=1e-6, atol=0)
+
+
 def test_zero_noise_draws_nothing():
     model, params, batch, loss = _noise_setup()
     generator = torch.Generator().manual_seed(0)
@@ -288,7 +306,7 @@ def test_bad_arguments_are_refused_by_name(kwargs, error, match):
 def test_bad_batch_loss_and_params_are_refused_by_name():
     model, params, batch, loss = _noise_setup()
     kw = dict(max_grad_norm=1.0, noise_multiplier=1.0)
-    with pytest.raises(ValueError, match="`batch` has no rows"):
+    with pytest.raises(ValueError, match="`batch` has no rows.*give `expected_batch_size`"):
         lf.private_grads(model, params, {k: v[:0] for k, v in batch.items()}, loss, **kw)
     with pytest.raises(ValueError, match="`loss` must return the 2 per-example losses, shape \\(2,\\); got \\(\\)"):
         lf.private_grads(model, params, batch, lambda out: loss(out).sum(), **kw)
