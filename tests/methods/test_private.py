@@ -96,7 +96,12 @@ def _only_book_keeping(monkeypatch):
 
 @pytest.mark.parametrize(
     ("build", "norms"),
-    [(tiny_qwen3, "direct"), (tiny_qwen3, "gram"), (tiny_qwen3_4bit, "direct"), (tiny_gpt2, "gram")],
+    [
+        (tiny_qwen3, "direct"),
+        (tiny_qwen3, "gram"),
+        pytest.param(tiny_qwen3_4bit, "direct", marks=pytest.mark.slow),
+        (tiny_gpt2, "gram"),
+    ],
     ids=["qwen3-direct", "qwen3-gram", "qwen3-4bit-direct", "gpt2-conv1d-gram"],
 )
 def test_lora_book_keeping_equals_the_loop(build, norms, monkeypatch):
@@ -116,6 +121,7 @@ def test_lora_book_keeping_equals_the_loop(build, norms, monkeypatch):
     assert_equal_to(grads, params, clipped_mean(rows, C))
 
 
+@pytest.mark.slow
 def test_lora_book_keeping_with_a_padded_batch():
     """BERT with padding: the padded tokens' rows of x and g are part of each example, as in the loop."""
     model = minilm()
