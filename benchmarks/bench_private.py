@@ -116,7 +116,9 @@ def opacus_peft(model, ids, loss):
         )
 
     def step():
-        loss(dp_model(input_ids=ids)).mean().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # full backward hooks where no input requires grad: as intended
+            loss(dp_model(input_ids=ids)).mean().backward()
         dp_optimizer.pre_step()  # clip, accumulate, noise, scale: p.grad is the DP gradient
         dp_optimizer.zero_grad(set_to_none=True)
 

@@ -35,13 +35,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
 from ._apply import apply
 from ._attribution import per_example_grads
 from ._params import SHARED, Params, combine, split
 from ._structure import check
+from ._torch_private import pytree
 from ._variant import LINEAR_LIKE
 from .kinds.linear import recording
 from .variants import lora, variant_for
@@ -64,7 +64,8 @@ def private_grads(
     C / (‖g‖ + 1e-6))` with C = `max_grad_norm` (Opacus's factor); the noise has standard deviation
     σ C, σ = `noise_multiplier`, one independent draw per value (`torch.normal`, leaf by leaf in the order of
     `lf.split(params)[0]`, nothing drawn when σ = 0); B is the batch's rows, or `expected_batch_size` under
-    Poisson sampling (Opacus's `DPDataLoader`, whose batches vary in size). `batch` follows `apply`'s
+    Poisson sampling (Opacus's `DPDataLoader`, whose batches vary in size; an empty draw is then allowed, and its
+    gradient is the noise alone). `batch` follows `apply`'s
     convention with the examples along dim 0; `loss(output)` returns the per-example losses, shape (B,),
     as for `lf.per_example_grads`. `generator=None` draws from torch's global generator; a seeded
     `torch.Generator` makes the call reproducible bit for bit. Nothing is accumulated on the leaves' `.grad`.
@@ -79,13 +80,18 @@ def private_grads(
     """
     C, sigma = _check_arguments(max_grad_norm, noise_multiplier, generator, expected_batch_size, loss)
     check(params, "private_grads", stacked=False)
-    n = _rows(batch)
+    n = _rows(batch, poisson=expected_batch_size is not None)
     trainable, frozen = split(params)
     names = [(path, leaf) for path, leaf, _ in trainable.leaves()]
     if not names:
         raise ValueError("private_grads: `params` has no trainable leaves (all frozen?)")
 
-    summed = _book_keeping(model, trainable, frozen, batch, loss, n, C) if _book_keeping_applies(params) else None
+    if n == 0:  # an empty Poisson draw: no example, the noise alone (the model does not run)
+        summed = {(path, leaf): torch.zeros_like(t) for path, leaf, t in trainable.leaves()}
+    elif _book_keeping_applies(params):
+        summed = _book_keeping(model, trainable, frozen, batch, loss, n, C)
+    else:
+        summed = None
     if summed is None:
         summed = _per_example(model, params, batch, loss, n, C)
     rows = n if expected_batch_size is None else expected_batch_size
@@ -135,15 +141,18 @@ def _check_arguments(max_grad_norm, noise_multiplier, generator, expected_batch_
     return C, sigma
 
 
-def _rows(batch: Any) -> int:
+def _rows(batch: Any, poisson: bool) -> int:
     tensors = [
         v for v in pytree.tree_leaves(dict(batch) if isinstance(batch, Mapping) else batch) if torch.is_tensor(v)
     ]
     if not tensors or tensors[0].dim() == 0:
         raise ValueError("private_grads: `batch` has no tensor whose dim 0 holds the examples")
     n = tensors[0].shape[0]
-    if n == 0:
-        raise ValueError("private_grads: `batch` has no rows; DP-SGD needs at least one example per call")
+    if n == 0 and not poisson:
+        raise ValueError(
+            "private_grads: `batch` has no rows; DP-SGD needs at least one example per call (under Poisson sampling, "
+            "where a draw may be empty, give `expected_batch_size`: the step is then the noise alone)"
+        )
     return n
 
 

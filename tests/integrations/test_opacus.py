@@ -90,6 +90,7 @@ def private_grads_run(params):
     return params, accountant.get_epsilon(1e-5)
 
 
+@pytest.mark.slow
 def test_privacy_engine_drives_an_adapter_module_as_private_grads_does():
     """Same data, same noise generator: the engine's training and the private_grads loop end at the same
     adapter (Opacus draws its noise with the call private_grads makes), and the accountants agree."""
