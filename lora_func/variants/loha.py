@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .._config import AdapterConfig
 from .._kind import Target
-from .._variant import LINEAR_LIKE, Init, Leaves, LowRank, Padding, PeftExchange, Recipe, Site, Variant, require_rank
+from .._variant import LINEAR_LIKE, Init, Leaves, LowRank, Padding, PeftExchange, Recipe, Site, Variant
 from ..kinds.conv import fan_in
 
 LEAVES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")  # PEFT's parameter names
@@ -48,7 +48,7 @@ def scale(cfg: AdapterConfig) -> float:
 
 
 def shapes(target: Target, cfg: AdapterConfig) -> dict[str, tuple[int, ...]]:
-    require_rank(target, cfg)
+    # Any r > 0, as in PEFT: (W1a W1b) ⊙ (W2a W2b) is defined, and of rank <= min(r², d_out, fan_in), whatever r is.
     r, d_in, d_out = cfg.r, columns(target), target.d_out
     return {"hada_w1_a": (d_out, r), "hada_w1_b": (r, d_in), "hada_w2_a": (d_out, r), "hada_w2_b": (r, d_in)}
 
