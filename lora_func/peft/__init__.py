@@ -35,6 +35,7 @@ from .._config import AdapterConfig
 from .._init import assemble
 from .._params import SHARED, Params
 from .._serialize import AdapterFileError, check_model
+from .._sharded import model_class
 from .._structure import check
 from .._targets import find_targets
 from .._variant import Init, PeftExchange
@@ -198,7 +199,8 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
                 f"`{names[0]}` for all"
             )
     if model is not None:
-        fields["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+        cls = model_class(model)  # a model sharded by FSDP2: its own class, not FSDP's subclass
+        fields["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:

@@ -1,6 +1,11 @@
-"""The README's examples of training frameworks and fine-tuning tools, run as written (extracted from README.md, so
-the docs cannot rot): HF Trainer, accelerate, and DDP on 2 gloo processes, each ending with the adapter a plain
-loop trains; freeze, cast, stacking different ranks, per-row losses."""
+"""Every ```python block of README.md and docs/ runs as written (extracted from the pages, so the docs cannot rot).
+
+Each page runs top to bottom in one namespace that starts from a small hidden setup (`context`: the tiny Qwen3 of
+the training guide, a batch, a loader, prompts, adapters), in a temporary directory. The named examples that a
+test below checks against a reference (HF Trainer, accelerate, DDP on 2 gloo processes, freeze, cast, stacking
+different ranks, per-row losses) run there, with the page's `setup` block, instead of in the page run. A block that
+cannot run in one process is marked `<!-- not run: why -->` in its page and listed in `NOT_RUN`.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import re
 import socket
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -18,22 +24,143 @@ import torch.multiprocessing as mp
 import lora_func as lf
 
 pytest.importorskip("transformers")
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*.md"))]
 TIMEOUT_S = 120
+# Blocks that need several processes (a `torch.distributed` process group of several ranks): page -> count.
+NOT_RUN = {"docs/distributed.md": 5}
+# Named examples run by their own test below (with the `setup` block), not again in the page run.
+CHECKED = {"trainer", "accelerate", "ddp", "freeze", "cast", "pad", "per-row-losses"}
+FENCE = re.compile(r"(?:<!-- (example|not run): ([^>]*?) -->[ \t]*\n)?```python\n(.*?)^```", re.S | re.M)
+
+
+class Block(NamedTuple):
+    page: str
+    line: int
+    name: str | None  # `<!-- example: NAME -->`
+    not_run: str | None  # `<!-- not run: WHY -->`
+    code: str
+
+
+def blocks(page: str) -> list[Block]:
+    text = (ROOT / page).read_text()
+    found = []
+    for m in FENCE.finditer(text):
+        line = text.count("\n", 0, m.start(3))  # the fence line, 1-based: the code starts on the next one
+        kind, label = m.group(1), m.group(2)
+        found.append(
+            Block(page, line, label if kind == "example" else None, label if kind == "not run" else None, m.group(3))
+        )
+    return found
 
 
 def example(name: str) -> str:
-    """The python block after `<!-- example: NAME -->` in README.md."""
-    found = re.search(rf"<!-- example: {name} -->\s*```python\n(.*?)```", README.read_text(), re.S)
-    assert found, f"README.md has no example {name!r}"
-    return found.group(1)
+    """The python block after `<!-- example: NAME -->` in README.md or docs/."""
+    named = [b for page in PAGES for b in blocks(page) if b.name == name]
+    assert len(named) == 1, f"{len(named)} examples named {name!r} in README.md and docs/"
+    return named[0].code
+
+
+def execute(block: Block, namespace: dict) -> None:
+    # A blank line per line above the block, so that a traceback names the page's own line.
+    exec(compile("\n" * block.line + block.code, block.page, "exec"), namespace)
 
 
 def run(*names: str) -> dict:
-    namespace: dict = {"__name__": "readme"}
+    namespace: dict = {"__name__": "docs"}
     for name in names:
-        exec(compile(example(name), f"README.md:{name}", "exec"), namespace)
+        exec(compile(example(name), f"example {name}", "exec"), namespace)
     return namespace
+
+
+def context() -> dict:
+    """The names the pages' blocks take from their surroundings: the training guide's tiny Qwen3 and rows, a batch
+    of 4 (`batch`), a loader of two batches, one prompt and four, an adapter (`params`) and four LoRA adapters with
+    non-zero updates for the arithmetic page."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    model = Qwen3ForCausalLM(config)
+    ids = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x} for x in ids]
+
+    def collate(part):
+        return {k: torch.stack([row[k] for row in part]) for k in rows[0]}
+
+    def prompts(n):
+        return {"input_ids": ids[:n, :6], "attention_mask": torch.ones_like(ids[:n, :6])}
+
+    cfg = lf.LoRAConfig(r=8, alpha=16)
+    adapters = []
+    for seed in range(4):
+        adapter = lf.init(model, cfg, seed=seed)
+        with torch.no_grad():
+            for _, leaf, tensor in adapter.leaves():
+                if leaf == "B":
+                    tensor.normal_(0, 0.02, generator=torch.Generator().manual_seed(seed))
+        adapters.append(adapter)
+    return {
+        "__name__": "docs",
+        "torch": torch,
+        "lf": lf,
+        "model": model,
+        "rows": rows,
+        "cfg": cfg,
+        "batch": collate(rows[:4]),
+        "loader": [collate(rows[:4]), collate(rows[4:8])],
+        "prompt": prompts(1),
+        "four_prompts": prompts(4),
+        "params": lf.init(model, cfg, seed=0),
+        "math_adapter": adapters[0],
+        "code_adapter": adapters[1],
+        "base_adapter": adapters[2],
+        "toxic_adapter": adapters[3],
+    }
+
+
+def test_every_page_has_its_blocks_and_only_the_listed_ones_are_not_run():
+    assert "docs/guides/training.md" in PAGES and len(PAGES) > 10
+    assert {page: n for page in PAGES if (n := sum(b.not_run is not None for b in blocks(page)))} == NOT_RUN
+    names = [b.name for page in PAGES for b in blocks(page) if b.name]
+    assert len(names) == len(set(names)) and CHECKED | {"setup"} <= set(names)
+
+
+def test_the_api_reference_shows_every_public_name():
+    """docs/api.md renders each name `import lora_func as lf` exports (a new method's config included)."""
+    import inspect
+
+    public = {name for name in dir(lf) if not name.startswith("_") and not inspect.ismodule(getattr(lf, name))}
+    shown = set(re.findall(r"^::: lora_func\.(\w+)$", (ROOT / "docs" / "api.md").read_text(), re.M))
+    assert public - shown == set(), "missing from docs/api.md"
+    assert shown - public == set(), "not public"
+
+
+def test_the_readme_lists_every_registered_method():
+    from lora_func.variants import REGISTRY
+
+    table = (ROOT / "README.md").read_text().split("## Methods", 1)[1].split("\n## ", 1)[0]
+    missing = [v.config.__name__ for v in REGISTRY.values() if f"`lf.{v.config.__name__}`" not in table]
+    assert not missing, "add a row with the paper to the README's table of methods"
+
+
+# vmap over stacked adapters runs attention through torch's batching fallback, which says so.
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented")
+@pytest.mark.parametrize("page", [p for p in PAGES if any(b.not_run is None for b in blocks(p))])
+def test_page_runs(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = context()
+    for block in blocks(page):
+        if block.not_run is None and block.name not in CHECKED:
+            execute(block, namespace)
 
 
 def reference(steps_rows: int, lr: float = 1e-3, clip: float | None = None) -> lf.Params:

@@ -1,6 +1,7 @@
-"""The invariants of DESIGN.md for every registered layer kind × every variant that supports it, each on a small
-real architecture: a plain MLP (linear), GPT-2 (transformers Conv1D), a ResNet-like CNN (convolutions), Qwen3's
-token embedding, Qwen3-MoE's fused experts, BERT with a fresh classification head (`modules_to_save`)."""
+"""The invariants (docs/internals.md, "The contract") for every registered layer kind × every variant that
+supports it, each on a small real architecture: a plain MLP (linear), GPT-2 (transformers Conv1D), a ResNet-like
+CNN (convolutions), Qwen3's token embedding, Qwen3-MoE's fused experts, BERT with a fresh classification head
+(`modules_to_save`)."""
 
 from __future__ import annotations
 

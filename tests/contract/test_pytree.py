@@ -1,4 +1,4 @@
-"""The params pytree under both registries DESIGN.md names: torch.utils._pytree (torch.func) and optree."""
+"""The params pytree under both registries: torch.utils._pytree (torch.func) and optree."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The invariants of DESIGN.md, for every registered variant, on every real subject (see conftest.py)."""
+"""The invariants (docs/internals.md, "The contract"), for every registered variant, on every real subject
+(see conftest.py)."""
 
 from __future__ import annotations
 
