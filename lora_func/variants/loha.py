@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .._config import AdapterConfig
 from .._kind import Target
 from .._variant import LINEAR_LIKE, Init, Leaves, LowRank, Padding, PeftExchange, Recipe, Site, Variant
-from ..kinds.conv import fan_in
+from ..kinds.conv import convolve, fan_in
 
 LEAVES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")  # PEFT's parameter names
 
@@ -63,8 +63,7 @@ def apply_delta(x: torch.Tensor, dw: torch.Tensor, site: Site) -> torch.Tensor:
     x = x.to(dw.dtype)
     if site.target.kind != "conv":
         return F.linear(x, dw)
-    module = site.base.module
-    return module._conv_forward(x, dw.reshape(module.weight.shape), None)
+    return convolve(site.base, x, dw)
 
 
 def create(target: Target, cfg: LoHaConfig, init: Init) -> Leaves:
