@@ -225,6 +225,9 @@ class _Factor:
         product = v.mT @ u  # (n, r, d): small side first, BLAS's fast layout
         self.product = product if self.product is None else self.product + product
 
+    def empty(self) -> bool:
+        return self.product is None and not self.u
+
     def squared_norms(self) -> torch.Tensor:
         if self.product is not None:
             return self.product.square().sum((1, 2))
@@ -246,6 +249,16 @@ def _book_keeping(model, trainable, frozen, batch, loss, n, C) -> dict[tuple[str
     owner = {live[path]["A"].data_ptr(): path for path in live}
     factors = {path: {"A": _Factor(), "B": _Factor()} for path in live}
     unmatched = []
+    without_grad: set[str] = set()
+
+    class Recorder:
+        def without_grad(self, A) -> None:
+            path = owner.get(A.data_ptr())
+            if path is not None:
+                without_grad.add(path)
+
+        def __call__(self, A, B, x, h, gh, g) -> None:
+            record(A, B, x, h, gh, g)
 
     def record(A, B, x, h, gh, g) -> None:
         # x (n·T, d_in), h = s x Aᵀ (n·T, r), gh = s Bᵀ gᵀ (r, n·T), g (n·T, d_out); examples are batch-first
@@ -258,21 +271,28 @@ def _book_keeping(model, trainable, frozen, batch, loss, n, C) -> dict[tuple[str
         factors[path]["B"].add(g.reshape(n, -1, g.shape[-1]), h.reshape(n, -1, r))  # dBᵢᵀ = hᵢᵀ gᵢ
 
     leaves = [t for _, _, t in live.leaves()]
-    with recording(record):
+    with recording(Recorder()):
         losses = _per_row_losses(loss, apply(model, combine(live, frozen), batch), n)
         direct = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+    missed = sorted(path for path in without_grad if factors[path]["A"].empty())
+    if missed:
+        raise ValueError(
+            f"private_grads: {missed[0]!r} ran without grad and its gradient never reached torch.autograd.grad: "
+            "reentrant gradient checkpointing hides the adapter from it (torch's limitation); use non-reentrant "
+            "checkpointing, `gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})`"
+        )
     if unmatched or any(g is not None for g in direct):
         return None  # a product this path cannot see (a cast leaf, a layer not batch-first): the general path
 
     with torch.no_grad():
-        seen = [f for entry in factors.values() for f in entry.values() if f.product is not None or f.u]
+        seen = [f for entry in factors.values() for f in entry.values() if not f.empty()]
         if not seen:  # no target ran: every gradient is zero
             return {(path, leaf): torch.zeros_like(t) for path, leaf, t in trainable.leaves()}
         c = _clip_factors(sum(f.squared_norms().float() for f in seen), C)
         summed = {}
         for path, leaf, t in trainable.leaves():
             factor = factors[path][leaf]
-            if factor.product is None and not factor.u:
+            if factor.empty():
                 summed[path, leaf] = torch.zeros_like(t)
                 continue
             value = factor.clipped_sum(c)  # A: (r, d_in); B: its transpose (r, d_out)

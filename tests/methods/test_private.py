@@ -140,6 +140,28 @@ def test_lora_book_keeping_with_a_padded_batch():
     assert_equal_to(grads, params, clipped_mean(rows, C))
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing(reentrant):
+    """Non-reentrant checkpointing: the same gradient. Reentrant checkpointing keeps the adapter's gradient from
+    torch.autograd.grad (torch's limitation, for the loop too): refused by name, never a silent zero."""
+    model = tiny_qwen3()
+    batch = qwen3_batch(batch=3)
+    params = perturbed(lf.init(model, lf.LoRAConfig(r=4)))
+    rows = example_grads(model, params, batch, lambda example: token_losses(example["labels"]))
+    C = sorted(example_norms(rows))[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers: the deprecated name
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    kw = dict(max_grad_norm=C, noise_multiplier=0)
+    if reentrant:
+        with pytest.raises(ValueError, match="reentrant gradient checkpointing"):
+            lf.private_grads(model, params, batch, token_losses(batch["labels"]), **kw)
+        return
+    grads = lf.private_grads(model, params, batch, token_losses(batch["labels"]), **kw)
+    assert_equal_to(grads, params, clipped_mean(rows, C))
+
+
 class Twice(nn.Module):
     """One linear layer applied twice: its per-example gradient is the sum over both calls."""
 
