@@ -93,14 +93,14 @@ def create(target: Target, cfg: OFTConfig, init: Init) -> Leaves:
 def skew(q: torch.Tensor, size: int) -> torch.Tensor:
     """(k, b(b−1)/2) -> (k, b, b): U − Uᵀ with U's strict upper triangle q (row-major, as PEFT's `triu_indices`)."""
     rows, cols = torch.triu_indices(size, size, 1, device=q.device)
-    k = q.shape[0]
-    upper = torch.zeros(k, size, size, dtype=q.dtype, device=q.device)
-    upper = upper.index_put((torch.arange(k, device=q.device)[:, None], rows, cols), q)
+    upper = torch.zeros(size, size, q.shape[0], dtype=q.dtype, device=q.device).index_put((rows, cols), q.t())
+    upper = upper.permute(2, 0, 1)
     return upper - upper.transpose(-2, -1)
 
 
 def rotations(q: torch.Tensor, size: int, cfg: OFTConfig) -> torch.Tensor:
-    """The orthogonal blocks R (k, b, b) of q (k, b(b−1)/2), in q's dtype (PEFT's `_cayley_batch`, same order)."""
+    """The orthogonal blocks R (k, b, b) of q (k, b(b−1)/2), in q's dtype (PEFT's `_cayley_batch`: the same sums in
+    the same order, `add` with alpha as PEFT's `add_`, so the same bits)."""
     Q = skew(q, size)
     eye = torch.eye(size, dtype=q.dtype, device=q.device).expand(q.shape[0], size, size)
     if not cfg.use_cayley_neumann:
@@ -108,13 +108,13 @@ def rotations(q: torch.Tensor, size: int, cfg: OFTConfig) -> torch.Tensor:
     terms = cfg.num_cayley_neumann_terms
     R = eye
     if terms > 1:
-        R = R + 2.0 * Q
+        R = torch.add(R, Q, alpha=2.0)
         if terms > 2:
             power = Q @ Q
-            R = R + 2.0 * power
+            R = torch.add(R, power, alpha=2.0)
             for _ in range(3, terms - 1):
                 power = power @ Q
-                R = R + 2.0 * power
+                R = torch.add(R, power, alpha=2.0)
             power = power @ Q
             R = R + power
     return R
