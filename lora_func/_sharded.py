@@ -13,24 +13,19 @@ The adapter itself stays plain and replicated: every rank holds all of it (see d
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-
-@functools.cache
-def _dtensor_type() -> type | None:
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
+# Imported once here rather than looked up per call: `is_sharded` runs in the structure check of every call,
+# which torch.compile traces (and dynamo refuses cached wrappers such as functools.cache).
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor as _DTensor
+else:  # a torch build without torch.distributed
+    _DTensor = None
 
 
 def is_sharded(tensor: object) -> bool:
     """Whether `tensor` is a `DTensor` (a parameter that FSDP2 or tensor parallelism placed over ranks)."""
-    dtensor = _dtensor_type()
-    return dtensor is not None and isinstance(tensor, dtensor)
+    return _DTensor is not None and isinstance(tensor, _DTensor)
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
