@@ -30,6 +30,9 @@ from ._params import combine as combine
 from ._params import split as split
 from ._params import trainable_leaves as trainable_leaves
 from ._private import private_grads as private_grads
+from ._schedule import regularizer as regularizer
+from ._schedule import schedule as schedule
+from ._schedule import schedule_state as schedule_state
 from ._serialize import AdapterFileError as AdapterFileError
 from ._serialize import load as load
 from ._serialize import save as save

@@ -15,11 +15,13 @@ declaring them in its own file (`LowRank` in `Variant.capabilities`):
     DeLoRA             B' = B diag(λ / (r ‖b_i‖ ‖a_i‖)), A' = A diag(w)
     SSVD, AntiPaSTO    B' = U M,                         A' = Vᵀ                 M: the r × r core
     HRA                B' = −W B,                        A' = A                  rank 2r; reads the base W
+    LoHa               B' = s [W1a_i ⊙ W2a_j],           A' = [W1b_i ⊙ W2b_j]    Khatri–Rao, rank r²
+    LoKr               B' = s (U1 ⊗ U2),                 A' = V1 ⊗ V2            W1 = U1 V1, W2 = U2 V2
 
 `weighted_sum` adds them exactly by concatenation, Σ_i w_i B'_i A'_i = [w_1 B'_1 … w_n B'_n] [A'_1; …; A'_n]
 (ranks add), never by averaging factors: ½(A₁ + A₂), ½(B₁ + B₂) gives ¼ (B₁ + B₂)(A₁ + A₂), with the
 cross terms B₁A₂ + B₂A₁ (docs/internals.md; PEFT's `add_weighted_adapter` linear/ties/dare modes).
-DoRA, IA3, IA3-FF and ROAD rescale or rotate W itself (they declare `Dense`): their ΔW is dense (full rank
+DoRA, IA3, IA3-FF, ROAD and OFT rescale or rotate W itself (they declare `Dense`): their ΔW is dense (full rank
 in general), so it has no exact low-rank sum; the merging methods (`ties`, `dare`, `magnitude_prune`, `resize`) take it
 as a dense matrix, from the model's (dequantized) base weight.
 
@@ -367,11 +369,11 @@ def weighted_sum(adapters: Sequence[Params], weights: Sequence[float], *, model:
 
         ΔW_t = Σ_i w_i B'_i A'_i = [w_1 B'_1, …, w_n B'_n] · [A'_1; …; A'_n]      (B'_i: the scale folded in)
 
-    For the low-rank family (LoRA, rsLoRA, PiSSA, EVA, VeRA, DeLoRA, SSVD, AntiPaSTO, HRA; factors in the module
-    docstring), each adapter with its own rank, scale and per-target `rank_pattern` / `alpha_pattern`. Targets:
-    the union of the adapters' (a target an adapter lacks counts as ΔW = 0, as in PEFT's `add_weighted_adapter`).
-    Weights may be negative (task negation: `weighted_sum([p], [-1.0])`). Where the summed rank exceeds
-    min(d_in, d_out), the sum is re-factored exactly at that rank (SVD of the concatenated factors).
+    For the low-rank family (LoRA, rsLoRA, PiSSA, EVA, VeRA, DeLoRA, SSVD, AntiPaSTO, HRA, LoHa, LoKr; factors in
+    the module docstring), each adapter with its own rank, scale and per-target `rank_pattern` / `alpha_pattern`.
+    Targets: the union of the adapters' (a target an adapter lacks counts as ΔW = 0, as in PEFT's
+    `add_weighted_adapter`). Weights may be negative (task negation: `weighted_sum([p], [-1.0])`). Where the
+    summed rank exceeds min(d_in, d_out), the sum is re-factored exactly at that rank (SVD of the concatenated factors).
     HRA's factor B' = −W B reads the base weight: pass `model=`. With `model`, every target is checked against it.
     DoRA, IA3, IA3-FF and ROAD are refused: their ΔW is not low rank; `lf.magnitude_prune(adapters, weights,
     density=1.0, r=..., model=model)` is their weighted sum truncated to rank r (exact at r = min(d_in, d_out)).

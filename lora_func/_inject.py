@@ -29,6 +29,15 @@ What lives where, and why:
   layer's `forward` attribute is a dispatcher while an injection is open; other threads get bnb's own.
 - Under torch.compile the hooks are closures of the one call, swapped into the hook dicts
   (`_SwappedHooks`: `register_forward_hook` graph-breaks); backward is compiled ahead, nothing recomputes.
+  Code compiled outside the block ignores hooks added after it compiled (dynamo does not guard on them): while an
+  eager block is open, compiled code runs eagerly (`_run_eager`), and the dispatchers refuse to be traced.
+- Exceptions, `BaseException`s too: torch runs `always_call` hooks after an `Exception` only, so the block's exit
+  unwinds what an interrupted forward pushed, a failed backward's leftovers are dropped at the next push (the
+  engine itself drops the modes a failing node entered), and a failed call releases its unfinished layer records.
+- A copy of the model (`copy.deepcopy`, `torch.save`) holds inert `_Orphan`s where the original holds dispatchers.
+- `torch.utils.checkpoint` that lora_func did not set up (the model's own, or HF checkpointing switched on inside
+  the block) is refused at the forward (`_refuse_unseen_checkpoint`): its recompute would not see the adapter.
+- Private torch names: through `_torch_private` only.
 """
 
 from __future__ import annotations
@@ -41,19 +50,16 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
-from torch.autograd import Variable
 from torch.overrides import TorchFunctionMode
-from torch.utils.hooks import RemovableHandle
 
+from . import _torch_private as private
 from ._mixed import AdapterRows
 from ._params import Params
 from ._sites import resolve_sites, with_shared
 from ._structure import check
 from ._transform import in_transform
 from ._variant import Site
-from . import _torch_private as private
 from .kinds import form_of
 from .kinds.linear import QuantizedLinear, is_linear_like, quantization
 from .variants import variant_for
@@ -63,14 +69,15 @@ _local = threading.local()  # .active: {module: Injection} for this thread; .lay
 _HOOKED: dict[tuple[nn.Module, str], list] = {}  # (module, role) -> [count, handles]
 _ENTERED: dict[int, tuple[bool, list]] = {}  # graph task -> (keep_graph, weakrefs to the layer calls it reached)
 _MISSING = object()
+_EAGER: list = [0, None]  # eager blocks open in the process, and the compile stance they found (see `_run_eager`)
 
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch build without torch.distributed
     DTensor = ()  # isinstance(x, ()) is always False
 
-_graph_task = torch._C._current_graph_task_id
-_sequence_nr = torch._C._autograd._get_sequence_nr
+_graph_task = private.graph_task_id
+_sequence_nr = private.sequence_nr
 
 
 def _active() -> dict:
@@ -212,6 +219,8 @@ def _here(module: nn.Module, task: int) -> Injection | None:
     injection = active.get(module) if active else None
     if injection is None or injection.task != task:
         return None
+    if torch.compiler.is_compiling():
+        injection.refuse_compiled_model()
     return injection
 
 
@@ -262,7 +271,7 @@ def _refuse_unseen_checkpoint(injection: Injection, module: nn.Module) -> None:
     """A target running inside `torch.utils.checkpoint` that no recorded HF layer set up (the model's own call,
     or HF checkpointing switched on inside the block) would be recomputed in backward without the adapter:
     reentrant checkpointing then gives no adapter gradient, silently, and non-reentrant fails inside torch."""
-    if _local.layers:  # inside an HF checkpointed layer that this thread's injections recorded
+    if _local.layers or torch.compiler.is_compiling():  # an HF checkpointed layer recorded; compiled: `_here`
         return
     if torch.is_grad_enabled():  # non-reentrant: the checkpoint's saved-tensor hooks, opened inside the block
         hooks = private.saved_tensors_hooks()
@@ -372,7 +381,8 @@ def _layer_hook(module, args, *rest):
         return None
     _, injection, start = layers.pop()
     output = rest[-1]
-    nodes = {t.grad_fn for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+    leaves = private.pytree.tree_leaves(output)
+    nodes = {t.grad_fn for t in leaves if isinstance(t, torch.Tensor) and t.grad_fn is not None}
     if nodes:
         call = _LayerCall(injection, start, _sequence_nr())
         for node in nodes:
@@ -420,14 +430,11 @@ class _Hook:
     __slots__ = ("dicts", "key")
 
     def __init__(self, module: nn.Module, hook: Callable, *, pre: bool, always_call: bool = False) -> None:
-        key = RemovableHandle.next_id
-        RemovableHandle.next_id += 1
-        if pre:
-            hooks, flags = module._forward_pre_hooks, [module._forward_pre_hooks_with_kwargs]
-        else:
-            hooks, flags = module._forward_hooks, [module._forward_hooks_with_kwargs]
-            if always_call:
-                flags.append(module._forward_hooks_always_called)
+        key = private.new_hook_id()
+        names = private.FORWARD_PRE_HOOK_DICTS if pre else private.FORWARD_HOOK_DICTS
+        if always_call:
+            names = (*names, private.ALWAYS_CALLED)
+        hooks, *flags = (module.__dict__[name] for name in names)
         for flag in flags:
             flag[key] = True
         hooks[key] = _Dispatcher(hook)
@@ -468,10 +475,7 @@ class _Orphan:
         return None
 
 
-_HOOK_DICTS = (
-    ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"),
-    ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
-)
+_HOOK_DICTS = (private.FORWARD_PRE_HOOK_DICTS, (*private.FORWARD_HOOK_DICTS, private.ALWAYS_CALLED))
 
 
 def _register(module: nn.Module, role: str) -> list:
@@ -568,8 +572,8 @@ def _entered(call: _LayerCall, grad_outputs):
         entry = _ENTERED.get(task)
         if entry is None:
             _drop_failed_tasks()
-            entry = _ENTERED[task] = (torch._C._autograd._get_current_graph_task_keep_graph(), [])
-            Variable._execution_engine.queue_callback(partial(_task_done, task))
+            entry = _ENTERED[task] = (private.graph_task_keep_graph(), [])
+            private.queue_engine_callback(partial(_task_done, task))
         if not any(r() is call for r in entry[1]):
             entry[1].append(weakref.ref(call))
     return None
@@ -597,10 +601,10 @@ def _recompute_call(task: int) -> _LayerCall | None:
     entry = _ENTERED.get(task)
     if entry is None:
         return None
-    node = torch._C._current_autograd_node()
+    node = private.current_autograd_node()
     if node is None:
         return None
-    seq = node._sequence_nr()
+    seq = private.node_sequence_nr(node)
     found = None
     for ref in entry[1]:
         call = ref()
@@ -698,6 +702,7 @@ class Injection:
         self.exited = False
         self.registered = False
         self.compiled: list[_SwappedHooks] | None = None
+        self.eager = False  # whether this block holds compiled code to eager (`_run_eager`)
         self.pending: list[weakref.ref] = []  # records of layer calls made by a model call that has not returned
         self.grad_at_enter = False
         self.saved_hooks: tuple | None = None  # the saved-tensor hooks the block was entered under
@@ -739,6 +744,7 @@ class Injection:
             self.registered = True
             for module in self.touched:
                 active[module] = self
+            self.eager = _run_eager(True)
         except BaseException:
             self._close(active, failed=True)
             raise
@@ -769,6 +775,8 @@ class Injection:
                 if table.get(module) is self:
                     del table[module]
         with _LOCK:
+            if self.eager:
+                self.eager = _run_eager(False)
             if failed:
                 pending, self.pending = self.pending, []
                 for ref in pending:
@@ -800,6 +808,14 @@ class Injection:
         theirs = [(p, leaf, t) for p, leaf, t in other.params.leaves()]
         same_rows = (None if self.rows is None else self.rows.ids) == (None if other.rows is None else other.rows.ids)
         return same_rows and len(ours) == len(theirs) and all(a[2] is b[2] for a, b in zip(ours, theirs))
+
+    def refuse_compiled_model(self) -> None:
+        raise RuntimeError(
+            f"{self.caller}: torch.compile traces {type(self.model).__name__} inside an lf.{self.caller} block "
+            "opened outside the compiled code; compiled code does not see the block's adapter (one layer's "
+            "adapter for every layer, or none). Open the block inside the compiled function "
+            "(torch.compile(lambda p, b: lf.apply(model, p, b))), or run the model eagerly in the block"
+        )
 
     def refuse_direct_call(self, module: nn.Module) -> None:
         raise RuntimeError(
@@ -840,6 +856,29 @@ class Injection:
                     return fn(x, output, leaves, site)
 
                 self.compiled.append(_SwappedHooks(module, hook, pre=False))
+
+
+def _run_eager(enter: bool) -> bool:
+    """While an eager block is open, compiled code runs eagerly (`torch.compiler.set_stance("force_eager")`), in
+    every thread: a model compiled before the block would otherwise run its compiled code, which ignores hooks
+    added after it compiled (dynamo does not guard on them), and give the base model's outputs in silence. Blocks
+    are counted; the last to close puts back the stance the first found. Returns whether this block holds it."""
+    with _LOCK:
+        if enter:
+            current = private.compile_stance()
+            if current is None:  # dynamo never imported: nothing compiled
+                return False
+            if _EAGER[0] == 0:
+                if not private.set_compile_stance(private.eager_stance(current)):
+                    return False  # inside compiled code (a graph break): torch keeps its stance
+                _EAGER[1] = current
+            _EAGER[0] += 1
+            return True
+        _EAGER[0] -= 1
+        if _EAGER[0] == 0:
+            private.set_compile_stance(_EAGER[1])
+            _EAGER[1] = None
+        return False
 
 
 def _survey(model: nn.Module) -> tuple[dict[str, nn.Module], list[nn.Module], list[nn.Module], bool]:
@@ -884,9 +923,6 @@ def _name(model: nn.Module, module: nn.Module) -> str:
     return type(module).__name__
 
 
-_FORWARD_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs")
-
-
 class _SwappedHooks:
     """A hook added under torch.compile, where `register_forward_hook` graph-breaks (its RemovableHandle
     bumps a class attribute) and item assignment on a module's hook dicts does too. Instead the module's
@@ -898,7 +934,7 @@ class _SwappedHooks:
     """
 
     def __init__(self, module: nn.Module, hook: Any, pre: bool) -> None:
-        names = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs") if pre else _FORWARD_HOOK_DICTS
+        names = private.FORWARD_PRE_HOOK_DICTS if pre else private.FORWARD_HOOK_DICTS
         self.module = module
         self.originals = [(name, module.__dict__[name]) for name in names]
         (_, hooks), (_, with_kwargs) = self.originals

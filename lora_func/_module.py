@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._apply import apply_call
 from ._inject import inject
 from ._params import Params, split
 from ._serialize import check_model
@@ -118,6 +119,8 @@ class AdapterModule(nn.Module):
         """`model(*args, **kwargs)` with the adapter (HF: `labels` gives `.loss`; loss kwargs pass through)."""
         if labels is not None:  # named here so that HF Trainer finds the label column (its `find_labels`)
             kwargs["labels"] = labels
+        if torch.compiler.is_compiling():  # compiled: `lf.apply`'s compiled path (base parameters passed detached)
+            return apply_call(self.base_model, self.params, args, kwargs)
         with inject(self.base_model, self.params):
             return self.base_model(*args, **kwargs)
 

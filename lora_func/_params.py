@@ -6,11 +6,11 @@ from collections.abc import Iterator, Mapping
 
 import optree
 import torch
-import torch.utils._pytree as pytree
 
 from ._config import AdapterConfig
 from ._kind import SHARED as SHARED
 from ._kind import Target
+from ._torch_private import OPTREE_GLOBAL_NAMESPACE, pytree
 from .variants import registered
 
 
@@ -40,6 +40,10 @@ class Params(Mapping):
         self.frozen = frozenset(frozen)
         self.variant = registered(config)
         self.layout = None  # (declared shapes, growing shared dims): set by `lora_func._structure.check`
+
+    def __reduce__(self):
+        """Pickled and deep-copied as its constructor's arguments: the variant and layout are found again."""
+        return (Params, (self._entries, self.config, self.targets, self.frozen))
 
     def __getitem__(self, path: str) -> dict[str, torch.Tensor]:
         return self._entries[path]
@@ -102,7 +106,7 @@ optree.register_pytree_node(
     Params,
     _flatten_with_entries,
     lambda context, children: _unflatten(children, context),  # optree passes (metadata, children)
-    namespace=getattr(optree.registry, "__GLOBAL_NAMESPACE"),
+    namespace=OPTREE_GLOBAL_NAMESPACE,
 )
 
 

@@ -9,18 +9,22 @@ noise call and B are Opacus's (`opacus/optimizers/optimizer.py`: `clip_and_accum
 
 Two ways to the clipped sum, chosen per call:
 - book-keeping, for LoRA on linear-like layers (Bu et al. 2023, arXiv 2210.00038): one forward and one
-  backward, in which each target's LoRA product (`kinds/linear.py`, `LowRank`) hands over its input x and its
-  output gradient g instead of forming dA and dB. Example i's squared gradient norm at a target is
-  ‖g_iᵀ h_i‖² + ‖gh_iᵀ x_i‖² (h = s x Aᵀ, gh = s g B, each example's T tokens), computed either as those
-  small per-example products (n × r × d values, one target at a time) or with the Gram trick,
-  ⟨g_i g_iᵀ, h_i h_iᵀ⟩ (T × T per example; Li et al. 2021, arXiv 2110.05679, Opacus's ghost clipping),
-  whichever takes fewer operations (the Gram trick when T (d + r) < d r, i.e. sequences shorter than about
-  r). Then the clipped sum is Σᵢ cᵢ g_iᵀ h_i = (c g)ᵀ h per factor: what ghost clipping's second, weighted
-  backward computes for these leaves, without running the model's backward twice. Per-example gradients of
-  the whole adapter are never held.
+  backward, in which each target's LoRA product (`kinds/linear.py`, `LowRank`) hands over its input x and
+  output gradient g instead of forming the batch's dA and dB. Example i's gradient at a target is
+  dAᵢ = ghᵢᵀ xᵢ and dBᵢ = gᵢᵀ hᵢ over its T tokens (h = s x Aᵀ, gh = s g B), and its squared norm is found
+  one of two ways, whichever takes fewer operations:
+  - the Gram trick of ghost clipping, ‖vᵢᵀ uᵢ‖² = ⟨uᵢ uᵢᵀ, vᵢ vᵢᵀ⟩ (T × T per example; Li et al. 2021,
+    arXiv 2110.05679; Opacus's `grad_sample_mode="ghost"`), which never forms the per-example gradient:
+    T² (d + r) operations, cheaper when sequences are shorter than about r;
+  - otherwise the per-example factor gradient itself, r × d per example and target: T d r operations,
+    the same as the backward's own dA, dB, and r/T of the activations it is computed from (which are
+    then dropped), so it costs no more memory than the layer's inputs that a backward keeps anyway.
+  The clipped sum is then Σᵢ cᵢ dAᵢ (an n-term weighted sum of the kept gradients, or (c gh)ᵀ x from the
+  Gram pieces): what ghost clipping's second, weighted backward computes for these leaves, without running
+  the model's backward twice. On the bench model (T = 128, r = 8) every factor takes the second way.
 - every other variant (and LoRA where the above does not apply: other layer kinds, `modules_to_save`, leaves
-  frozen by `lf.freeze`): `per_example_grads`' single pass with one adapter copy per row, then the per-example
-  norms and the weighted sum: n × the trainable leaves in memory.
+  frozen by `lf.freeze`, leaves of another dtype than the activations): `per_example_grads`' single pass
+  with one adapter copy per row, then the per-example norms and the weighted sum: n × the trainable leaves.
 """
 
 from __future__ import annotations
@@ -31,13 +35,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
 from ._apply import apply
 from ._attribution import per_example_grads
 from ._params import SHARED, Params, combine, split
 from ._structure import check
+from ._torch_private import pytree
 from ._variant import LINEAR_LIKE
 from .kinds.linear import recording
 from .variants import lora, variant_for
@@ -60,7 +64,8 @@ def private_grads(
     C / (‖g‖ + 1e-6))` with C = `max_grad_norm` (Opacus's factor); the noise has standard deviation
     σ C, σ = `noise_multiplier`, one independent draw per value (`torch.normal`, leaf by leaf in the order of
     `lf.split(params)[0]`, nothing drawn when σ = 0); B is the batch's rows, or `expected_batch_size` under
-    Poisson sampling (Opacus's `DPDataLoader`, whose batches vary in size). `batch` follows `apply`'s
+    Poisson sampling (Opacus's `DPDataLoader`, whose batches vary in size; an empty draw is then allowed, and its
+    gradient is the noise alone). `batch` follows `apply`'s
     convention with the examples along dim 0; `loss(output)` returns the per-example losses, shape (B,),
     as for `lf.per_example_grads`. `generator=None` draws from torch's global generator; a seeded
     `torch.Generator` makes the call reproducible bit for bit. Nothing is accumulated on the leaves' `.grad`.
@@ -75,13 +80,18 @@ def private_grads(
     """
     C, sigma = _check_arguments(max_grad_norm, noise_multiplier, generator, expected_batch_size, loss)
     check(params, "private_grads", stacked=False)
-    n = _rows(batch)
+    n = _rows(batch, poisson=expected_batch_size is not None)
     trainable, frozen = split(params)
     names = [(path, leaf) for path, leaf, _ in trainable.leaves()]
     if not names:
         raise ValueError("private_grads: `params` has no trainable leaves (all frozen?)")
 
-    summed = _book_keeping(model, trainable, frozen, batch, loss, n, C) if _book_keeping_applies(params) else None
+    if n == 0:  # an empty Poisson draw: no example, the noise alone (the model does not run)
+        summed = {(path, leaf): torch.zeros_like(t) for path, leaf, t in trainable.leaves()}
+    elif _book_keeping_applies(params):
+        summed = _book_keeping(model, trainable, frozen, batch, loss, n, C)
+    else:
+        summed = None
     if summed is None:
         summed = _per_example(model, params, batch, loss, n, C)
     rows = n if expected_batch_size is None else expected_batch_size
@@ -131,15 +141,18 @@ def _check_arguments(max_grad_norm, noise_multiplier, generator, expected_batch_
     return C, sigma
 
 
-def _rows(batch: Any) -> int:
+def _rows(batch: Any, poisson: bool) -> int:
     tensors = [
         v for v in pytree.tree_leaves(dict(batch) if isinstance(batch, Mapping) else batch) if torch.is_tensor(v)
     ]
     if not tensors or tensors[0].dim() == 0:
         raise ValueError("private_grads: `batch` has no tensor whose dim 0 holds the examples")
     n = tensors[0].shape[0]
-    if n == 0:
-        raise ValueError("private_grads: `batch` has no rows; DP-SGD needs at least one example per call")
+    if n == 0 and not poisson:
+        raise ValueError(
+            "private_grads: `batch` has no rows; DP-SGD needs at least one example per call (under Poisson sampling, "
+            "where a draw may be empty, give `expected_batch_size`: the step is then the noise alone)"
+        )
     return n
 
 
@@ -190,12 +203,43 @@ def gram_pays(tokens: int, d: int, r: int) -> bool:
     return tokens * (d + r) < d * r
 
 
-def _squared_norms(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """‖uᵢᵀ vᵢ‖²_F for each example i of u (n, T, p), v (n, T, q), p ≥ q: (n,)."""
-    tokens, p, q = u.shape[1], u.shape[2], v.shape[2]
-    if gram_pays(tokens, p, q):
+class _Factor:
+    """One factor's per-example gradients at one target, over every call of the layer (a layer called twice adds
+    its gradients): either formed, `product` (n, r, d) (each example's gradient, r ≪ T: smaller than the
+    activations it comes from), or kept as the pair u (n, T, d), v (n, T, r) whose per-example product vᵢᵀ uᵢ
+    the Gram trick never forms (sequences shorter than r)."""
+
+    __slots__ = ("product", "u", "v")
+
+    def __init__(self) -> None:
+        self.product: torch.Tensor | None = None
+        self.u: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def add(self, u: torch.Tensor, v: torch.Tensor) -> None:
+        """u (n, T, d), v (n, T, r): this call's gradient of example i is vᵢᵀ uᵢ (r, d)."""
+        if self.u or (self.product is None and gram_pays(u.shape[1], u.shape[2], v.shape[2])):
+            self.u.append(u)
+            self.v.append(v)
+            return
+        product = v.mT @ u  # (n, r, d): small side first, BLAS's fast layout
+        self.product = product if self.product is None else self.product + product
+
+    def empty(self) -> bool:
+        return self.product is None and not self.u
+
+    def squared_norms(self) -> torch.Tensor:
+        if self.product is not None:
+            return self.product.square().sum((1, 2))
+        u, v = torch.cat(self.u, 1), torch.cat(self.v, 1)  # each example's tokens over every call
         return ((u @ u.mT) * (v @ v.mT)).sum((1, 2))  # the Gram trick: T × T per example
-    return (v.mT @ u).square().sum((1, 2))  # the q × p per-example product (small side first: BLAS's fast layout)
+
+    def clipped_sum(self, c: torch.Tensor) -> torch.Tensor:
+        """Σᵢ cᵢ vᵢᵀ uᵢ, (r, d)."""
+        if self.product is not None:
+            return torch.einsum("n,nrd->rd", c.to(self.product.dtype), self.product)
+        u, v = torch.cat(self.u, 1), torch.cat(self.v, 1)
+        return (v * c.to(v.dtype)[:, None, None]).flatten(0, 1).t() @ u.flatten(0, 1)
 
 
 def _book_keeping(model, trainable, frozen, batch, loss, n, C) -> dict[tuple[str, str], torch.Tensor] | None:
@@ -203,60 +247,54 @@ def _book_keeping(model, trainable, frozen, batch, loss, n, C) -> dict[tuple[str
         {p: {k: v.detach().requires_grad_(True) for k, v in e.items()} for p, e in trainable.items()}
     )
     owner = {live[path]["A"].data_ptr(): path for path in live}
-    records: dict[str, list[tuple[torch.Tensor, ...]]] = {path: [] for path in live}
+    factors = {path: {"A": _Factor(), "B": _Factor()} for path in live}
     unmatched = []
+    without_grad: set[str] = set()
+
+    class Recorder:
+        def without_grad(self, A) -> None:
+            path = owner.get(A.data_ptr())
+            if path is not None:
+                without_grad.add(path)
+
+        def __call__(self, A, B, x, h, gh, g) -> None:
+            record(A, B, x, h, gh, g)
 
     def record(A, B, x, h, gh, g) -> None:
+        # x (n·T, d_in), h = s x Aᵀ (n·T, r), gh = s Bᵀ gᵀ (r, n·T), g (n·T, d_out); examples are batch-first
         path = owner.get(A.data_ptr())
         if path is None or x.shape[0] % n:
             unmatched.append(A)
-        else:
-            records[path].append((x, h, gh, g))
+            return
+        r = h.shape[-1]
+        factors[path]["A"].add(x.reshape(n, -1, x.shape[-1]), gh.t().reshape(n, -1, r))  # dAᵢ = ghᵢᵀ xᵢ
+        factors[path]["B"].add(g.reshape(n, -1, g.shape[-1]), h.reshape(n, -1, r))  # dBᵢᵀ = hᵢᵀ gᵢ
 
     leaves = [t for _, _, t in live.leaves()]
-    with recording(record):
+    with recording(Recorder()):
         losses = _per_row_losses(loss, apply(model, combine(live, frozen), batch), n)
         direct = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+    missed = sorted(path for path in without_grad if factors[path]["A"].empty())
+    if missed:
+        raise ValueError(
+            f"private_grads: {missed[0]!r} ran without grad and its gradient never reached torch.autograd.grad: "
+            "reentrant gradient checkpointing hides the adapter from it (torch's limitation); use non-reentrant "
+            "checkpointing, `gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})`"
+        )
     if unmatched or any(g is not None for g in direct):
         return None  # a product this path cannot see (a cast leaf, a layer not batch-first): the general path
 
-    with torch.no_grad():  # the recorded pieces belong to the forward's graph
-        return _clipped_sum(trainable, records, n, C)
-
-
-def _by_example(calls: list[torch.Tensor], n: int) -> torch.Tensor:
-    """Token rows (n·T, d) of each call as (n, T, d), the calls' tokens side by side."""
-    parts = [t.reshape(n, -1, t.shape[-1]) for t in calls]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-
-
-def _clipped_sum(trainable, records, n, C) -> dict[tuple[str, str], torch.Tensor]:
-    pieces = {}
-    squared: torch.Tensor | float = 0.0
-    for path, calls in records.items():
-        if not calls:
-            continue
-        # Each example's tokens over every call of the target (a layer called twice adds its gradients).
-        x = _by_example([c[0] for c in calls], n)  # (n, T, d_in)
-        h = _by_example([c[1] for c in calls], n)  # (n, T, r)
-        gh = _by_example([c[2].t() for c in calls], n)  # (n, T, r)
-        g = _by_example([c[3] for c in calls], n)  # (n, T, d_out)
-        squared = squared + (_squared_norms(x, gh) + _squared_norms(g, h)).float()  # ‖dAᵢ‖² + ‖dBᵢ‖²
-        pieces[path] = (x, h, gh, g)
-    if not pieces:  # no target ran: every gradient is zero
-        return {(path, leaf): torch.zeros_like(t) for path, leaf, t in trainable.leaves()}
-    c = _clip_factors(squared, C)
-
-    summed = {}
-    for path, leaf, t in trainable.leaves():
-        if path not in pieces:
-            summed[path, leaf] = torch.zeros_like(t)
-            continue
-        x, h, gh, g = pieces[path]
-        weights = c.to(x.dtype)[:, None, None]
-        if leaf == "A":  # Σᵢ cᵢ gh_iᵀ x_i: (r, d_in)
-            value = (gh * weights).flatten(0, 1).t() @ x.flatten(0, 1)
-        else:  # Σᵢ cᵢ g_iᵀ h_i: (d_out, r)
-            value = ((h * weights).flatten(0, 1).t() @ g.flatten(0, 1)).t()
-        summed[path, leaf] = value.to(t.dtype)
+    with torch.no_grad():
+        seen = [f for entry in factors.values() for f in entry.values() if not f.empty()]
+        if not seen:  # no target ran: every gradient is zero
+            return {(path, leaf): torch.zeros_like(t) for path, leaf, t in trainable.leaves()}
+        c = _clip_factors(sum(f.squared_norms().float() for f in seen), C)
+        summed = {}
+        for path, leaf, t in trainable.leaves():
+            factor = factors[path][leaf]
+            if factor.empty():
+                summed[path, leaf] = torch.zeros_like(t)
+                continue
+            value = factor.clipped_sum(c)  # A: (r, d_in); B: its transpose (r, d_out)
+            summed[path, leaf] = (value if leaf == "A" else value.t()).to(t.dtype)
     return summed

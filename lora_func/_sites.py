@@ -13,14 +13,18 @@ from ._variant import Site
 from .kinds import refuse_offloaded, site_for
 
 
+def call_args(batch: Any) -> tuple[tuple, dict[str, Any]]:
+    """The (args, kwargs) of a batch: `**batch` for a Mapping, `*batch` for a tuple/list, else `(batch,)`."""
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    return (batch,), {}
+
+
 def call_model(model: nn.Module, batch: Any, overrides: Mapping[str, torch.Tensor] | None = None) -> Any:
     """`model(**batch)` for a Mapping, `model(*batch)` for a tuple/list, else `model(batch)`."""
-    if isinstance(batch, Mapping):
-        args, kwargs = (), dict(batch)
-    elif isinstance(batch, (tuple, list)):
-        args, kwargs = tuple(batch), {}
-    else:
-        args, kwargs = (batch,), {}
+    args, kwargs = call_args(batch)
     if overrides:
         return torch.func.functional_call(model, dict(overrides), args, kwargs)
     return model(*args, **kwargs)

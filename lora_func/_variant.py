@@ -10,6 +10,8 @@ capabilities in `Variant.capabilities`, one small record each, and nothing outsi
     Padding        leaves zero-padded to a larger rank compute the same (`lf.stack(..., pad=True)`)
     PeftExchange   the module of `lora_func/peft/` that reads and writes it as a PEFT method
     Recipe         the learning rate and config fields the MiniLM demo and notebook 02 train it with
+    Schedule       a step that changes the adapter during training (`lf.schedule`: AdaLoRA's rank budget)
+    Regularizer    an extra loss the method needs (`lf.regularizer`: AdaLoRA's orthogonality)
 
 `Variant.capability(LowRank)` returns the record or None.
 """
@@ -103,7 +105,22 @@ class Recipe(NamedTuple):
     options: tuple[tuple[str, Any], ...] = ()
 
 
-CAPABILITIES = (LowRank, Dense, Padding, PeftExchange, Recipe)
+class Schedule(NamedTuple):
+    """A training-time step (`lf.schedule`): `state(params) -> state` once before training; `step(params, state,
+    step, grads) -> (params, state)` after each backward, `grads` the trainable leaves' gradients (`.grad` of the
+    leaves in a torch.optim loop). Pure: it returns new params and state."""
+
+    state: Callable[[Any], Any]
+    step: Callable[[Any, Any, int, Any], tuple[Any, Any]]
+
+
+class Regularizer(NamedTuple):
+    """`loss(params) -> scalar tensor`: a term the method adds to the training loss (`lf.regularizer`)."""
+
+    loss: Callable[[Any], torch.Tensor]
+
+
+CAPABILITIES = (LowRank, Dense, Padding, PeftExchange, Recipe, Schedule, Regularizer)
 
 
 class Variant(NamedTuple):

@@ -115,7 +115,8 @@ _recording = threading.local()  # .record: this thread's book-keeping recorder (
 def recording(record: Callable[..., None]) -> Iterator[None]:
     """Inside the block, in this thread, each `LowRank` product built with grad hands its backward's pieces to
     `record(A, B, x, h, gh, g)` instead of computing dA and dB (it returns no gradient for A and B; dx and dy as
-    usual): x (n, d_in), h = s x Aᵀ (n, r), gh = s B ᵀ gᵀ (r, n), g (n, d_out), n the tokens of the call.
+    usual): x (n, d_in), h = s x Aᵀ (n, r), gh = s B ᵀ gᵀ (r, n), g (n, d_out), n the tokens of the call. A product
+    computed without grad calls `record.without_grad(A)`: its backward, if any, runs elsewhere.
     DP-SGD's book-keeping (`lora_func/_private.py`) builds per-example norms and clipped sums from them.
     The recorder is bound when the forward runs, so a backward outside the block still records."""
     previous = getattr(_recording, "record", None)
@@ -199,6 +200,10 @@ def _add_low_rank(x, A, B, s: float, y, inference: bool = False) -> torch.Tensor
     y + (x Aᵀ Bᵀ) s; where kernels are small (decoding; a GPU) these launches are the adapter's whole cost per
     target and call. A training-mode layer always takes the ops of its training path, with grad on or off: under
     reentrant gradient checkpointing its forward runs without grad, and the recompute must match it bitwise."""
+    if not torch.is_grad_enabled():
+        recorder = getattr(_recording, "record", None)
+        if recorder is not None:  # a forward that records nothing for backward (reentrant checkpointing's first pass)
+            recorder.without_grad(A)
     if A.dtype != x.dtype:
         A, B = A.to(x.dtype), B.to(x.dtype)
     if inference and not torch.is_grad_enabled():

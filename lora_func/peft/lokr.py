@@ -1,5 +1,5 @@
 """LoKr as PEFT's LOKR: `lokr_w1` or `lokr_w1_a`/`lokr_w1_b`, `lokr_w2` or `lokr_w2_a`/`lokr_w2_b` per target (the
-same choice PEFT makes from the shapes and rank), stored as lora_func holds them, on nn.Linear targets.
+same choice PEFT makes from the shapes and rank), stored as lora_func holds them, on nn.Linear and nn.Conv2d targets.
 `decompose_both` and `decompose_factor` translated; PEFT's LoKr has no `bias` field and no transformers Conv1D layer."""
 
 from __future__ import annotations
@@ -39,4 +39,6 @@ METHOD = PeftMethod(
     fields_in=fields_in,
     handled=("decompose_both", "decompose_factor"),
     absent=("bias",),
+    kinds=("linear", "conv"),
+    conv_dims=(2,),
 )

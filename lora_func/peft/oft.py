@@ -1,8 +1,8 @@
 """OFT as PEFT's OFT (v2): `oft_R.weight` (blocks, b(b−1)/2) stored as lora_func's `oft_R`, on nn.Linear targets.
 
 PEFT sets exactly one of `r` (blocks) and `oft_block_size`; lora_func's `oft_block_size=0` means "blocks = r",
-so the pair is written and read as it is. PEFT adjusts a block size that does not divide a layer's d_in (with a
-warning); lora_func refuses it, so every file it reads or writes has PEFT's sizes. `coft` (a projection applied
+so the pair is written and read as it is. A block size (or count) that does not divide a layer's d_in is moved to
+the nearest divisor per layer by both (PEFT warns), so the stored shapes agree. `coft` (a projection applied
 in place during the forward) is not offered; `module_dropout` drops blocks in training only.
 """
 

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from .._config import AdapterConfig
 from .._kind import Target
-from .._variant import LINEAR_LIKE, Init, Leaves, LowRank, Padding, PeftExchange, Recipe, Site, Variant, require_rank
-from ..kinds.conv import fan_in
+from .._variant import LINEAR_LIKE, Init, Leaves, LowRank, Padding, PeftExchange, Recipe, Site, Variant
+from ..kinds.conv import convolve, fan_in
 
 LEAVES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")  # PEFT's parameter names
 
@@ -48,7 +48,7 @@ def scale(cfg: AdapterConfig) -> float:
 
 
 def shapes(target: Target, cfg: AdapterConfig) -> dict[str, tuple[int, ...]]:
-    require_rank(target, cfg)
+    # Any r > 0, as in PEFT: (W1a W1b) ⊙ (W2a W2b) is defined, and of rank <= min(r², d_out, fan_in), whatever r is.
     r, d_in, d_out = cfg.r, columns(target), target.d_out
     return {"hada_w1_a": (d_out, r), "hada_w1_b": (r, d_in), "hada_w2_a": (d_out, r), "hada_w2_b": (r, d_in)}
 
@@ -63,8 +63,7 @@ def apply_delta(x: torch.Tensor, dw: torch.Tensor, site: Site) -> torch.Tensor:
     x = x.to(dw.dtype)
     if site.target.kind != "conv":
         return F.linear(x, dw)
-    module = site.base.module
-    return module._conv_forward(x, dw.reshape(module.weight.shape), None)
+    return convolve(site.base, x, dw)
 
 
 def create(target: Target, cfg: LoHaConfig, init: Init) -> Leaves:

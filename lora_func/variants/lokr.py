@@ -6,6 +6,9 @@
     W1 = W1a W1b (l, r)(r, m) likewise, only with `decompose_both=True`
     y' = y + x ΔWᵀ
 
+On an nn.Conv2d (PEFT's `use_effective_conv2d=False`): d_in = in_channels / groups, a full W2 is (k, n, kh, kw) and
+ΔW = s · W1 ⊗ W2 the kernel (W1 taken as (l, m, 1, 1)), a factored W2b is (r, n·kh·kw); ΔW is applied by the
+layer's own convolution. Other convolutions are refused (PEFT's Conv1d kernel layout differs).
 A leaf is either full (`lokr_w1`, `lokr_w2`) or a pair (`lokr_w1_a`/`lokr_w1_b`, `lokr_w2_a`/`lokr_w2_b`), decided
 per target from its shape and rank exactly as PEFT decides. As in PEFT, the forward builds ΔW and applies it.
 Exact factors for adapter arithmetic, by the mixed-product rule: with W1 = U1 V1 and W2 = U2 V2,
@@ -21,11 +24,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .._config import AdapterConfig
 from .._kind import Target
 from .._variant import LINEAR_LIKE, Init, Leaves, LowRank, PeftExchange, Recipe, Site, Variant
+from . import loha
 
 # PEFT's parameter names, in PEFT's draw order.
 LEAVES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
@@ -76,9 +79,22 @@ def scale(cfg: AdapterConfig) -> float:
     return cfg.alpha / cfg.r
 
 
+def kernel(target: Target) -> tuple[int, ...]:
+    """A convolution's kernel size (nn.Conv2d only), () for a linear-like layer."""
+    if target.kind != "conv":
+        return ()
+    size = tuple(target.get("kernel_size"))
+    if len(size) != 2:
+        raise ValueError(
+            f"LoKrConfig: {target.path!r} is an nn.Conv{len(size)}d; LoKr adapts nn.Conv2d convolutions only"
+        )
+    return size
+
+
 def shapes(target: Target, cfg: AdapterConfig) -> dict[str, tuple[int, ...]]:
-    r = cfg.r
-    m, n = factorization(target.d_in, cfg.decompose_factor)
+    r, ks = cfg.r, kernel(target)
+    d_in = target.d_in // target.get("groups") if ks else target.d_in
+    m, n = factorization(d_in, cfg.decompose_factor)
     l, k = factorization(target.d_out, cfg.decompose_factor)  # noqa: E741 (PEFT's names)
     out: dict[str, tuple[int, ...]] = {}
     if cfg.decompose_both and r < max(l, m) / 2:
@@ -86,9 +102,9 @@ def shapes(target: Target, cfg: AdapterConfig) -> dict[str, tuple[int, ...]]:
     else:
         out["lokr_w1"] = (l, m)
     if r < max(k, n) / 2:
-        out.update(lokr_w2_a=(k, r), lokr_w2_b=(r, n))
+        out.update(lokr_w2_a=(k, r), lokr_w2_b=(r, n * math.prod(ks)))
     else:
-        out["lokr_w2"] = (k, n)
+        out["lokr_w2"] = (k, n, *ks)
     return out
 
 
@@ -120,13 +136,18 @@ def w2(leaves: Leaves) -> torch.Tensor:
 
 
 def delta(leaves: Leaves, s: float) -> torch.Tensor:
-    """ΔW = s · W1 ⊗ W2, (d_out, d_in), in the leaves' dtype (PEFT's `make_kron`)."""
-    return kron(w1(leaves), w2(leaves)) * s
+    """ΔW = s · W1 ⊗ W2 in the kind's (d_out, fan_in) layout, in the leaves' dtype (PEFT's `make_kron`)."""
+    a, b = w1(leaves), w2(leaves)
+    if b.dim() == 4:  # a full conv W2 (k, n, kh, kw): W1 as (l, m, 1, 1), the kernel flattened after
+        full = (a[:, None, :, None, None, None] * b[None, :, None, :, :, :]).reshape(
+            a.shape[0] * b.shape[0], a.shape[1] * b.shape[1], *b.shape[2:]
+        )
+        return (full * s).flatten(1)
+    return kron(a, b) * s
 
 
 def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
-    dw = delta(leaves, scale(site.config))
-    return y + F.linear(x.to(dw.dtype), dw).to(y.dtype)
+    return y + loha.apply_delta(x, delta(leaves, scale(site.config)), site).to(y.dtype)
 
 
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
@@ -158,7 +179,7 @@ VARIANT = Variant(
     create=create,
     forward=forward,
     merge=merge,
-    kinds=LINEAR_LIKE,
+    kinds=(*LINEAR_LIKE, "conv"),
     capabilities=(
         LowRank(low_rank_factors),
         PeftExchange("lokr"),

@@ -1,6 +1,7 @@
 """OFT (v2): the input rotated by a block-diagonal orthogonal matrix before the base layer.
 
-    d_in = blocks · b       (b = `oft_block_size`; or, with `oft_block_size=0`, blocks = `r`)
+    d_in = blocks · b       (b = `oft_block_size`; or, with `oft_block_size=0`, blocks = `r`; either moved to the
+                             nearest divisor of d_in where it does not divide it, as PEFT does)
     Q_i = skew(q_i)          q_i (b(b−1)/2,) the strict upper triangle of block i, Q_i = U − Uᵀ
     R_i = I + 2Q_i + 2Q_i² + … + 2Q_i^(n−2) + Q_i^(n−1)     Cayley–Neumann, n = `num_cayley_neumann_terms` >= 4
           (the truncated series of the Cayley transform (I + Q)(I − Q)⁻¹; PEFT's loop gives I, I + 2Q and
@@ -29,9 +30,10 @@ from .._variant import LINEAR_LIKE, Dense, Init, Leaves, PeftExchange, Recipe, S
 
 @dataclass(frozen=True)
 class OFTConfig(AdapterConfig):
-    """OFT (PEFT's `OFTConfig`, v2). `oft_block_size` (PEFT's default 32) must divide every target's d_in; with
-    `oft_block_size=0`, `r` is the number of blocks instead (and must divide d_in), else `r` is unused, as in PEFT
-    where exactly one of the two is set. `init_weights=False` draws q ~ N(0, 0.1²) (not the identity)."""
+    """OFT (PEFT's `OFTConfig`, v2). `oft_block_size` (PEFT's default 32) per target, the nearest divisor of its
+    d_in where it does not divide it (as PEFT); with `oft_block_size=0`, `r` is the number of blocks instead
+    (likewise), else `r` is unused, as in PEFT where exactly one of the two is set. `init_weights=False` draws
+    q ~ N(0, 0.1²) (not the identity)."""
 
     oft_block_size: int = 32
     block_share: bool = False
@@ -50,14 +52,30 @@ class OFTConfig(AdapterConfig):
             raise ValueError("OFTConfig: `rank_pattern` / `alpha_pattern` are not supported (one block size for all)")
 
 
+def nearest_divisor(d_in: int, value: int) -> int:
+    """The divisor of d_in PEFT uses for a block size (or block count) that does not divide it: the nearest one,
+    the smaller on a tie; d_in itself for a value above it (PEFT's `adjust_oft_parameters`, step for step)."""
+    if value >= d_in:
+        return d_in
+    higher = value
+    while higher <= d_in and d_in % higher != 0:
+        higher += 1
+    lower = value
+    while lower > 1 and d_in % lower != 0:
+        lower -= 1
+    return lower if value - lower <= higher - value else higher
+
+
 def blocks(target: Target, cfg: OFTConfig) -> tuple[int, int]:
-    """(number of blocks, block size) for this target; both must tile d_in exactly."""
+    """(number of blocks, block size) for this target: `oft_block_size`, or d_in / `r` blocks, each moved to the
+    nearest divisor of d_in where it does not divide it, as PEFT does (PEFT warns; `lf.targets` shows the result
+    through the leaf shapes)."""
     d_in = target.d_in
-    size = cfg.oft_block_size or (d_in // cfg.r if d_in % cfg.r == 0 else 0)
-    if size == 0 or size > d_in or d_in % size:
-        given = f"`oft_block_size`={cfg.oft_block_size}" if cfg.oft_block_size else f"`r`={cfg.r} (blocks)"
-        raise ValueError(f"OFTConfig: {given} does not tile d_in={d_in} of {target.path!r}; choose a divisor of it")
-    return d_in // size, size
+    if cfg.oft_block_size:
+        size = cfg.oft_block_size if d_in % cfg.oft_block_size == 0 else nearest_divisor(d_in, cfg.oft_block_size)
+        return d_in // size, size
+    count = cfg.r if d_in % cfg.r == 0 and cfg.r <= d_in else nearest_divisor(d_in, cfg.r)
+    return count, d_in // count
 
 
 def shapes(target: Target, cfg: OFTConfig) -> dict[str, tuple[int, ...]]:
@@ -75,14 +93,14 @@ def create(target: Target, cfg: OFTConfig, init: Init) -> Leaves:
 def skew(q: torch.Tensor, size: int) -> torch.Tensor:
     """(k, b(b−1)/2) -> (k, b, b): U − Uᵀ with U's strict upper triangle q (row-major, as PEFT's `triu_indices`)."""
     rows, cols = torch.triu_indices(size, size, 1, device=q.device)
-    k = q.shape[0]
-    upper = torch.zeros(k, size, size, dtype=q.dtype, device=q.device)
-    upper = upper.index_put((torch.arange(k, device=q.device)[:, None], rows, cols), q)
+    upper = torch.zeros(size, size, q.shape[0], dtype=q.dtype, device=q.device).index_put((rows, cols), q.t())
+    upper = upper.permute(2, 0, 1)
     return upper - upper.transpose(-2, -1)
 
 
 def rotations(q: torch.Tensor, size: int, cfg: OFTConfig) -> torch.Tensor:
-    """The orthogonal blocks R (k, b, b) of q (k, b(b−1)/2), in q's dtype (PEFT's `_cayley_batch`, same order)."""
+    """The orthogonal blocks R (k, b, b) of q (k, b(b−1)/2), in q's dtype (PEFT's `_cayley_batch`: the same sums in
+    the same order, `add` with alpha as PEFT's `add_`, so the same bits)."""
     Q = skew(q, size)
     eye = torch.eye(size, dtype=q.dtype, device=q.device).expand(q.shape[0], size, size)
     if not cfg.use_cayley_neumann:
@@ -90,13 +108,13 @@ def rotations(q: torch.Tensor, size: int, cfg: OFTConfig) -> torch.Tensor:
     terms = cfg.num_cayley_neumann_terms
     R = eye
     if terms > 1:
-        R = R + 2.0 * Q
+        R = torch.add(R, Q, alpha=2.0)
         if terms > 2:
             power = Q @ Q
-            R = R + 2.0 * power
+            R = torch.add(R, power, alpha=2.0)
             for _ in range(3, terms - 1):
                 power = power @ Q
-                R = R + 2.0 * power
+                R = torch.add(R, power, alpha=2.0)
             power = power @ Q
             R = R + power
     return R

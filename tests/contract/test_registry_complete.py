@@ -22,7 +22,7 @@ from components import perturbed, qwen3_batch, tiny_qwen3
 
 import lora_func as lf
 from lora_func import demo
-from lora_func._variant import Dense, LowRank, Padding, PeftExchange, Recipe
+from lora_func._variant import Dense, LowRank, Padding, PeftExchange, Recipe, Regularizer, Schedule
 from lora_func.kinds import KINDS
 from lora_func.variants import REGISTRY
 
@@ -131,3 +131,20 @@ def test_recipe_trains(name, model):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_kinds_are_known(name):
     assert set(REGISTRY[name].kinds) <= set(KINDS), f"{name} lists kinds lora_func does not have"
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_schedule_and_regularizer_are_identity_and_zero_where_not_declared(name, model):
+    """A training loop written with lf.schedule / lf.regularizer works for every variant: without a `Schedule` the
+    step returns its inputs, without a `Regularizer` the extra loss is 0."""
+    variant = REGISTRY[name]
+    params = make(name, model)
+    state = lf.schedule_state(params)
+    if variant.capability(Schedule) is None:
+        assert state is None
+        out, new_state = lf.schedule(params, state, 3)
+        assert out is params and new_state is None
+    if variant.capability(Regularizer) is None:
+        assert torch.equal(lf.regularizer(params), torch.zeros(()))
+    with pytest.raises(ValueError, match="`step` must be an int >= 0"):
+        lf.schedule(params, state, -1)

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from components import perturbed, qwen3_batch, tiny_qwen3  # noqa: E402
+from components import hook_count, perturbed, qwen3_batch, tiny_qwen3  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
@@ -148,7 +148,13 @@ def compare_variant(name, rank, models, global_batch, local, scratch) -> dict:
         load_file(os.path.join(scratch, f"{name}-reference.safetensors")),
     )
     found["moved"] = dict_diff(leaf_dict(ref), leaf_dict(ref_init))
+    loaded = lf.load(os.path.join(scratch, f"{name}-sharded.safetensors"), sharded)  # checked against the sharded base
+    found["load"] = dict_diff(leaf_dict(loaded), leaf_dict(trained))
     found["to_peft"] = to_peft_diff(name, trained, ref, sharded, reference, rank, scratch)
+    if found["to_peft"] != "not a PEFT method":  # and back, read against the sharded base
+        back = lf.from_peft(os.path.join(scratch, f"{name}-peft-sharded"), sharded)
+        expected = lf.from_peft(os.path.join(scratch, f"{name}-peft-reference"), reference)
+        found["from_peft"] = dict_diff(leaf_dict(back), leaf_dict(expected))
 
     # mixed adapters per row: two perturbed adapters and the base model
     ids = torch.tensor([0, 1, -1, 1])
@@ -161,6 +167,43 @@ def compare_variant(name, rank, models, global_batch, local, scratch) -> dict:
     lf.all_reduce_grads(sh_stack)
     found["mixed_out"] = max_diff(out.logits, ref_out.logits[mine])
     found["mixed_grads"] = grad_diff(sh_stack, ref_stack)
+    return found
+
+
+IDIOMS = {  # the ways real loops call backward (invariant 10): each returns the gradients of the trainable leaves
+    "dropped_output": lambda model, p, b: torch.autograd.backward(lf.apply(model, p, b).loss / 2),
+    "summed_losses": lambda model, p, b: (lf.apply(model, p, b).loss + 0.5 * lf.apply(model, p, b).loss).backward(),
+    "retain_graph_twice": lambda model, p, b: _twice(lf.apply(model, p, b).loss),
+    "autograd_grad": lambda model, p, b: _into_grad(p, lf.apply(model, p, b).loss),
+}
+
+
+def _twice(loss):
+    loss.backward(retain_graph=True)
+    loss.backward()
+
+
+def _into_grad(params, loss):
+    leaves = lf.trainable_leaves(params)
+    for t, g in zip(leaves, torch.autograd.grad(loss, leaves)):
+        t.grad = g
+
+
+def idioms(name, reference, checkpointed, global_batch, local) -> dict:
+    """Each backward idiom on the checkpointed sharded bases (reentrant and not), after `all_reduce_grads`,
+    against the same idiom on the whole base and the global batch."""
+    found = {}
+    for idiom, step in IDIOMS.items():
+        ref = perturbed(make(name, reference, global_batch))
+        step(reference, ref, global_batch)
+        for label, model in checkpointed.items():
+            if idiom == "autograd_grad" and label == "reentrant":
+                continue  # torch's own limit: reentrant checkpointing refuses .grad() (tests/contract covers it)
+            p = perturbed(make(name, model, global_batch))
+            step(model, p, local)
+            lf.all_reduce_grads(p)
+            found[f"{idiom}_{label}"] = grad_diff(p, ref)
+            found[f"{idiom}_{label}_base_grads"] = base_grads(model)
     return found
 
 
@@ -384,17 +427,47 @@ def trainer(rank, mesh, out_dir) -> dict:
     }
 
 
+def local_state(model) -> dict:
+    """This rank's shard of every parameter and buffer, with the flags: what lora_func must leave as it was."""
+    state = {k: (v.to_local() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()}
+    return {
+        "state": state,
+        "flags": {n: p.requires_grad for n, p in model.named_parameters()},
+        "hooks": hook_count(model),
+    }
+
+
+def untouched(model, before) -> dict:
+    """After everything lora_func did to `model`: the same shards, flags and hooks, and a plain forward + backward
+    trains the base as on a model lora_func never touched (same base gradients, every parameter)."""
+    now = local_state(model)
+    same = now["flags"] == before["flags"] and now["hooks"] == before["hooks"]
+    same = same and all(torch.equal(now["state"][k], v) for k, v in before["state"].items())
+    fresh = shard_model(tiny_qwen3(), _COPY["mesh"])
+    batch = qwen3_batch(batch=2, seq=12)
+    model(**batch).loss.backward()
+    fresh(**batch).loss.backward()
+    grads = [(a.grad, b.grad) for a, b in zip(model.parameters(), fresh.parameters())]
+    model.zero_grad(set_to_none=True)
+    return {
+        "same": same,
+        "plain_call_grads": sum(a is not None for a, _ in grads),
+        "parameters": len(grads),
+        "plain_call_grad_diff": max(max_diff(a, b) for a, b in grads if a is not None),
+    }
+
+
 def main(out_dir: str, mode: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank = dist.get_rank()
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
+        _COPY["mesh"] = mesh
         if mode == "trainer":
             with open(os.path.join(out_dir, f"trainer{rank}.json"), "w") as f:
                 json.dump(trainer(rank, mesh, out_dir), f, indent=1)
             return
-        _COPY["mesh"] = mesh
         global_batch = qwen3_batch(batch=ROWS * WORLD, seq=12)
         local = rows(global_batch, rank)
         reference = tiny_qwen3()  # as loaded: parameters require grad
@@ -406,6 +479,7 @@ def main(out_dir: str, mode: str) -> None:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             checkpointed["reentrant" if reentrant else "nonreentrant"] = shard_model(model, mesh)
         models = (reference, sharded, frozen, checkpointed)
+        before = local_state(sharded)
         results: dict = {"variants": {}}
         with tempfile.TemporaryDirectory() as scratch:
             box = [scratch]
@@ -416,6 +490,8 @@ def main(out_dir: str, mode: str) -> None:
         results["frameworks"] = {
             n: frameworks(n, rank, reference, sharded, global_batch, local) for n in ("lora", "dora")
         }
+        results["idioms"] = {n: idioms(n, reference, checkpointed, global_batch, local) for n in ("lora", "dora")}
+        results["untouched"] = untouched(sharded, before)
         results["qlora"] = qlora(rank, mesh, global_batch, local)
         results["memory"] = memory(mesh)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

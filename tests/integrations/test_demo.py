@@ -139,6 +139,7 @@ def test_minilm_dataset_is_deterministic_and_held_out_texts_are_unseen():
     assert {e.label for e in a.test} == set(range(len(a.labels)))  # every module is held out too
 
 
+@pytest.mark.slow
 def test_short_minilm_run_writes_table_json_and_plot(tmp_path, capsys):
     result = demo.main(["--minilm", "--steps", "2", "--variants", "lora,ia3", "--no-progress", "--out", str(tmp_path)])
     rows = result["results"]

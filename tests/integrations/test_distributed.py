@@ -87,6 +87,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     init_method = f"tcp://127.0.0.1:{free_port()}"
     context = mp.start_processes(
@@ -127,6 +128,7 @@ def test_all_reduce_grads_needs_a_process_group():
         lf.all_reduce_grads(params)
 
 
+@pytest.mark.slow
 def test_fsdp2_sharded_base_gets_no_gradients_and_adapter_gradients_match(tmp_path):
     """FSDP2 (`fully_shard`) holds the base as DTensor parameters: with the base left requiring grad (as a
     loaded HF model has it), `lf.apply` still gives it no gradient (invariant 4), and the adapter gradients

@@ -228,6 +228,7 @@ def ddp_worker(rank: int, port: int, directory: str) -> None:
     run("setup", "ddp")
 
 
+@pytest.mark.slow
 def test_ddp_example_on_two_processes_equals_one_process_on_the_global_batch(tmp_path):
     context = mp.start_processes(
         ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False, start_method="fork"

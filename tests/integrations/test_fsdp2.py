@@ -56,6 +56,42 @@ def test_ranks_agree_and_every_variant_ran(measured):
 
 
 @pytest.mark.slow
+def test_the_sharded_model_is_untouched(measured):
+    """Invariants 1 and 13 on the sharded base as loaded, after every variant's init, apply, backward, merge,
+    generate, AdapterModule and DDP ran on it: the same shards, flags and hooks; and a plain forward + backward
+    then trains every base parameter, with the gradients of a model lora_func never touched."""
+    for rank in measured:
+        found = rank["untouched"]
+        assert found["same"], "the sharded model changed"
+        assert found["plain_call_grads"] == found["parameters"], found
+        assert found["plain_call_grad_diff"] == 0.0, found
+
+
+@pytest.mark.slow  # DTensor's first use sets up its dispatch: seconds
+def test_dtensor_leaves_are_refused_by_name(tmp_path):
+    """The rule is plain replicated leaves: a DTensor leaf is refused before anything runs, naming the leaf.
+    One gloo process (a world of 1), in this process: no second configuration runs here."""
+    import torch.distributed as dist
+    from components import qwen3_batch, tiny_qwen3
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = tiny_qwen3()
+        params = lf.init(model, lf.LoRAConfig(r=2), seed=0)
+        path = params.targets[0].path
+        leaf = distribute_tensor(params[path]["A"].detach(), init_device_mesh("cpu", (1,)), [Replicate()])
+        bad = params.replace({**{p: dict(e) for p, e in params.items()}, path: {**params[path], "A": leaf}})
+        for call in (lambda: lf.apply(model, bad, qwen3_batch()), lambda: lf.save(bad, tmp_path / "a.safetensors")):
+            with pytest.raises(ValueError, match=rf"leaf {path}\.A is a DTensor.*full_tensor"):
+                call()
+        assert not (tmp_path / "a.safetensors").exists()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_init_on_a_sharded_base_equals_init_on_the_whole_base(measured, name):
     """PiSSA's SVD, DoRA's and DeLoRA's norms, SSVD's and AntiPaSTO's SVDs read each layer's weight, gathered
@@ -94,7 +130,23 @@ def test_merge_delta_weights_save_and_to_peft(measured, name):
         assert found["merged_forward"] <= 1e-5, (name, found["merged_forward"])
         assert found["moved"] > 1e-2, f"{name}: the SGD step did not move the adapter"
         assert found["save"] <= 1e-6, (name, found["save"])
+        assert found["load"] == 0.0, (name, "lf.load against the sharded base", found["load"])
         assert found["to_peft"] == "not a PEFT method" or found["to_peft"] <= 1e-6, (name, found["to_peft"])
+        if found["to_peft"] != "not a PEFT method":
+            assert found["from_peft"] <= 1e-6, (name, "from_peft against the sharded base", found["from_peft"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_every_backward_idiom_under_checkpointing(measured, name):
+    """Invariant 10 on a sharded base under HF gradient checkpointing (reentrant and not): the output dropped
+    before backward, two losses summed, retain_graph and a second backward, torch.autograd.grad (not reentrant:
+    torch refuses it there, sharded or not)."""
+    for rank in measured:
+        found = rank["idioms"][name]
+        assert len(found) == 14
+        for key, value in found.items():
+            assert value == 0 if key.endswith("base_grads") else value <= 1e-6, (name, key, value)
 
 
 @pytest.mark.slow

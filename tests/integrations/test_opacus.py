@@ -90,13 +90,16 @@ def private_grads_run(params):
     return params, accountant.get_epsilon(1e-5)
 
 
+@pytest.mark.slow
 def test_privacy_engine_drives_an_adapter_module_as_private_grads_does():
     """Same data, same noise generator: the engine's training and the private_grads loop end at the same
     adapter (Opacus draws its noise with the call private_grads makes), and the accountants agree."""
     start = perturbed(lf.init(tiny_qwen3(), lf.LoRAConfig(r=4)))
 
     def copy():
-        return start.replace({p: {k: v.detach().clone().requires_grad_(True) for k, v in e.items()} for p, e in start.items()})
+        return start.replace(
+            {p: {k: v.detach().clone().requires_grad_(True) for k, v in e.items()} for p, e in start.items()}
+        )
 
     trained_opacus, eps_opacus = opacus_run(copy())
     trained_ours, eps_ours = private_grads_run(copy())

@@ -99,7 +99,8 @@ def test_checkpoint_around_the_whole_apply_still_trains(reentrant):
     params = make("lora", model)
     expected = grads(params, lambda: lf.apply(model, params, BATCH))
     got = grads(
-        params, lambda: checkpoint(lambda x: lf.apply(model, params, x), BATCH.requires_grad_(), use_reentrant=reentrant)
+        params,
+        lambda: checkpoint(lambda x: lf.apply(model, params, x), BATCH.requires_grad_(), use_reentrant=reentrant),
     )
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)

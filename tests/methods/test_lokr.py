@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from components import perturbed, qwen3_batch, tiny_qwen3
+from components import cnn_batch, perturbed, qwen3_batch, tiny_cnn, tiny_qwen3
 from peft_parity import PROJECTIONS, assert_same_as_peft, copy_into_peft, randomized, twins
 
 import lora_func as lf
@@ -96,3 +96,36 @@ def test_from_peft_gives_peft_logits_and_to_peft_loads_in_peft(tmp_path):
 def test_bad_decompose_factor_names_the_field():
     with pytest.raises(ValueError, match="decompose_factor"):
         lf.LoKrConfig(decompose_factor=0)
+
+
+CONVS = ["stem", "conv", "mix", "down", "pointwise"]  # plain, "same", grouped, strided, 1×1 (zero padding, as PEFT's)
+
+
+@pytest.mark.parametrize("r", [1, 2])  # W2 factored (r, n·kh·kw) on most layers at r = 1, full (k, n, kh, kw) at r = 2
+def test_convolutions_match_peft_outputs_gradients_and_files(r, tmp_path):
+    model, twin = tiny_cnn(), tiny_cnn()
+    cfg = lf.LoKrConfig(r=r, alpha=3.0, target_names=(rf"^({'|'.join(CONVS)})$",))
+    params = randomized(lf.init(model, cfg, seed=0), _draw)
+    peft_model = peft.get_peft_model(twin, peft.LoKrConfig(r=r, alpha=3, target_modules=CONVS))
+    for path in params:
+        layer = peft_model.get_base_model().get_submodule(path)
+        assert {k: tuple(v.shape) for k, v in params[path].items()} == {
+            k: tuple(getattr(layer, k)["default"].shape) for k in params[path]
+        }
+    copy_into_peft(peft_model, params, _peft_leaf)
+    x = cnn_batch()
+    out, ref = lf.apply(model, params, x), peft_model(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    for path, leaf, tensor in lf.split(params)[0].leaves():
+        expected = _peft_leaf(peft_model.get_base_model().get_submodule(path), leaf).grad
+        torch.testing.assert_close(tensor.grad, expected, rtol=1e-4, atol=1e-6, msg=f"{path}.{leaf}")
+
+    model.eval(), peft_model.eval()
+    lf.to_peft(params, tmp_path, model=model)
+    loaded = peft.PeftModel.from_pretrained(tiny_cnn().eval(), tmp_path)
+    back = lf.from_peft(tmp_path, model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), peft_model(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(lf.apply(model, back, x), peft_model(x), rtol=0, atol=1e-5)

@@ -119,8 +119,13 @@ def test_from_peft_gives_peft_logits_and_to_peft_loads_in_peft(case, tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, ref, rtol=0, atol=1e-5)
 
 
-def test_a_block_size_that_does_not_tile_d_in_is_refused_by_name():
-    with pytest.raises(
-        ValueError, match=r"`oft_block_size`=24 does not tile d_in=64 of 'model.layers.0.self_attn.q_proj'"
-    ):
-        lf.init(tiny_qwen3(), lf.OFTConfig(oft_block_size=24))
+def test_a_block_size_that_does_not_divide_d_in_is_moved_as_peft_moves_it():
+    """Block size 24 on d_in 64 and 128: PEFT (with a warning) and lora_func both use 16, the nearest divisor."""
+    model, twin = twins()
+    params = randomized(lf.init(model, lf.OFTConfig(oft_block_size=24, target_names=PROJECTIONS), seed=0), _draw)
+    with pytest.warns(UserWarning, match="Adjusted `oft_block_size`"):
+        peft_model = peft.get_peft_model(twin, peft.OFTConfig(oft_block_size=24, target_modules=list(PROJECTIONS)))
+    for path in params:
+        assert params[path]["oft_R"].shape == _peft_leaf(peft_model.get_base_model().get_submodule(path), "").shape
+    copy_into_peft(peft_model, params, _peft_leaf)
+    assert_same_as_peft(model, params, peft_model, _peft_leaf)

@@ -96,7 +96,12 @@ def _only_book_keeping(monkeypatch):
 
 @pytest.mark.parametrize(
     ("build", "norms"),
-    [(tiny_qwen3, "direct"), (tiny_qwen3, "gram"), (tiny_qwen3_4bit, "direct"), (tiny_gpt2, "gram")],
+    [
+        (tiny_qwen3, "direct"),
+        (tiny_qwen3, "gram"),
+        pytest.param(tiny_qwen3_4bit, "direct", marks=pytest.mark.slow),
+        (tiny_gpt2, "gram"),
+    ],
     ids=["qwen3-direct", "qwen3-gram", "qwen3-4bit-direct", "gpt2-conv1d-gram"],
 )
 def test_lora_book_keeping_equals_the_loop(build, norms, monkeypatch):
@@ -116,6 +121,7 @@ def test_lora_book_keeping_equals_the_loop(build, norms, monkeypatch):
     assert_equal_to(grads, params, clipped_mean(rows, C))
 
 
+@pytest.mark.slow
 def test_lora_book_keeping_with_a_padded_batch():
     """BERT with padding: the padded tokens' rows of x and g are part of each example, as in the loop."""
     model = minilm()
@@ -131,6 +137,28 @@ def test_lora_book_keeping_with_a_padded_batch():
     C = (norms[1] + norms[2]) / 2
     assert _private._book_keeping_applies(params)
     grads = lf.private_grads(model, params, batch, cls_loss, max_grad_norm=C, noise_multiplier=0)
+    assert_equal_to(grads, params, clipped_mean(rows, C))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing(reentrant):
+    """Non-reentrant checkpointing: the same gradient. Reentrant checkpointing keeps the adapter's gradient from
+    torch.autograd.grad (torch's limitation, for the loop too): refused by name, never a silent zero."""
+    model = tiny_qwen3()
+    batch = qwen3_batch(batch=3)
+    params = perturbed(lf.init(model, lf.LoRAConfig(r=4)))
+    rows = example_grads(model, params, batch, lambda example: token_losses(example["labels"]))
+    C = sorted(example_norms(rows))[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers: the deprecated name
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    kw = dict(max_grad_norm=C, noise_multiplier=0)
+    if reentrant:
+        with pytest.raises(ValueError, match="reentrant gradient checkpointing"):
+            lf.private_grads(model, params, batch, token_losses(batch["labels"]), **kw)
+        return
+    grads = lf.private_grads(model, params, batch, token_losses(batch["labels"]), **kw)
     assert_equal_to(grads, params, clipped_mean(rows, C))
 
 
@@ -249,6 +277,24 @@ def test_seeded_calls_are_reproducible_bit_for_bit_and_none_uses_the_global_gene
         assert not torch.equal(g, other[path][leaf])
 
 
+def test_an_empty_poisson_draw_is_the_noise_alone():
+    model, params, batch, loss = _noise_setup()
+    empty = {k: v[:0] for k, v in batch.items()}
+    grads = lf.private_grads(
+        model,
+        params,
+        empty,
+        loss,
+        max_grad_norm=0.5,
+        noise_multiplier=2.0,
+        generator=torch.Generator().manual_seed(1),
+        expected_batch_size=4,
+    )
+    generator = torch.Generator().manual_seed(1)
+    for _, _, g in grads.leaves():
+        torch.testing.assert_close(g, torch.normal(0.0, 1.0, size=g.shape, generator=generator) / 4, rtol=1e-6, atol=0)
+
+
 def test_zero_noise_draws_nothing():
     model, params, batch, loss = _noise_setup()
     generator = torch.Generator().manual_seed(0)
@@ -288,7 +334,7 @@ def test_bad_arguments_are_refused_by_name(kwargs, error, match):
 def test_bad_batch_loss_and_params_are_refused_by_name():
     model, params, batch, loss = _noise_setup()
     kw = dict(max_grad_norm=1.0, noise_multiplier=1.0)
-    with pytest.raises(ValueError, match="`batch` has no rows"):
+    with pytest.raises(ValueError, match="`batch` has no rows.*give `expected_batch_size`"):
         lf.private_grads(model, params, {k: v[:0] for k, v in batch.items()}, loss, **kw)
     with pytest.raises(ValueError, match="`loss` must return the 2 per-example losses, shape \\(2,\\); got \\(\\)"):
         lf.private_grads(model, params, batch, lambda out: loss(out).sum(), **kw)
