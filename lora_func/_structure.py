@@ -249,6 +249,7 @@ def _check_devices(
     caller: str,
     modules: Mapping[str, nn.Module] | None = None,
 ) -> None:
+    kinds.refuse_offloaded(model, caller)  # an offloaded model by name first, then any target's weight on meta
     for target in params.targets:
         kind = kinds.kind_of(target)
         path = kind.module_path(target) if kind.module_path is not None else target.path  # experts: their module
@@ -256,8 +257,10 @@ def _check_devices(
         if module is None:
             raise ValueError(f"{caller}: target {target.path!r} is not a module of {type(model).__name__}")
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
-            continue  # offloaded (accelerate keeps such weights on "meta"): where it runs is not known here
+        if not isinstance(weight, torch.Tensor):
+            continue
+        if weight.device.type == "meta":  # offloaded (accelerate keeps such weights there), or a model built on meta
+            raise ValueError(kinds.meta_weight_error(caller, target.path, module))
         device = devices.get(target.path)
         if device is not None and device != weight.device:
             raise ValueError(

@@ -129,15 +129,21 @@ def locate(model: nn.Module, target: Target, caller: str, modules: Mapping[str, 
     problem = kind.check(module, target)
     if problem is not None:
         raise ValueError(f"{caller}: target {target.path!r} {problem}")
-    if _on_meta(kind, target, module):
-        raise ValueError(
-            f"{caller}: target {target.path!r} ({type(module).__name__}) has its weight on the meta device, which "
-            "holds no values: the model is offloaded (accelerate's cpu_offload, disk_offload, or a device_map with "
-            "'cpu'/'disk' offload) or was built on meta. Its weight is loaded only inside the module's own forward, "
-            "and lora_func reads it outside (init, merge, and the adapter's forward at the module's output). Load "
-            "the model with every weight in memory on its device (a device_map without offload)"
-        )
+    # Where the caller has `modules` (apply and inject, on every call), the structure check has refused a weight
+    # on meta already (`lora_func._structure`), reading it anyway; elsewhere it is checked here.
+    if modules is None and _on_meta(kind, target, module):
+        raise ValueError(meta_weight_error(caller, target.path, module))
     return BaseLayer(kind, target, module)
+
+
+def meta_weight_error(caller: str, path: str, module: nn.Module) -> str:
+    return (
+        f"{caller}: target {path!r} ({type(module).__name__}) has its weight on the meta device, which "
+        "holds no values: the model is offloaded (accelerate's cpu_offload, disk_offload, or a device_map with "
+        "'cpu'/'disk' offload) or was built on meta. Its weight is loaded only inside the module's own forward, "
+        "and lora_func reads it outside (init, merge, and the adapter's forward at the module's output). Load "
+        "the model with every weight in memory on its device (a device_map without offload)"
+    )
 
 
 def refuse_offloaded(model: nn.Module, caller: str) -> None:
@@ -158,8 +164,7 @@ def refuse_offloaded(model: nn.Module, caller: str) -> None:
 
 
 def _on_meta(kind: Kind, target: Target, module: nn.Module) -> bool:
-    """Whether the base weight the adapter reads is on the meta device (no values). Runs per target on every
-    `apply`: reads the module's parameter dict, not `nn.Module.__getattr__`."""
+    """Whether the base weight the adapter reads is on the meta device (no values)."""
     if kind.leaf_shapes is not None:  # a saved copy: the module's parameters
         return any(p.is_meta for p in module.parameters())
     name = "weight" if kind.module_path is None else target.path.rpartition(".")[2]  # a parameter target: its own
