@@ -13,18 +13,22 @@ The adapter itself stays plain and replicated: every rank holds all of it (see d
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 
-@functools.cache
-def _dtensor_type() -> type | None:
+def _import_dtensor() -> type | None:
     if not torch.distributed.is_available():
         return None
     from torch.distributed.tensor import DTensor
 
     return DTensor
+
+
+_DTENSOR = _import_dtensor()  # once, at import: a cached function here would warn under torch.compile
+
+
+def _dtensor_type() -> type | None:
+    return _DTENSOR
 
 
 def is_sharded(tensor: object) -> bool:
