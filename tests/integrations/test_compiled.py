@@ -52,6 +52,7 @@ COMPILES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", list(COMPILES))
 @pytest.mark.parametrize("cfg", [lf.LoRAConfig(r=4), lf.IA3FFConfig()], ids=["lora", "ia3ff"])
 def test_model_compiled_before_the_block_runs_the_adapter(cfg, how):
