@@ -88,6 +88,7 @@ def bench(session: nox.Session) -> None:
     install(session, "bench", smollm2=True)
     flags = session.posargs  # each script takes --quick (a smoke run) and --no-progress
     session.run("python", "benchmarks/bench_core.py", "--out", "results/bench_core.json", *flags, env=OFFLINE)
+    session.run("python", "benchmarks/bench_launch.py", "--out", "results/launch.json", *flags, env=OFFLINE)
     session.run("python", "benchmarks/bench_functional.py", "--out", "results/functional.json", *flags, env=OFFLINE)
     session.run("python", "benchmarks/bench_scaling.py", "--out", "results/scaling.json", *flags, env=OFFLINE)
     session.run("python", "benchmarks/bench_calls.py", "--out", "results/calls.json", *flags, env=OFFLINE)

@@ -29,7 +29,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_core  # noqa: E402
+import harness  # noqa: E402
 
 import lora_func as lf  # noqa: E402
 
@@ -49,20 +48,6 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 CALLS_PER_SAMPLE = 10
 NEW_TOKENS = 32
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def alternate(contenders: dict[str, Callable[[], object]], repeats: int, label: str) -> dict[str, list[float]]:
-    """Seconds per call of each contender, interleaved round by round (the order rotates each round)."""
-    names = list(contenders)
-    for name in names:  # warmup
-        contenders[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in bench_core.rounds(repeats, label):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            contenders[name]()
-            samples[name].append(time.perf_counter() - start)
-    return samples
 
 
 def perturbed(params: lf.Params, seed: int) -> lf.Params:
@@ -123,7 +108,7 @@ def per_call(repeats: int) -> dict[str, list[float]]:
     block = lf.inject(held, params)
     block.__enter__()
     try:
-        samples = alternate(
+        samples = harness.alternate_walls(
             {
                 "base": calls(lambda: base_model(ids)),
                 "PEFT unmerged": calls(lambda: peft(ids)),
@@ -131,7 +116,7 @@ def per_call(repeats: int) -> dict[str, list[float]]:
                 "inside lf.inject": calls(lambda: held(ids)),
             },
             repeats,
-            "per-call",
+            label="per-call",
         )
     finally:
         block.__exit__(None, None, None)
@@ -191,10 +176,10 @@ def generation(repeats: int, sections: tuple[str, ...]) -> dict[str, dict[str, l
                 model.generate(**one, **settings)
 
         peft.set_adapter("a0")
-        out["generate"] = alternate(
+        out["generate"] = harness.alternate_walls(
             {"base": timed_generate(model, one), "lf.inject": injected, "PEFT": timed_generate(peft, one)},
             repeats,
-            "generate",
+            label="generate",
         )
     if "mixed" in sections:
         four = prompts(tokenizer, 4)
@@ -204,14 +189,14 @@ def generation(repeats: int, sections: tuple[str, ...]) -> dict[str, dict[str, l
             with torch.no_grad(), lf.inject(model, stacked, adapter_ids=[0, 1, 2, 3]):
                 model.generate(**four, **settings)
 
-        out["mixed_generate"] = alternate(
+        out["mixed_generate"] = harness.alternate_walls(
             {
                 "base": timed_generate(model, four),
                 "lf.inject adapter_ids": mixed,
                 "PEFT adapter_names": timed_generate(peft, four, adapter_names=["a0", "a1", "a2", "a3"]),
             },
             repeats,
-            "mixed generate",
+            label="mixed generate",
         )
     return out
 
@@ -226,7 +211,7 @@ def main() -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--quick", action="store_true", help="2 repeats: a smoke run, not a measurement")
     args = parser.parse_args()
-    bench_core.PROGRESS = args.progress
+    harness.PROGRESS = args.progress
     if args.quick:
         args.repeats = 2
     torch.set_num_threads(args.threads)

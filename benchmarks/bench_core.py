@@ -6,10 +6,9 @@ Bench model (DESIGN.md, "Performance"): a randomly initialised Qwen3ForCausalLM,
 intermediate 1408, vocab 4096, 8 query / 4 key-value heads of 64 (~22M parameters); batch 4 × seq 128
 with the LM loss; LoRA r=8, alpha=16 on all seven projections of every layer; 2 threads.
 
-Contenders share one process and one set of base weights (deep copies), and are timed alternately:
-each repeat runs every contender once, in an order that rotates, so drift in machine load (other
-processes, thermal state) spreads over all of them instead of biasing one. We report medians after
-warmup; `gc.collect()` runs before every timed call, outside the timing.
+Contenders share one process and one set of base weights (deep copies), and are timed alternately by
+the shared harness (`benchmarks/harness.py`: rotating order, warmup, `gc.collect()` outside the timing,
+medians).
 
 Training step = forward + loss + backward + zeroing the adapter gradients (set to None), with no
 optimizer step for anyone:
@@ -52,23 +51,20 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# Measure the lora_func of this checkout, not whichever one is installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import harness  # noqa: E402  (puts this checkout's lora_func first on the path, not an installed one)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lora_func as lf  # noqa: E402
-from lora_func._progress import progress  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK, ALPHA = 8, 16
@@ -167,36 +163,7 @@ def no_grad(fn: Callable[[], object]) -> Callable[[], object]:
     return call
 
 
-# -- measurement ----------------------------------------------------------------------------------
-
-PROGRESS = True  # tqdm bars on stderr; `--no-progress` turns them off
-
-
-def rounds(repeats: int, label: str):
-    """range(repeats), under a progress bar when PROGRESS is on."""
-    return progress(range(repeats), PROGRESS, label)
-
-
-def time_alternating(
-    contenders: dict[str, Callable], repeats: int, warmup: int, label: str
-) -> dict[str, dict[str, list[float]]]:
-    """Wall and process-CPU seconds per call of each contender; each repeat runs all of them once, in a
-    rotating order. CPU time (all threads of this process) is less sensitive to other processes taking
-    the cores than wall time is, so on a shared machine it is the better guide to relative cost."""
-    names = list(contenders)
-    for _ in range(warmup):
-        for name in names:
-            contenders[name]()
-    samples: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
-    for i in rounds(repeats, label):
-        order = names[i % len(names) :] + names[: i % len(names)]
-        for name in order:
-            gc.collect()
-            wall, cpu = time.perf_counter(), time.process_time()
-            contenders[name]()
-            samples[name]["cpu"].append(time.process_time() - cpu)
-            samples[name]["wall"].append(time.perf_counter() - wall)
-    return samples
+# -- measurement (timing: benchmarks/harness.py) ---------------------------------------------------
 
 
 def peak_bytes(fn: Callable[[], object]) -> int:
@@ -240,8 +207,7 @@ def saved_activation_bytes(fn: Callable[[], object], resident: list[torch.Tensor
     return sum(seen.values())
 
 
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
+median = harness.median
 
 
 # -- the benchmark --------------------------------------------------------------------------------
@@ -285,7 +251,7 @@ def run(repeats: int, warmup: int) -> dict:
             raise RuntimeError(f"bench: {name} computes loss {value}, ideal computes {reference}")
 
     print(f"training steps ({repeats} repeats, {warmup} warmup) ...", file=sys.stderr)
-    train_times = time_alternating(train, repeats, warmup, "train")
+    train_times = harness.alternate(train, repeats, warmup, "train")
     memory = {name: peak_bytes(fn) for name, fn in train.items()}
     saved = {name: saved_activation_bytes(fn, resident[name]) for name, fn in train.items()}
 
@@ -307,7 +273,7 @@ def run(repeats: int, warmup: int) -> dict:
     for name, out in outputs.items():
         torch.testing.assert_close(out, outputs["base"], rtol=1e-4, atol=1e-4, msg=f"bench: {name} output differs")
     print(f"inference ({repeats * 2} repeats) ...", file=sys.stderr)
-    infer_times = time_alternating(infer, repeats * 2, warmup, "inference")
+    infer_times = harness.alternate(infer, repeats * 2, warmup, "inference")
 
     clocks = ("wall", "cpu")
     t = {c: {name: median(xs[c]) for name, xs in train_times.items()} for c in clocks}
@@ -421,8 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/bench_core.json"))
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
-    global PROGRESS
-    PROGRESS = args.progress
+    harness.PROGRESS = args.progress
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 15)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)

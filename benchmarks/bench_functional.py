@@ -30,7 +30,6 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,6 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_core  # noqa: E402
+import harness  # noqa: E402
 
 import lora_func as lf  # noqa: E402
 
@@ -95,23 +95,6 @@ def peft_model(model: torch.nn.Module, params: list[lf.Params]) -> torch.nn.Modu
     return peft
 
 
-def alternate(
-    contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, label: str = "repeats"
-) -> dict[str, list[float]]:
-    """Seconds per call of each contender, interleaved round by round (the order rotates each round)."""
-    names = list(contenders)
-    for _ in range(warmup):
-        for name in names:
-            contenders[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in bench_core.rounds(repeats, label):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            contenders[name]()
-            samples[name].append(time.perf_counter() - start)
-    return samples
-
-
 def k_adapters(model, params, batch, repeats: int) -> dict[str, list[float]]:
     """Section 1: K adapters, forward+backward."""
     stacked = lf.stack(params)
@@ -159,7 +142,7 @@ def k_adapters(model, params, batch, repeats: int) -> dict[str, list[float]]:
             x = embed(batch["input_ids"]).detach().requires_grad_()
             model(inputs_embeds=x, labels=batch["labels"]).loss.backward()
 
-    return alternate(
+    return harness.alternate_walls(
         {
             "K x ideal": ideal,
             "lora_func vmap": vmapped,
@@ -198,7 +181,7 @@ def mixed_batch(model, params, repeats: int) -> dict[str, list[float]]:
             peft(**batch, adapter_names=names)
 
     try:
-        return alternate(
+        return harness.alternate_walls(
             {"base forward": base, "lora_func adapter_ids": lora_func, "PEFT adapter_names": peft_mixed},
             repeats,
             label="mixed batch",
@@ -237,7 +220,9 @@ def compiled_step(model, params, batch, repeats: int) -> tuple[dict[str, list[fl
         "graph_break_count": explained.graph_break_count,
         "first_compiled_call_s": compile_s,
     }
-    return alternate({"eager step": eager, "compiled step (inductor)": inductor}, repeats, label="compile"), info
+    return harness.alternate_walls(
+        {"eager step": eager, "compiled step (inductor)": inductor}, repeats, label="compile"
+    ), info
 
 
 def summarize(samples: dict[str, list[float]]) -> dict[str, dict[str, object]]:
@@ -253,7 +238,7 @@ def main() -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--quick", action="store_true", help="2 repeats: a smoke run, not a measurement")
     args = parser.parse_args()
-    bench_core.PROGRESS = args.progress
+    harness.PROGRESS = args.progress
     if args.quick:
         args.repeats = 2
 

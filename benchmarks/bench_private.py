@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_core  # noqa: E402
+import harness  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -140,7 +141,7 @@ def main() -> None:
     model = bench_core.bench_model().train()
     batch = bench_core.bench_batch()
     steps = contenders(model, batch)
-    samples = bench_core.time_alternating(steps, repeats, warmup, "private")
+    samples = harness.alternate(steps, repeats, warmup, "private")
     medians = {name: {clock: statistics.median(v) for clock, v in s.items()} for name, s in samples.items()}
     ratios = {}
     for clock in ("wall", "cpu"):

@@ -4,7 +4,7 @@
 
 The bench model and step functions of `bench_core.py` (Qwen3-shaped, ~22M parameters, batch 4, LoRA on
 all seven projections, alpha = 2r, 2 threads). Two sweeps, each point timed alternately in one process
-(the order rotates every repeat), medians after warmup; peak memory as in `bench_core.py` (torch's
+(the shared harness, `benchmarks/harness.py`), medians after warmup; peak memory as in `bench_core.py` (torch's
 profiler, allocations above what was resident before the step):
 - rank r in 4, 8, 16, 32, 64 at sequence 128;
 - sequence length 64, 128, 256, 512, 1024 at r = 8.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_core  # noqa: E402
+import harness  # noqa: E402
 import torch  # noqa: E402
 from bench_core import (  # noqa: E402
     PROJECTIONS,
@@ -33,7 +33,6 @@ from bench_core import (  # noqa: E402
     peak_bytes,
     peft_model,
     peft_step,
-    time_alternating,
 )
 
 import lora_func as lf  # noqa: E402  (bench_core put this checkout first on the path)
@@ -53,7 +52,7 @@ def point(base: torch.nn.Module, frozen: torch.nn.Module, r: int, seq: int, repe
         "lora_func": lora_func_step(base, params, batch),
         "peft": peft_step(peft, batch),
     }
-    times = time_alternating(steps, repeats, warmup, f"r={r} seq={seq}")
+    times = harness.alternate(steps, repeats, warmup, f"r={r} seq={seq}")
     row = {"r": r, "seq": seq}
     for name, fn in steps.items():
         row[f"{name}_s"] = torch.tensor(times[name]["wall"]).median().item()
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/scaling.json"))
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
-    bench_core.PROGRESS = args.progress
+    harness.PROGRESS = args.progress
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 7)
     sweeps = {"ranks": RANKS[:2], "seqs": SEQS[:2]} if args.quick else {}

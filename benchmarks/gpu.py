@@ -30,8 +30,8 @@ fsdp       FSDP2 (`fully_shard` on every decoder layer and the root): the adapte
            All visible GPUs as ranks when there are several (spawned processes), else one in-process rank.
 perf:*     A Qwen3-0.6B-shaped model from `Qwen3Config` (hidden 1024, 28 layers, intermediate 3072, 16 query /
            8 key-value heads of 128, vocab 151936, tied embeddings) in bf16, batch 4 x seq 512, LoRA r=8 alpha=16
-           on all seven projections (fp32 leaves, as PEFT's). Contenders alternate in one process (the order
-           rotates every round); each call is timed with CUDA events around a synchronized call; medians.
+           on all seven projections (fp32 leaves, as PEFT's). Contenders alternate in one process (the shared
+           harness, benchmarks/harness.py); each call is timed with CUDA events around a synchronized call; medians.
            - train: training step (forward, LM loss, backward) of lora_func, PEFT, and the ideal (the frozen base
              on inputs_embeds that require grad: base forward + input-gradient backward); lora_func DoRA and PEFT
              DoRA; peak memory of each (torch.cuda.max_memory_allocated above what was allocated before the step).
@@ -83,6 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core, bench_fu
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's lora_func
 sys.path.insert(2, str(Path(__file__).resolve().parents[1] / "tests"))  # components.py (no pytest needed)
 
+import harness  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -233,26 +234,6 @@ def clear_grads(params) -> None:
 # ---- timing ---------------------------------------------------------------------------------------------------
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds of one call: CUDA events around it on a GPU (synchronized before and after), else perf_counter."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000.0
-    start_s = time.perf_counter()
-    fn()
-    return time.perf_counter() - start_s
-
-
 def alternate(
     contenders: dict[str, Callable[[], object]],
     repeats: int,
@@ -260,28 +241,18 @@ def alternate(
     device: torch.device,
     stop_at: float,
     min_repeats: int = 2,
-) -> dict[str, list[float]]:
-    """Seconds per call of each contender; each round runs every contender once, in an order that rotates.
-    Stops after `min_repeats` rounds once `stop_at` (time.monotonic) has passed."""
-    names = list(contenders)
-    for _ in range(warmup):
-        for name in names:
-            contenders[name]()
-    synchronize(device)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeats):
-        if i >= min_repeats and time.monotonic() > stop_at:
-            break
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            gc.collect()
-            samples[name].append(time_call(contenders[name], device))
-    return samples
+) -> harness.Samples:
+    """The shared harness (benchmarks/harness.py): CUDA events around each synchronized call on a GPU. Stops
+    after `min_repeats` rounds once `stop_at` (time.monotonic) has passed."""
+    return harness.alternate(
+        contenders, repeats, warmup, "gpu", device=device, stop_at=stop_at, min_repeats=min_repeats
+    )
 
 
-def summarize(samples: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+def summarize(samples: harness.Samples) -> dict[str, dict[str, Any]]:
     return {
         name: {"median_s": statistics.median(s), "min_s": min(s), "n": len(s), "samples_s": s}
-        for name, s in samples.items()
+        for name, s in harness.walls(samples).items()
         if s
     }
 
@@ -1070,7 +1041,7 @@ def part_compile(cfg: Settings, state: dict) -> Callable[[dict, float], None]:
             compiled_loss = compiled(trainable, batch)
             result["graph_breaks"] = {reason[:200]: n for reason, n in counters["graph_break"].items()}
         compiled_loss.backward()
-        synchronize(cfg.device)
+        harness.synchronize(cfg.device)
         result["first_compiled_call_s"] = time.monotonic() - start
         compiled_grads = {k: g.clone() for k, g in leaf_grads(first).items()}
         clear_grads(first)
@@ -1348,6 +1319,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--fsdp-world", type=int, default=None, help="ranks for the FSDP check (default: visible GPUs)")
     args = parser.parse_args(argv)
+    harness.PROGRESS = False
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("no CUDA device here: run on a GPU machine, or use --device cpu --smoke")
 

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's lora_func
 
 import bench_core as bc  # noqa: E402
+import harness  # noqa: E402
 
 import lora_func as lf  # noqa: E402
 from lora_func.variants import REGISTRY  # noqa: E402
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         "lora_func LoRA": bc.lora_func_step(model, params, batch),
         "peft LoRA": bc.peft_step(bc.peft_model(model).train(), batch),
     }
-    times = bc.time_alternating(steps, args.repeats * 3, 1, "steps")
+    times = harness.alternate(steps, args.repeats * 3, 1, "steps")
     ideal_min, ideal_med = min(times["ideal"]["cpu"]), statistics.median(times["ideal"]["cpu"])
     print(f"lora_func from {Path(lf.__file__).parent}\n")
     print(f"## training step, process CPU time, {args.threads} thread(s)\n")

@@ -2,7 +2,8 @@
 
     python benchmarks/report.py [--results results] [--docs docs]
 
-Reads `bench_core.json`, `functional.json`, `scaling.json` and `calls.json` (and `gpu.json` when a GPU run left one)
+Reads `bench_core.json`, `launch.json`, `functional.json`, `scaling.json` and `calls.json` (and `gpu.json` when a
+GPU run left one)
 from `--results`; writes `benchmarks.md` and `img/*.png` under `--docs`. A missing input is reported in
 the page as not run, never filled in.
 """
@@ -57,8 +58,9 @@ def machine_section(core: dict | None) -> list[str]:
         "- bench model (DESIGN.md): Qwen3ForCausalLM from config, hidden 512, 6 layers, intermediate 1408, "
         "vocab 4096, 8/4 heads of 64 (~22M parameters), random weights; batch 4; LoRA on all seven "
         "projections of every layer.",
-        "- method: contenders run alternately in one process, the order rotating each repeat; medians after "
-        "warmup; peak memory from torch's profiler (bytes allocated above what was resident before the step).",
+        "- method: contenders run alternately in one process, the order rotating each repeat (one harness, "
+        "`benchmarks/harness.py`); medians after warmup; peak memory from torch's profiler (bytes allocated "
+        "above what was resident before the step).",
     ]
 
 
@@ -97,6 +99,34 @@ def core_section(core: dict, img: Path) -> list[str]:
             out.append(f"| {name} | {value:.3f} | | |")
     plot_core(core, img / "bench_core.png")
     out += ["", "![training step and inference, relative to the limit](img/bench_core.png)"]
+    return out
+
+
+def launch_section(launch: dict) -> list[str]:
+    setup, t = launch["setup"], launch["train_s"]
+    ideal, peft = t["ideal"]["median_wall"], t["peft"]["median_wall"]
+    ideal_cpu, peft_cpu = t["ideal"]["median_cpu"], t["peft"]["median_cpu"]
+    out = [
+        f"{setup['model']}; 1 row of {setup['seq']} tokens, LoRA r = {setup['rank']} on {setup['targets']} targets, "
+        f"forward + backward + AdamW, {setup['threads']} thread; medians of {setup['repeats']}. A CPU proxy for "
+        "training on a GPU, where such a step is bound by per-op overhead, not FLOPs. `lora_func`: the base as HF "
+        "loads it (`requires_grad=True`); `lora_func frozen`: the base frozen by hand.",
+        "",
+        "| launch-bound step | median ms | × ideal | × PEFT | CPU ms | × ideal (CPU) | × PEFT (CPU) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in t.items():
+        w, c = row["median_wall"], row["median_cpu"]
+        out.append(
+            f"| {name} | {1000 * w:.2f} | {w / ideal:.3f} | {w / peft:.3f} "
+            f"| {1000 * c:.2f} | {c / ideal_cpu:.3f} | {c / peft_cpu:.3f} |"
+        )
+    out += ["", "| ratio | measured | CPU time | target | |", "|---|---:|---:|---:|---|"]
+    for name, value in launch["ratios"].items():
+        cpu = launch["ratios_cpu_time"][name]
+        target = launch["targets"].get(name)
+        limit = f"≤ {target['limit']:.2f} | {status(value, target['limit'])}" if target else " | "
+        out.append(f"| {name} | {value:.3f} | {cpu:.3f} | {limit} |")
     return out
 
 
@@ -268,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     img = args.docs / "img"
     img.mkdir(parents=True, exist_ok=True)
     core = load(args.results / "bench_core.json")
+    launch = load(args.results / "launch.json")
     fn = load(args.results / "functional.json")
     sc = load(args.results / "scaling.json")
     gpu = load(args.results / "gpu.json")
@@ -286,6 +317,10 @@ def main(argv: list[str] | None = None) -> None:
         "## LoRA and DoRA training, memory, inference (`benchmarks/bench_core.py`)",
         "",
         *(core_section(core, img) if core else ["Not run (no results/bench_core.json)."]),
+        "",
+        "## Launch-bound training step (`benchmarks/bench_launch.py`)",
+        "",
+        *(launch_section(launch) if launch else ["Not run (no results/launch.json)."]),
         "",
         "## K adapters, mixed batches, torch.compile (`benchmarks/bench_functional.py`)",
         "",

@@ -1,0 +1,270 @@
+"""Launch-bound training step: a deep, thin model where each step is bound by per-op overhead, not FLOPs.
+
+    python benchmarks/bench_launch.py [--quick] [--out results/launch.json] [--profile]
+
+A CPU proxy for training a small or medium model on a GPU, where a step is bound by kernel launches and
+Python (DESIGN.md, "Performance"): a randomly initialised Qwen3ForCausalLM of 24 layers, hidden 128,
+intermediate 384, 4 query / 2 key-value heads of 32, vocab 1024; one row of 16 tokens with the LM loss;
+LoRA r=8, alpha=16 on all seven projections of every layer (168 targets); one thread. A step is forward,
+loss, backward, AdamW step and zeroing the gradients. Contenders (one process, alternated by the shared
+harness, medians):
+- ideal: the frozen base on `inputs_embeds` that require grad: forward plus the input-gradient backward,
+  no weight gradient, no optimizer: what a zero-cost adapter would take.
+- lora_func, base as loaded: `lf.apply` on the base with `requires_grad=True` everywhere, as
+  `from_pretrained` leaves it (lora_func keeps base gradients out all the same).
+- lora_func, base frozen: the same on a copy frozen by hand (`requires_grad_(False)`).
+- peft: `get_peft_model` with the same LoRA config, which freezes its base copy.
+Every contender computes the same loss at init (B = 0), checked before timing.
+
+`--profile` adds, for each lora_func contender, a cProfile of `--profile-steps` steps (the Python functions
+with the most own time) and torch.profiler's operator counts per step against PEFT's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402  (puts this checkout's lora_func first on the path)
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import lora_func as lf  # noqa: E402
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANK, ALPHA = 8, 16
+LAYERS, HIDDEN, SEQ = 24, 128, 16
+
+# DESIGN.md targets: contender / reference <= limit.
+TARGETS = {
+    "launch: lora_func / peft": 0.85,
+    "launch: lora_func frozen / peft": 0.85,
+    "launch: lora_func / ideal": 1.6,
+    "launch: lora_func frozen / ideal": 1.6,
+}
+
+
+def launch_model(seed: int = 0) -> nn.Module:
+    """The deep thin Qwen3, in train mode, every parameter requiring grad (as HF loads a model)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=1024,
+        hidden_size=HIDDEN,
+        intermediate_size=384,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config).train()
+
+
+def launch_batch(vocab: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, vocab, (1, SEQ), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids}
+
+
+def ideal_step(frozen: nn.Module, batch: dict) -> Callable[[], torch.Tensor]:
+    embed = frozen.get_input_embeddings()
+
+    def step():
+        x = embed(batch["input_ids"]).detach().requires_grad_()
+        loss = frozen(inputs_embeds=x, labels=batch["labels"]).loss
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def lora_func_step(model: nn.Module, params: lf.Params, batch: dict) -> Callable[[], torch.Tensor]:
+    optimizer = torch.optim.AdamW(lf.trainable_leaves(params), lr=1e-4)
+
+    def step():
+        loss = lf.apply(model, params, batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def peft_step(model: nn.Module, batch: dict) -> Callable[[], torch.Tensor]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def peft_model(base: nn.Module) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(PROJECTIONS), lora_dropout=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(copy.deepcopy(base), cfg).train()
+
+
+def contenders() -> dict[str, Callable[[], torch.Tensor]]:
+    base = launch_model()
+    batch = launch_batch(base.config.vocab_size)
+    frozen = copy.deepcopy(base).requires_grad_(False)
+    cfg = lf.LoRAConfig(r=RANK, alpha=ALPHA, target_names=tuple(rf"\.{p}$" for p in PROJECTIONS))
+    params = lf.init(base, cfg, seed=0)
+    assert len(params.targets) == 7 * LAYERS, len(params.targets)
+    assert all(p.requires_grad for p in base.parameters())
+    steps = {
+        "ideal": ideal_step(frozen, batch),
+        "lora_func": lora_func_step(base, params, batch),
+        "lora_func frozen": lora_func_step(frozen, lf.init(frozen, cfg, seed=0), batch),
+        "peft": peft_step(peft_model(base), batch),
+    }
+    losses = {name: fn().item() for name, fn in steps.items()}  # B = 0 at init: one step leaves B ≠ 0 after
+    for name, value in losses.items():
+        if abs(value - losses["ideal"]) > 1e-4 * abs(losses["ideal"]):
+            raise RuntimeError(f"bench_launch: {name} computes loss {value}, ideal computes {losses['ideal']}")
+    return steps
+
+
+def python_profile(fn: Callable[[], object], steps: int, top: int) -> str:
+    """cProfile of `steps` calls of `fn`: the functions with the most own time."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        fn()
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def operator_counts(fn: Callable[[], object]) -> dict[str, int]:
+    """{operator: calls} in one call of `fn` (torch.profiler, CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key: e.count for e in prof.key_averages()}
+
+
+def run(repeats: int, warmup: int) -> dict:
+    steps = contenders()
+    print(f"launch-bound steps ({repeats} repeats, {warmup} warmup) ...", file=sys.stderr)
+    samples = harness.alternate(steps, repeats, warmup, "launch")
+    clocks = ("wall", "cpu")
+    t = {c: harness.medians(samples, c) for c in clocks}
+    ratios = {
+        c: {
+            "launch: lora_func / ideal": harness.ratio(t[c], "lora_func", "ideal"),
+            "launch: lora_func / peft": harness.ratio(t[c], "lora_func", "peft"),
+            "launch: lora_func frozen / ideal": harness.ratio(t[c], "lora_func frozen", "ideal"),
+            "launch: lora_func frozen / peft": harness.ratio(t[c], "lora_func frozen", "peft"),
+            "launch: peft / ideal": harness.ratio(t[c], "peft", "ideal"),
+        }
+        for c in clocks
+    }
+    return {
+        "setup": {
+            "model": f"Qwen3ForCausalLM hidden {HIDDEN}, {LAYERS} layers, intermediate 384, vocab 1024, heads 4/2 x 32",
+            "batch": 1,
+            "seq": SEQ,
+            "rank": RANK,
+            "targets": 7 * LAYERS,
+            "threads": torch.get_num_threads(),
+            "repeats": repeats,
+            "warmup": warmup,
+            "lora_func": str(Path(lf.__file__).parent),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "train_s": {
+            name: {"median_wall": t["wall"][name], "median_cpu": t["cpu"][name], **xs} for name, xs in samples.items()
+        },
+        "ratios": ratios["wall"],
+        "ratios_cpu_time": ratios["cpu"],
+        "targets": {
+            k: {"limit": v, "ratio": ratios["wall"][k], "met": ratios["wall"][k] <= v} for k, v in TARGETS.items()
+        },
+    }
+
+
+def markdown(result: dict) -> str:
+    t = result["train_s"]
+    ideal, ideal_cpu = t["ideal"]["median_wall"], t["ideal"]["median_cpu"]
+    peft, peft_cpu = t["peft"]["median_wall"], t["peft"]["median_cpu"]
+    lines = [
+        "| launch-bound step | wall ms | × ideal | × peft | CPU ms | × ideal (CPU) | × peft (CPU) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in t.items():
+        w, c = row["median_wall"], row["median_cpu"]
+        lines.append(
+            f"| {name} | {w * 1e3:.2f} | {w / ideal:.3f} | {w / peft:.3f} "
+            f"| {c * 1e3:.2f} | {c / ideal_cpu:.3f} | {c / peft_cpu:.3f} |"
+        )
+    lines += ["", "| ratio (wall) | value | target | met |", "|---|---:|---:|:---:|"]
+    for name, target in result["targets"].items():
+        mark = "yes" if target["met"] else "**no**"
+        lines.append(f"| {name} | {target['ratio']:.3f} | ≤ {target['limit']:.2f} | {mark} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats: a smoke run, not a measurement")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per contender")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("results/launch.json"))
+    parser.add_argument("--profile", action="store_true", help="also profile the lora_func steps (not timed)")
+    parser.add_argument("--profile-steps", type=int, default=10)
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    args = parser.parse_args(argv)
+    harness.PROGRESS = args.progress
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats or (5 if args.quick else 60)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 10)
+
+    result = run(repeats, warmup)
+    print(markdown(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out}", file=sys.stderr)
+    if args.profile:
+        steps = contenders()
+        peft_ops = operator_counts(steps["peft"])
+        for name in ("lora_func", "lora_func frozen"):
+            print(f"\n## cProfile, {args.profile_steps} steps of {name}\n")
+            print(python_profile(steps[name], args.profile_steps, 25))
+            ops = operator_counts(steps[name])
+            print(f"## torch operators per step, {name} (peft)\n")
+            for op, n in sorted(ops.items(), key=lambda kv: -kv[1])[:25]:
+                print(f"{n:6d} ({peft_ops.get(op, 0):6d})  {op}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The one timing harness every benchmark uses: contenders alternate in one process, medians, ratios.
+
+    samples = harness.alternate({"ideal": ideal, "lora_func": step, "peft": peft_step}, repeats=15, warmup=3)
+    t = harness.medians(samples)  # {name: median wall seconds}
+    harness.ratio(t, "lora_func", "peft")
+
+Contenders share one process and are timed alternately: each round runs every contender once, in an
+order that rotates, so drift in machine load (other processes, thermal state, a GPU's clocks) spreads
+over all of them instead of biasing one. Warmup rounds run first, untimed; `gc.collect()` runs before
+every timed call, outside the timing. Each call is timed by two clocks:
+- wall: `time.perf_counter` around the call; on a GPU, CUDA events around a call synchronized before
+  and after (`device`).
+- cpu: process CPU time (all threads). On a machine shared with other jobs, wall time mostly measures
+  the other jobs at 2 threads and more; one thread and CPU time are then the better guide to relative cost.
+Medians are the reported figure; a ratio is of two medians taken in the same process.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the lora_func of this checkout, not an installed one
+
+from lora_func._progress import progress  # noqa: E402
+
+PROGRESS = True  # tqdm bars on stderr; each script's `--no-progress` turns them off
+
+Samples = dict[str, dict[str, list[float]]]  # {contender: {"wall": [s, ...], "cpu": [s, ...]}}
+
+
+def rounds(repeats: int, label: str) -> Iterable[int]:
+    """range(repeats), under a progress bar when PROGRESS is on."""
+    return progress(range(repeats), PROGRESS, label)
+
+
+def synchronize(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device | None) -> tuple[float, float]:
+    """(wall, cpu) seconds of one call of `fn`."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cpu = time.process_time()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0, time.process_time() - cpu
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def alternate(
+    contenders: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    label: str = "repeats",
+    *,
+    device: torch.device | None = None,
+    stop_at: float | None = None,
+    min_repeats: int = 2,
+) -> Samples:
+    """Wall and process-CPU seconds per call of each contender: `warmup` untimed rounds, then `repeats`
+    rounds, each running every contender once in an order that rotates. `stop_at` (a `time.monotonic()`
+    deadline) ends the rounds early, after at least `min_repeats`."""
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            contenders[name]()
+    synchronize(device)
+    samples: Samples = {name: {"wall": [], "cpu": []} for name in names}
+    for i in rounds(repeats, label):
+        if stop_at is not None and i >= min_repeats and time.monotonic() > stop_at:
+            break
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            gc.collect()
+            wall, cpu = _timed(contenders[name], device)
+            samples[name]["wall"].append(wall)
+            samples[name]["cpu"].append(cpu)
+    return samples
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def medians(samples: Samples, clock: str = "wall") -> dict[str, float]:
+    """{contender: median seconds} by `clock` ("wall" or "cpu")."""
+    return {name: median(s[clock]) for name, s in samples.items() if s[clock]}
+
+
+def walls(samples: Samples) -> dict[str, list[float]]:
+    """{contender: wall seconds per call}."""
+    return {name: s["wall"] for name, s in samples.items()}
+
+
+def alternate_walls(
+    contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, label: str = "repeats"
+) -> dict[str, list[float]]:
+    """`alternate`, wall seconds only: {contender: seconds per call}."""
+    return walls(alternate(contenders, repeats, warmup, label))
+
+
+def ratio(times: dict[str, float], name: str, reference: str) -> float:
+    """times[name] / times[reference], two medians from the same process."""
+    return times[name] / times[reference]
