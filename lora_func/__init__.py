@@ -29,6 +29,10 @@ from ._params import Params as Params
 from ._params import combine as combine
 from ._params import split as split
 from ._params import trainable_leaves as trainable_leaves
+from ._private import private_grads as private_grads
+from ._schedule import regularizer as regularizer
+from ._schedule import schedule as schedule
+from ._schedule import schedule_state as schedule_state
 from ._serialize import AdapterFileError as AdapterFileError
 from ._serialize import load as load
 from ._serialize import save as save
@@ -44,7 +48,10 @@ from .variants.eva import EVAConfig as EVAConfig
 from .variants.hra import HRAConfig as HRAConfig
 from .variants.ia3 import IA3Config as IA3Config
 from .variants.ia3ff import IA3FFConfig as IA3FFConfig
+from .variants.loha import LoHaConfig as LoHaConfig
+from .variants.lokr import LoKrConfig as LoKrConfig
 from .variants.lora import LoRAConfig as LoRAConfig
+from .variants.oft import OFTConfig as OFTConfig
 from .variants.pissa import PiSSAConfig as PiSSAConfig
 from .variants.road import ROADConfig as ROADConfig
 from .variants.ssvd import SSVDConfig as SSVDConfig

@@ -10,7 +10,7 @@ from torch import nn
 
 from ._inject import Injection, _is_plain_parameter
 from ._params import Params
-from ._sites import call_model
+from ._sites import call_args, call_model  # noqa: F401 - call_model: tests reach it here
 
 
 def apply(
@@ -43,10 +43,19 @@ def apply(
 
     >>> out = lf.apply(model, lf.stack([p0, p1, p2]), batch, adapter_ids=torch.tensor([2, 0, -1, 2]))
     """
+    return apply_call(model, params, *call_args(batch), adapter_ids=adapter_ids)
+
+
+def apply_call(
+    model: nn.Module, params: Params, args: tuple, kwargs: dict[str, Any], *, adapter_ids: Any = None
+) -> Any:
+    """`apply` of `model(*args, **kwargs)`."""
     injection = Injection(model, params, adapter_ids, "apply")
     overrides = None
     if torch.compiler.is_compiling() and injection.needs_detach and torch.is_grad_enabled():
         # Under compile nothing else runs in between, and dynamo traces the swap: no base gradients.
         overrides = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and _is_plain_parameter(p)}
     with injection:
-        return call_model(model, batch, overrides)
+        if overrides:
+            return torch.func.functional_call(model, overrides, args, kwargs)
+        return model(*args, **kwargs)

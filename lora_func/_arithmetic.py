@@ -5,7 +5,8 @@ never modified. The object of all of them is each target's weight change
 
     ΔW_t = W'_t − W_t        (W' the merged weight of `lf.merge`, W the base weight, (d_out, d_in))
 
-The low-rank family stores ΔW as a product of factors, ΔW = B' A' (the scale folded into B'):
+The low-rank family stores ΔW as a product of factors, ΔW = B' A' (the scale folded into B'), each variant
+declaring them in its own file (`LowRank` in `Variant.capabilities`):
 
     LoRA, EVA          B' = s B,                         A' = A                  s = alpha/r (rsLoRA: alpha/√r),
                                                                                  per target from the patterns
@@ -14,12 +15,14 @@ The low-rank family stores ΔW as a product of factors, ΔW = B' A' (the scale f
     DeLoRA             B' = B diag(λ / (r ‖b_i‖ ‖a_i‖)), A' = A diag(w)
     SSVD, AntiPaSTO    B' = U M,                         A' = Vᵀ                 M: the r × r core
     HRA                B' = −W B,                        A' = A                  rank 2r; reads the base W
+    LoHa               B' = s [W1a_i ⊙ W2a_j],           A' = [W1b_i ⊙ W2b_j]    Khatri–Rao, rank r²
+    LoKr               B' = s (U1 ⊗ U2),                 A' = V1 ⊗ V2            W1 = U1 V1, W2 = U2 V2
 
 `weighted_sum` adds them exactly by concatenation, Σ_i w_i B'_i A'_i = [w_1 B'_1 … w_n B'_n] [A'_1; …; A'_n]
 (ranks add), never by averaging factors: ½(A₁ + A₂), ½(B₁ + B₂) gives ¼ (B₁ + B₂)(A₁ + A₂), with the
 cross terms B₁A₂ + B₂A₁ (docs/internals.md; PEFT's `add_weighted_adapter` linear/ties/dare modes).
-DoRA, IA3, IA3-FF and ROAD rescale or rotate W itself: their ΔW is dense (full rank in general), so
-it has no exact low-rank sum; the merging methods (`ties`, `dare`, `magnitude_prune`, `resize`) take it
+DoRA, IA3, IA3-FF, ROAD and OFT rescale or rotate W itself (they declare `Dense`): their ΔW is dense (full rank
+in general), so it has no exact low-rank sum; the merging methods (`ties`, `dare`, `magnitude_prune`, `resize`) take it
 as a dense matrix, from the model's (dequantized) base weight.
 
 Results are ordinary LoRAs (`lf.LoRAConfig`): scale 1 on every target (alpha = r, `alpha_pattern` = the
@@ -39,7 +42,7 @@ import math
 import numbers
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -48,78 +51,28 @@ from torch import nn
 from ._config import _pattern_value, config_for, normalize
 from ._kind import Target
 from ._params import SHARED, Params
+from ._sharded import parameter, placed_like
 from ._structure import check
-from ._variant import Site, Variant
+from ._variant import LowRank, Site, Variant
 from .kinds import site_for
-from .variants import antipasto, delora, hra, lora, ssvd, variant_for, vera
+from .variants import lora, variant_for
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (B', A') with ΔW = B' @ A'
-WeightFn = Callable[[], torch.Tensor]  # the dense base weight, read on demand
 
 
-# -- ΔW of one target as factors, for the low-rank family --------------------------------------------------------
-
-
-def _lora_factors(f: dict, site: Site, weight: WeightFn) -> Factors:
-    return lora.scale(site.config) * f["B"], f["A"]
-
-
-def _pissa_factors(f: dict, site: Site, weight: WeightFn) -> Factors:
-    # B A − B0 A0 = B (A − A0) + (B − B0) A0, as PiSSA's forward: exact zeros while A = A0, B = B0.
-    A = torch.cat([f["A"] - f["A0"], f["A0"]])  # (2r, d_in)
-    B = torch.cat([f["B"], f["B"] - f["B0"]], dim=1)  # (d_out, 2r)
-    return lora.scale(site.config) * B, A
-
-
-def _vera_factors(f: dict, site: Site, weight: WeightFn) -> Factors:
-    A, B = vera.factors(f, site)
-    return B, A
-
-
-def _delora_factors(f: dict, site: Site, weight: WeightFn) -> Factors:
-    return f["B"] * delora.rank_scale(f, site.config.r), f["A"] * f["w_norm"][None, :]
-
-
-def _ssvd_factors(f: dict, site: Site, weight: WeightFn) -> Factors:
-    return f["U"] @ ssvd.core(f["S"], f["delta_s"], ssvd.rotation(f)), f["Vh"]
-
-
-def _antipasto_factors(f: dict, site: Site, weight: WeightFn) -> Factors:
-    return f["U"] @ antipasto._core(f, site.config), f["Vh"]
-
-
-def _hra_factors(f: dict, site: Site, weight: WeightFn) -> Factors:
-    A, B = hra.update_factors(f, f["u"].dtype)  # W R(u) − W R(u0) = −W B A
-    return -(weight().to(B.dtype) @ B), A
-
-
-class LowRank(NamedTuple):
-    """How a variant's ΔW factors: `factors(leaves, site, weight) -> (B', A')`; `reads_weight`: needs the base W."""
-
-    factors: Callable[[dict, Site, WeightFn], Factors]
-    reads_weight: bool = False
-
-
-# Variants whose ΔW is a product of factors. A variant missing here is treated as dense (its ΔW is
-# merged − W, which needs the model), so a new variant is never mistaken for a low-rank one.
-LOW_RANK: dict[str, LowRank] = {
-    "lora": LowRank(_lora_factors),
-    "eva": LowRank(_lora_factors),
-    "pissa": LowRank(_pissa_factors),
-    "vera": LowRank(_vera_factors),
-    "delora": LowRank(_delora_factors),
-    "ssvd": LowRank(_ssvd_factors),
-    "antipasto": LowRank(_antipasto_factors),
-    "hra": LowRank(_hra_factors, reads_weight=True),
-}
 # nn.Linear and its subclasses (`Target.module`): weight (d_out, d_in), LoRA's layout. Others are refused by name.
 LINEAR_KINDS = frozenset(
     {"Linear", "NonDynamicallyQuantizableLinear", "Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt"}
 )
 
 
+def _low_rank(variant: Variant) -> LowRank | None:
+    """The variant's `LowRank` record (its ΔW as factors), or None where it declares its ΔW `Dense`."""
+    return variant.capability(LowRank)
+
+
 def _needs_weight(variant: Variant) -> bool:
-    low = LOW_RANK.get(variant.name)
+    low = _low_rank(variant)
     return low is None or low.reads_weight
 
 
@@ -260,19 +213,23 @@ class _Delta(NamedTuple):
 
 def _deltas(params: Params, where: str, caller: str, model: nn.Module | None) -> dict[str, _Delta]:
     """ΔW of every target of `params`: factors for the low-rank family, else merged − W (from `model`)."""
+    return dict(_each_delta(params, where, caller, model))
+
+
+def _each_delta(params: Params, where: str, caller: str, model: nn.Module | None) -> Iterator[tuple[str, _Delta]]:
+    """`_deltas` one target at a time: (path, ΔW), a dense ΔW dropped by the caller before the next is computed."""
     variant = variant_for(params.config, caller=caller)
     if model is None and _needs_weight(variant):
         why = (
             "reads the base weight (ΔW = −W B A)"
-            if variant.name in LOW_RANK
+            if _low_rank(variant) is not None
             else "is W' − W, not a product of low-rank factors (it rescales or rotates W)"
         )
         raise ValueError(
             f"{caller}: {where} ({type(params.config).__name__}) has a ΔW that {why}; pass the base model as `model=`"
         )
     dtype = _compute_dtype(params)
-    low = LOW_RANK.get(variant.name)
-    out = {}
+    low = _low_rank(variant)
     for target in params.targets:
         if model is None:
             site = Site(target, config_for(params.config, target.path), None)
@@ -287,7 +244,7 @@ def _deltas(params: Params, where: str, caller: str, model: nn.Module | None) ->
                     f"{caller}: the factors of {target.path!r} ({target.module}) in {where} are not a "
                     f"({target.d_out}, d) · (d, {target.d_in}) product"
                 )
-            out[target.path] = _Delta((B, A), None, None)
+            yield target.path, _Delta((B, A), None, None)
             continue
         # Dense: W' − W, in float64 so that the difference keeps float32's precision of ΔW itself.
         weight = site.base.weight().to(torch.float64)
@@ -296,8 +253,7 @@ def _deltas(params: Params, where: str, caller: str, model: nn.Module | None) ->
         f64 = {k: v.to(torch.float64) for k, v in leaves.items()}
         merged, new_bias = variant.merge(weight, bias, f64, site)
         delta_bias = None if new_bias is None or new_bias is bias else (new_bias - bias).to(dtype)
-        out[target.path] = _Delta(None, (merged - weight).to(dtype), delta_bias)
-    return out
+        yield target.path, _Delta(None, (merged - weight).to(dtype), delta_bias)
 
 
 def _weight_key(path: str, leaf: str) -> str:
@@ -312,7 +268,8 @@ def delta_weights(model: nn.Module, params: Params) -> dict[str, torch.Tensor]:
     W' − W from the variant's merge, in float64 before rounding. A variant that changes the bias too (IA3 and
     ROAD on layers with a bias) also gets `"<path>.bias": Δb`: the keys are those of `lf.merge`, and
     `lf.merge(model, params)[k]` equals `base[k] + delta_weights(model, params)[k]`.
-    Float32 (float64 for float64 adapters), on each layer's device; bitsandbytes bases are dequantized.
+    Float32 (float64 for float64 adapters), on each layer's device; bitsandbytes bases are dequantized. On a base
+    sharded by FSDP2, each ΔW is a `DTensor` placed as its base parameter (this rank's slice), as `lf.merge`'s.
     Differentiable with respect to `params` (a penalty on ‖ΔW‖, say). Pure: the model is not changed.
     Stacked params (`lf.stack`) are refused: pass each of `lf.unstack(params)`.
 
@@ -321,10 +278,11 @@ def delta_weights(model: nn.Module, params: Params) -> dict[str, torch.Tensor]:
     """
     params = _check_params(params, "`params`", "delta_weights")
     out = {}
-    for path, delta in _deltas(params, "`params`", "delta_weights", model).items():
-        out[_weight_key(path, "weight")] = delta.full()
-        if delta.bias is not None:
-            out[_weight_key(path, "bias")] = delta.bias
+    for path, delta in _each_delta(params, "`params`", "delta_weights", model):
+        for leaf, tensor in (("weight", delta.full()), ("bias", delta.bias)):
+            if tensor is not None:  # a sharded base (FSDP2): each rank keeps its slice, placed as the base parameter
+                key = _weight_key(path, leaf)
+                out[key] = placed_like(tensor, parameter(model, key))
     return out
 
 
@@ -411,11 +369,11 @@ def weighted_sum(adapters: Sequence[Params], weights: Sequence[float], *, model:
 
         ΔW_t = Σ_i w_i B'_i A'_i = [w_1 B'_1, …, w_n B'_n] · [A'_1; …; A'_n]      (B'_i: the scale folded in)
 
-    For the low-rank family (LoRA, rsLoRA, PiSSA, EVA, VeRA, DeLoRA, SSVD, AntiPaSTO, HRA; factors in the module
-    docstring), each adapter with its own rank, scale and per-target `rank_pattern` / `alpha_pattern`. Targets:
-    the union of the adapters' (a target an adapter lacks counts as ΔW = 0, as in PEFT's `add_weighted_adapter`).
-    Weights may be negative (task negation: `weighted_sum([p], [-1.0])`). Where the summed rank exceeds
-    min(d_in, d_out), the sum is re-factored exactly at that rank (SVD of the concatenated factors).
+    For the low-rank family (LoRA, rsLoRA, PiSSA, EVA, VeRA, DeLoRA, SSVD, AntiPaSTO, HRA, LoHa, LoKr; factors in
+    the module docstring), each adapter with its own rank, scale and per-target `rank_pattern` / `alpha_pattern`.
+    Targets: the union of the adapters' (a target an adapter lacks counts as ΔW = 0, as in PEFT's
+    `add_weighted_adapter`). Weights may be negative (task negation: `weighted_sum([p], [-1.0])`). Where the
+    summed rank exceeds min(d_in, d_out), the sum is re-factored exactly at that rank (SVD of the concatenated factors).
     HRA's factor B' = −W B reads the base weight: pass `model=`. With `model`, every target is checked against it.
     DoRA, IA3, IA3-FF and ROAD are refused: their ΔW is not low rank; `lf.magnitude_prune(adapters, weights,
     density=1.0, r=..., model=model)` is their weighted sum truncated to rank r (exact at r = min(d_in, d_out)).
@@ -426,7 +384,7 @@ def weighted_sum(adapters: Sequence[Params], weights: Sequence[float], *, model:
     adapters = _check_adapters(adapters, caller)
     weights = _check_weights(weights, len(adapters), caller)
     for i, p in enumerate(adapters):
-        if variant_for(p.config, caller=caller).name not in LOW_RANK:
+        if _low_rank(variant_for(p.config, caller=caller)) is None:
             raise ValueError(
                 f"{caller}: `adapters[{i}]` ({type(p.config).__name__}) has a ΔW that is not a product of "
                 "low-rank factors (it rescales or rotates W), so no exact sum of factors exists; merge the dense "

@@ -14,12 +14,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
 from ._apply import apply
 from ._params import Params, combine, split
 from ._structure import check
+from ._torch_private import pytree
 
 
 def per_example_grads(model: nn.Module, params: Params, batch: Any, loss: Callable[[Any], torch.Tensor]) -> Params:

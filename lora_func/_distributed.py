@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.utils._pytree as pytree
 
 from ._params import Params, split
+from ._torch_private import pytree
 
 
 def _average(tensors: list[torch.Tensor], group: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -11,10 +12,10 @@ from ._calibration import collect_input_stats
 from ._config import AdapterConfig, config_for
 from ._kind import Target
 from ._params import SHARED, Params
-from ._structure import check, declared_shapes
+from ._structure import check, declared_shapes, fits, growing_dims
 from ._targets import find_targets
 from ._variant import Init, Variant
-from .kinds import create_leaves, device_of, frozen_leaves, site_for, variant_targets
+from .kinds import create_leaves, device_of, frozen_leaves, locate, refuse_offloaded, site_for, variant_targets
 from .variants import variant_for
 
 
@@ -36,22 +37,52 @@ def finish_leaves(
     leaves: dict[str, torch.Tensor],
     expected: dict[str, tuple[int, ...]],
     device: torch.device,
-    frozen: tuple[str, ...] | None = None,
+    frozen: tuple[str, ...],
+    larger: Mapping[str, tuple[int, ...]] = {},
 ) -> dict[str, torch.Tensor]:
-    """Cast to `cfg.dtype`, move next to the base layer, check shapes, set requires_grad on trainable leaves
-    (all but `frozen`, by default the variant's)."""
-    frozen = variant.frozen if frozen is None else frozen
+    """One entry's leaves as `Params` hold them: copied (never a view into a file's buffer: CPU BLAS results depend
+    on the data's alignment, and a loaded adapter must compute bitwise what the saved one did), cast to
+    `cfg.dtype`, next to the base layer, of the declared shapes (`larger`: a shared leaf's dims that may exceed
+    them), contiguous, trainable leaves (all but `frozen`) requiring grad; in the declaration's order."""
     if set(leaves) != set(expected):
-        raise RuntimeError(
-            f"variant {variant.name!r} created {sorted(leaves)} for {name!r}, declared {sorted(expected)}"
-        )
+        raise RuntimeError(f"variant {variant.name!r}: {sorted(leaves)} for {name!r}, declared {sorted(expected)}")
     out = {}
     for leaf, shape in expected.items():
-        tensor = leaves[leaf].detach().to(device=device, dtype=cfg.dtype)
-        if tuple(tensor.shape) != tuple(shape):
+        tensor = leaves[leaf].detach().to(device=device, dtype=cfg.dtype, copy=True)
+        if not fits(tuple(tensor.shape), tuple(shape), larger.get(leaf, ())):
             raise RuntimeError(f"variant {variant.name!r} leaf {name}.{leaf}: shape {tuple(tensor.shape)} != {shape}")
         out[leaf] = tensor.contiguous().requires_grad_(leaf not in frozen)
     return out
+
+
+def assemble(
+    cfg: AdapterConfig,
+    found: tuple[Target, ...],
+    leaves: Mapping[str, dict[str, torch.Tensor]],
+    model: nn.Module | None,
+    caller: str,
+) -> Params:
+    """The one way `init`, `load` and `from_peft` make `Params` from the leaves of every entry (`{path: {leaf:
+    tensor}}`, the shared entry included): entries in declaration order (targets in order, shared last), each
+    leaf as `finish_leaves` makes it, next to its base layer in `model` (shared leaves with the first adapted target;
+    on the CPU without a model), then the structure check."""
+    variant = variant_for(cfg, caller=caller)
+    declared = declared_shapes(cfg, found, caller)
+    grows = growing_dims(cfg, found) if SHARED in declared else {}
+    by_path = {t.path: t for t in found}
+    adapted = variant_targets(found)
+    modules = dict(model.named_modules()) if model is not None else None
+    entries: dict[str, dict[str, torch.Tensor]] = {}
+    for entry, shapes in declared.items():
+        device = torch.device("cpu")
+        if model is not None:
+            device = device_of(locate(model, adapted[0] if entry == SHARED else by_path[entry], caller, modules))
+        frozen = frozen_leaves(variant, entry, by_path)
+        larger = grows if entry == SHARED else {}
+        entries[entry] = finish_leaves(variant, entry, cfg, leaves[entry], shapes, device, frozen, larger)
+    params = Params(entries, cfg, found)
+    check(params, caller, stacked=False, model=model, modules=modules)
+    return params
 
 
 def init(
@@ -72,7 +103,8 @@ def init(
     """
     variant = variant_for(cfg, caller="init")
     found = tuple(find_targets(model, cfg, caller="init"))
-    shapes = declared_shapes(cfg, found, "init")  # validates ranks and kinds first
+    refuse_offloaded(model, "init")
+    declared_shapes(cfg, found, "init")  # validates ranks and kinds first
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     stats = {}
@@ -90,25 +122,15 @@ def init(
             cfg, kept = variant.allocate(adapted, cfg, stats)
             found = tuple(t for t in found if t in kept or t not in adapted)
             adapted = variant_targets(found)
-            shapes = declared_shapes(cfg, found, "init")
     elif calibration_data is not None:
         raise ValueError(f"init: {type(cfg).__name__} takes no `calibration_data`")
 
-    entries: dict[str, dict[str, torch.Tensor]] = {}
-    targets_by_path = {t.path: t for t in found}
+    leaves: dict[str, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         for target in found:
             site = site_for(model, target, cfg, "init")
             ctx = Init(lambda s=site: s.base.weight(), generator, stats.get(target.path))
-            leaves = create_leaves(variant, site, ctx)
-            frozen = frozen_leaves(variant, target.path, targets_by_path)
-            entries[target.path] = finish_leaves(
-                variant, target.path, cfg, leaves, shapes[target.path], device_of(site.base), frozen
-            )
+            leaves[target.path] = create_leaves(variant, site, ctx)
         if variant.create_shared is not None and adapted:
-            leaves = variant.create_shared(adapted, cfg, Init(lambda: None, generator))
-            device = device_of(site_for(model, adapted[0], cfg, "init").base)  # shared leaves sit with the first target
-            entries[SHARED] = finish_leaves(variant, SHARED, cfg, leaves, variant.shared_shapes(adapted, cfg), device)
-    params = Params(entries, cfg, found)
-    check(params, "init", stacked=False)
-    return params
+            leaves[SHARED] = variant.create_shared(adapted, cfg, Init(lambda: None, generator))
+        return assemble(cfg, found, leaves, model, "init")

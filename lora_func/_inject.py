@@ -29,10 +29,20 @@ What lives where, and why:
   layer's `forward` attribute is a dispatcher while an injection is open; other threads get bnb's own.
 - Under torch.compile the hooks are closures of the one call, swapped into the hook dicts
   (`_SwappedHooks`: `register_forward_hook` graph-breaks); backward is compiled ahead, nothing recomputes.
+  Code compiled outside the block ignores hooks added after it compiled (dynamo does not guard on them): while an
+  eager block is open, compiled code runs eagerly (`_run_eager`), and the dispatchers refuse to be traced.
+- Exceptions, `BaseException`s too: torch runs `always_call` hooks after an `Exception` only, so the block's exit
+  unwinds what an interrupted forward pushed, a failed backward's leftovers are dropped at the next push (the
+  engine itself drops the modes a failing node entered), and a failed call releases its unfinished layer records.
+- A copy of the model (`copy.deepcopy`, `torch.save`) holds inert `_Orphan`s where the original holds dispatchers.
+- `torch.utils.checkpoint` that lora_func did not set up (the model's own, or HF checkpointing switched on inside
+  the block) is refused at the forward (`_refuse_unseen_checkpoint`): its recompute would not see the adapter.
+- Private torch names: through `_torch_private` only.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -40,12 +50,10 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
-from torch.autograd import Variable
 from torch.overrides import TorchFunctionMode
-from torch.utils.hooks import RemovableHandle
 
+from . import _torch_private as private
 from ._mixed import AdapterRows
 from ._params import Params
 from ._sites import resolve_sites, with_shared
@@ -61,14 +69,15 @@ _local = threading.local()  # .active: {module: Injection} for this thread; .lay
 _HOOKED: dict[tuple[nn.Module, str], list] = {}  # (module, role) -> [count, handles]
 _ENTERED: dict[int, tuple[bool, list]] = {}  # graph task -> (keep_graph, weakrefs to the layer calls it reached)
 _MISSING = object()
+_EAGER: list = [0, None]  # eager blocks open in the process, and the compile stance they found (see `_run_eager`)
 
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch build without torch.distributed
     DTensor = ()  # isinstance(x, ()) is always False
 
-_graph_task = torch._C._current_graph_task_id
-_sequence_nr = torch._C._autograd._get_sequence_nr
+_graph_task = private.graph_task_id
+_sequence_nr = private.sequence_nr
 
 
 def _active() -> dict:
@@ -76,9 +85,9 @@ def _active() -> dict:
     if active is None:
         active = _local.active = {}
         _local.layers = []  # (layer, injection, first sequence number) of the checkpointed layers running
-        _local.modes = []  # (module, detaching mode or None) pushed by the modules running
+        _local.modes = []  # (module, detaching mode or None, function-mode depth before it) of the modules running
         _local.detaching = 0  # how many of those modes are entered
-        _local.replacing = []  # (module, replacing mode or None) of the parameter-form modules running
+        _local.replacing = []  # (module, replacing mode or None, depth) of the parameter-form modules running
     return active
 
 
@@ -117,23 +126,78 @@ def _push_detached(module: nn.Module, injection: Injection | None) -> None:
     """Enter the injection's detaching mode in this thread for `module`'s forward (or note that none was)."""
     _active()
     modes = _local.modes
+    if modes:
+        _heal(modes)
+    depth = private.function_mode_depth()
+    if injection is not None and injection.needs_detach:
+        # FSDP2 swaps its gathered copies in for the registered (sharded) parameters while a layer runs
+        table = injection.detached()
+        for p in module._parameters.values():
+            if p is not None and p.requires_grad and id(p) not in table and _is_plain_parameter(p):
+                table[id(p)] = p.detach()
     if injection is None or not injection.needs_detach or not torch.is_grad_enabled() or _local.detaching:
-        modes.append((module, None))
+        modes.append((module, None, depth))
         return
     mode = _Detached(injection.detached())
     mode.__enter__()
     _local.detaching += 1
-    modes.append((module, mode))
+    modes.append((module, mode, depth))
 
 
 def _pop_detached(module: nn.Module) -> None:
     modes = getattr(_local, "modes", None)
     if not modes or modes[-1][0] is not module:  # a hook registered while this forward ran: nothing was pushed
         return
-    _, mode = modes.pop()
+    _, mode, _ = modes.pop()
     if mode is not None:
         _local.detaching -= 1
         mode.__exit__(None, None, None)
+
+
+# -- what an exception leaves on the thread ---------------------------------------------------------------------
+# The modes above are pushed by a pre-hook and popped by an `always_call` forward hook, which torch runs for an
+# `Exception` but not for a `BaseException` (KeyboardInterrupt, SystemExit, GeneratorExit). Two boundaries
+# catch what such an exception leaves: the block's `__exit__` unwinds what was pushed since its `__enter__`;
+# and in a backward, where the autograd engine itself drops the modes a failing node entered, the next push
+# (or the next block) drops the entries whose mode is no longer on the thread's stack.
+
+
+def _stale(entry: tuple) -> bool:
+    _, mode, depth = entry
+    if mode is None:
+        return private.function_mode_depth() < depth
+    return private.function_mode_depth() <= depth or private.function_mode_at(depth) is not mode
+
+
+def _heal(stack: list) -> None:
+    """Drop the entries on top of `stack` (`_local.modes` or `_local.replacing`) whose mode torch has dropped."""
+    while stack and _stale(stack[-1]):
+        _, mode, _ = stack.pop()
+        if mode is not None and stack is _local.modes:
+            _local.detaching -= 1
+
+
+def _unwind(depths: tuple[int, int, int]) -> None:
+    """Exit the modes this thread pushed since `depths` (of modes, replacing, layers) and drop their entries."""
+    modes, replacing, layers = _local.modes, _local.replacing, _local.layers
+    left = [(entry, modes) for entry in modes[depths[0] :]] + [(entry, replacing) for entry in replacing[depths[1] :]]
+    del modes[depths[0] :], replacing[depths[1] :], layers[depths[2] :]
+    for (_, mode, depth), stack in sorted(left, key=lambda item: item[0][2], reverse=True):
+        if mode is None:
+            continue
+        if stack is modes:
+            _local.detaching -= 1
+        top = private.function_mode_depth() - 1
+        if top == depth and private.function_mode_at(top) is mode:
+            mode.__exit__(None, None, None)
+
+
+def _reset_thread() -> None:
+    """No injection is open in this thread: whatever its stacks hold was left by an exception (a plain call of a
+    model with dispatchers pushes entries without a mode; those are dropped too, harmlessly)."""
+    _unwind((0, 0, 0))
+    _local.detaching = 0
+    _drop_failed_tasks()
 
 
 # -- dispatchers: one per (module, role), shared by every injection and thread ----------------------------------
@@ -155,6 +219,8 @@ def _here(module: nn.Module, task: int) -> Injection | None:
     injection = active.get(module) if active else None
     if injection is None or injection.task != task:
         return None
+    if torch.compiler.is_compiling():
+        injection.refuse_compiled_model()
     return injection
 
 
@@ -168,6 +234,8 @@ def _output_hook(module, args, *rest):  # rest: (kwargs, output), or (output,) w
         return None
     fn, leaves, site, inference = binding
     x = args[0] if args else next(iter(rest[0].values()))
+    if task == -1:
+        _refuse_unseen_checkpoint(injection, module)
     if not torch.is_grad_enabled():
         if inference is not None and not module.training:
             y = inference(x, rest[-1], leaves)
@@ -186,8 +254,10 @@ def _input_hook(module, args, *rest):  # rest: (kwargs,), or () when registered 
     binding = injection.bindings.get(module)
     if binding is None or not injection.input_form:  # another thread's adapter of the output form shares it
         return None
-    if task == -1 and injection.needs_detach and not _local.detaching and torch.is_grad_enabled():
-        injection.refuse_direct_call(module)
+    if task == -1:
+        _refuse_unseen_checkpoint(injection, module)
+        if injection.needs_detach and not _local.detaching and torch.is_grad_enabled():
+            injection.refuse_direct_call(module)
     fn, leaves, site, _ = binding
     if args:
         new_args = (fn(args[0], leaves, site), *args[1:])
@@ -197,15 +267,56 @@ def _input_hook(module, args, *rest):  # rest: (kwargs,), or () when registered 
     return args, {**kwargs, key: fn(kwargs[key], leaves, site)}
 
 
+def _refuse_unseen_checkpoint(injection: Injection, module: nn.Module) -> None:
+    """A target running inside `torch.utils.checkpoint` that no recorded HF layer set up (the model's own call,
+    or HF checkpointing switched on inside the block) would be recomputed in backward without the adapter:
+    reentrant checkpointing then gives no adapter gradient, silently, and non-reentrant fails inside torch."""
+    if _local.layers or torch.compiler.is_compiling():  # an HF checkpointed layer recorded; compiled: `_here`
+        return
+    if torch.is_grad_enabled():  # non-reentrant: the checkpoint's saved-tensor hooks, opened inside the block
+        hooks = private.saved_tensors_hooks()
+        if hooks is None or hooks == injection.saved_hooks or not private.is_checkpoint_hooks(hooks):
+            return
+    elif not (injection.grad_at_enter and module.training and _checkpoint_running()):  # reentrant: runs no_grad
+        return
+    raise RuntimeError(
+        f"{injection.caller}: {_name(injection.model, module)!r} runs inside torch.utils.checkpoint that "
+        f"{injection.caller} did not set up (the model's own forward calls it, or HF gradient checkpointing was "
+        "switched on inside the open block); backward would recompute it without the adapter. Switch the model's "
+        "own checkpointing off, or enable HF checkpointing (model.gradient_checkpointing_enable()) before "
+        f"lf.{injection.caller}, or wrap the whole lf.apply call in torch.utils.checkpoint"
+    )
+
+
+def _checkpoint_running() -> bool:
+    """Whether a reentrant `torch.utils.checkpoint` call is on this thread's Python stack."""
+    frame = sys._getframe(2)
+    codes = private.CHECKPOINT_CODES
+    for _ in range(200):
+        if frame is None:
+            return False
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _parameters_pre_hook(module, args, *rest):
     """A module injected by parameters (fused experts, a saved copy): for its forward, in this thread, its ops see
     the replacement tensors in place of those parameters (computed per call, so a recompute computes them again)."""
-    injection = _here(module, _graph_task())
+    task = _graph_task()
+    injection = _here(module, task)
     bindings = None if injection is None else injection.parameter_bindings.get(module)
     _active()
+    replacing = _local.replacing
+    if replacing:
+        _heal(replacing)
+    depth = private.function_mode_depth()
     if not bindings:
-        _local.replacing.append((module, None))
+        replacing.append((module, None, depth))
         return
+    if task == -1:
+        _refuse_unseen_checkpoint(injection, module)
     # The parameter and its detached view (a detaching mode of a recompute may be entered after this one).
     detached = injection.detached() if injection.needs_detach else {}
     table = {}
@@ -217,14 +328,14 @@ def _parameters_pre_hook(module, args, *rest):
                 table[id(detached[id(param)])] = tensor
     mode = _Detached(table)
     mode.__enter__()
-    _local.replacing.append((module, mode))
+    replacing.append((module, mode, depth))
 
 
 def _parameters_hook(module, args, *rest):
     replacing = getattr(_local, "replacing", None)
     if not replacing or replacing[-1][0] is not module:  # registered while this forward ran: nothing was pushed
         return
-    _, mode = replacing.pop()
+    _, mode, _ = replacing.pop()
     if mode is not None:
         mode.__exit__(None, None, None)
 
@@ -270,12 +381,21 @@ def _layer_hook(module, args, *rest):
         return None
     _, injection, start = layers.pop()
     output = rest[-1]
-    nodes = {t.grad_fn for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+    leaves = private.pytree.tree_leaves(output)
+    nodes = {t.grad_fn for t in leaves if isinstance(t, torch.Tensor) and t.grad_fn is not None}
     if nodes:
         call = _LayerCall(injection, start, _sequence_nr())
         for node in nodes:
             node.register_prehook(partial(_entered, call))
+        injection.pending.append(weakref.ref(call))
     return None
+
+
+def _done_hook(module, args, *rest):
+    """The model's call returned (not `always_call`): its layer calls' records belong to an output now."""
+    injection = _here(module, _graph_task())
+    if injection is not None:
+        injection.pending.clear()
 
 
 def _routed(module: nn.Module, own: Any, *args, **kwargs):
@@ -310,22 +430,52 @@ class _Hook:
     __slots__ = ("dicts", "key")
 
     def __init__(self, module: nn.Module, hook: Callable, *, pre: bool, always_call: bool = False) -> None:
-        key = RemovableHandle.next_id
-        RemovableHandle.next_id += 1
-        if pre:
-            hooks, flags = module._forward_pre_hooks, [module._forward_pre_hooks_with_kwargs]
-        else:
-            hooks, flags = module._forward_hooks, [module._forward_hooks_with_kwargs]
-            if always_call:
-                flags.append(module._forward_hooks_always_called)
+        key = private.new_hook_id()
+        names = private.FORWARD_PRE_HOOK_DICTS if pre else private.FORWARD_HOOK_DICTS
+        if always_call:
+            names = (*names, private.ALWAYS_CALLED)
+        hooks, *flags = (module.__dict__[name] for name in names)
         for flag in flags:
             flag[key] = True
-        hooks[key] = hook
+        hooks[key] = _Dispatcher(hook)
         self.dicts, self.key = (hooks, *flags), key
 
     def remove(self) -> None:
         for d in self.dicts:
             d.pop(self.key, None)
+
+
+class _Dispatcher(partial):
+    """A dispatcher as the module's hook dicts hold it: the hook itself (a `partial` calls it at C speed), but a
+    copy of the module (`copy.deepcopy`, `torch.save`/`torch.load` of the whole model: EMA, teacher and reference
+    models) gets an `_Orphan` instead, which removes itself from the copy on its first call."""
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo: dict) -> _Orphan:
+        return _Orphan()
+
+    def __reduce__(self):
+        return (_Orphan, ())
+
+
+class _Orphan:
+    """What a copied model holds where the original held a dispatcher: inert, and gone after its first call."""
+
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, *args: Any) -> None:
+        for names in _HOOK_DICTS:
+            hooks = module.__dict__.get(names[0])
+            if not hooks:
+                continue
+            for key in [k for k, v in hooks.items() if v is self]:
+                for name in names:
+                    module.__dict__.get(name, {}).pop(key, None)
+        return None
+
+
+_HOOK_DICTS = (private.FORWARD_PRE_HOOK_DICTS, (*private.FORWARD_HOOK_DICTS, private.ALWAYS_CALLED))
 
 
 def _register(module: nn.Module, role: str) -> list:
@@ -342,6 +492,8 @@ def _register(module: nn.Module, role: str) -> list:
             _Hook(module, _parameters_pre_hook, pre=True),
             _Hook(module, _parameters_hook, pre=False, always_call=True),
         ]
+    if role == "done":
+        return [_Hook(module, _done_hook, pre=False)]
     if role == "recompute":
         return [_Hook(module, _recompute_pre_hook, pre=True), _Hook(module, _root_hook, pre=False, always_call=True)]
     if role == "route":
@@ -353,12 +505,18 @@ def _register(module: nn.Module, role: str) -> list:
 
 def _acquire(roles: list[tuple[nn.Module, str]]) -> None:
     with _LOCK:
-        for key in roles:
-            entry = _HOOKED.get(key)
-            if entry is None:
-                _HOOKED[key] = [1, _register(*key)]
-            else:
-                entry[0] += 1
+        done = 0
+        try:
+            for key in roles:
+                entry = _HOOKED.get(key)
+                if entry is None:
+                    _HOOKED[key] = [1, _register(*key)]
+                else:
+                    entry[0] += 1
+                done += 1
+        except BaseException:  # KeyboardInterrupt halfway: what was taken is given back
+            _release(roles[:done])
+            raise
 
 
 def _release(roles: list[tuple[nn.Module, str]]) -> None:
@@ -413,13 +571,19 @@ def _entered(call: _LayerCall, grad_outputs):
     with _LOCK:
         entry = _ENTERED.get(task)
         if entry is None:
-            for stale in [t for t, (_, refs) in _ENTERED.items() if all(r() is None for r in refs)]:
-                del _ENTERED[stale]  # tasks that ended in an error, whose records are gone
-            entry = _ENTERED[task] = (torch._C._autograd._get_current_graph_task_keep_graph(), [])
-            Variable._execution_engine.queue_callback(partial(_task_done, task))
+            _drop_failed_tasks()
+            entry = _ENTERED[task] = (private.graph_task_keep_graph(), [])
+            private.queue_engine_callback(partial(_task_done, task))
         if not any(r() is call for r in entry[1]):
             entry[1].append(weakref.ref(call))
     return None
+
+
+def _drop_failed_tasks() -> None:
+    """Forget the backwards that ended in an error (no end-of-task callback) and whose records are gone."""
+    with _LOCK:
+        for stale in [t for t, (_, refs) in _ENTERED.items() if all(r() is None for r in refs)]:
+            del _ENTERED[stale]
 
 
 def _task_done(task: int) -> None:
@@ -437,10 +601,10 @@ def _recompute_call(task: int) -> _LayerCall | None:
     entry = _ENTERED.get(task)
     if entry is None:
         return None
-    node = torch._C._current_autograd_node()
+    node = private.current_autograd_node()
     if node is None:
         return None
-    seq = node._sequence_nr()
+    seq = private.node_sequence_nr(node)
     found = None
     for ref in entry[1]:
         call = ref()
@@ -518,6 +682,8 @@ class Injection:
         touched = [model, *self.bindings, *self.parameter_bindings]
         if self.needs_detach:
             roles.append((model, "root"))
+        if self.layers:
+            roles.append((model, "done"))
         for layer in self.layers:
             roles.append((layer, "layer"))
             touched.append(layer)
@@ -536,6 +702,12 @@ class Injection:
         self.exited = False
         self.registered = False
         self.compiled: list[_SwappedHooks] | None = None
+        self.eager = False  # whether this block holds compiled code to eager (`_run_eager`)
+        self.pending: list[weakref.ref] = []  # records of layer calls made by a model call that has not returned
+        self.grad_at_enter = False
+        self.saved_hooks: tuple | None = None  # the saved-tensor hooks the block was entered under
+        self._table: dict | None = None  # the entering thread's table
+        self._depths = (0, 0, 0)  # the entering thread's stacks, at entry
 
     # -- the block ---------------------------------------------------------------------------------------------
     def __enter__(self) -> Injection:
@@ -559,12 +731,23 @@ class Injection:
                 f"(an open {other.caller} touching {_name(other.model, clash)!r}); one adapter per module at a time: "
                 "stack adapters with lf.stack and `adapter_ids`, or close the other block first"
             )
+        if not active:
+            _reset_thread()  # no block is open in this thread: what its stacks hold, an exception left
         self.thread = threading.get_ident()
         self.task = _graph_task()
-        _acquire(self.roles)
-        self.registered = True
-        for module in self.touched:
-            active[module] = self
+        self.grad_at_enter = torch.is_grad_enabled()
+        self.saved_hooks = private.saved_tensors_hooks()
+        self._table = active
+        self._depths = (len(_local.modes), len(_local.replacing), len(_local.layers))
+        try:
+            _acquire(self.roles)
+            self.registered = True
+            for module in self.touched:
+                active[module] = self
+            self.eager = _run_eager(True)
+        except BaseException:
+            self._close(active, failed=True)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -574,12 +757,32 @@ class Injection:
             self.compiled = None
             return
         if threading.get_ident() != self.thread:
-            raise RuntimeError(f"{self.caller}: an lf.inject block must exit in the thread that entered it")
-        active = _local.active
-        for module in self.touched:
-            if active.get(module) is self:
-                del active[module]
+            # A generator holding the block, finished by another thread: close it all the same, then say so.
+            self._close(self._table, failed=True)
+            raise RuntimeError(
+                f"{self.caller}: an lf.inject block must exit in the thread that entered it (a generator holding "
+                "the block was finished by another thread); the adapter is removed, and what ran in the other "
+                "thread ran without it"
+            )
+        _unwind(self._depths)  # what an interrupted forward left: its modes, its layer calls
+        self._close(_local.active, failed=exc[0] is not None)
+
+    def _close(self, table: dict | None, failed: bool) -> None:
+        """Leave the entering thread's table; when the block failed, release the records of its unfinished
+        model call (nothing can differentiate an output that was never returned); unregister when done."""
+        if table is not None:
+            for module in self.touched:
+                if table.get(module) is self:
+                    del table[module]
         with _LOCK:
+            if self.eager:
+                self.eager = _run_eager(False)
+            if failed:
+                pending, self.pending = self.pending, []
+                for ref in pending:
+                    call = ref()
+                    if call is not None:
+                        call.lease.release()
             self.exited = True
             self.unregister_if_done()
 
@@ -605,6 +808,14 @@ class Injection:
         theirs = [(p, leaf, t) for p, leaf, t in other.params.leaves()]
         same_rows = (None if self.rows is None else self.rows.ids) == (None if other.rows is None else other.rows.ids)
         return same_rows and len(ours) == len(theirs) and all(a[2] is b[2] for a, b in zip(ours, theirs))
+
+    def refuse_compiled_model(self) -> None:
+        raise RuntimeError(
+            f"{self.caller}: torch.compile traces {type(self.model).__name__} inside an lf.{self.caller} block "
+            "opened outside the compiled code; compiled code does not see the block's adapter (one layer's "
+            "adapter for every layer, or none). Open the block inside the compiled function "
+            "(torch.compile(lambda p, b: lf.apply(model, p, b))), or run the model eagerly in the block"
+        )
 
     def refuse_direct_call(self, module: nn.Module) -> None:
         raise RuntimeError(
@@ -645,6 +856,29 @@ class Injection:
                     return fn(x, output, leaves, site)
 
                 self.compiled.append(_SwappedHooks(module, hook, pre=False))
+
+
+def _run_eager(enter: bool) -> bool:
+    """While an eager block is open, compiled code runs eagerly (`torch.compiler.set_stance("force_eager")`), in
+    every thread: a model compiled before the block would otherwise run its compiled code, which ignores hooks
+    added after it compiled (dynamo does not guard on them), and give the base model's outputs in silence. Blocks
+    are counted; the last to close puts back the stance the first found. Returns whether this block holds it."""
+    with _LOCK:
+        if enter:
+            current = private.compile_stance()
+            if current is None:  # dynamo never imported: nothing compiled
+                return False
+            if _EAGER[0] == 0:
+                if not private.set_compile_stance(private.eager_stance(current)):
+                    return False  # inside compiled code (a graph break): torch keeps its stance
+                _EAGER[1] = current
+            _EAGER[0] += 1
+            return True
+        _EAGER[0] -= 1
+        if _EAGER[0] == 0:
+            private.set_compile_stance(_EAGER[1])
+            _EAGER[1] = None
+        return False
 
 
 def _survey(model: nn.Module) -> tuple[dict[str, nn.Module], list[nn.Module], list[nn.Module], bool]:
@@ -689,9 +923,6 @@ def _name(model: nn.Module, module: nn.Module) -> str:
     return type(module).__name__
 
 
-_FORWARD_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs")
-
-
 class _SwappedHooks:
     """A hook added under torch.compile, where `register_forward_hook` graph-breaks (its RemovableHandle
     bumps a class attribute) and item assignment on a module's hook dicts does too. Instead the module's
@@ -703,7 +934,7 @@ class _SwappedHooks:
     """
 
     def __init__(self, module: nn.Module, hook: Any, pre: bool) -> None:
-        names = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs") if pre else _FORWARD_HOOK_DICTS
+        names = private.FORWARD_PRE_HOOK_DICTS if pre else private.FORWARD_HOOK_DICTS
         self.module = module
         self.originals = [(name, module.__dict__[name]) for name in names]
         (_, hooks), (_, with_kwargs) = self.originals

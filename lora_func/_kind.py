@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ._sharded import full
+
 SHARED = "<shared>"  # the params entry of leaves shared by all targets (VeRA's projections); never a module path
 
 
@@ -128,11 +130,12 @@ class BaseLayer(NamedTuple):
     module: nn.Module
 
     def weight(self) -> torch.Tensor:
-        return self.kind.weight(self)
+        return full(self.kind.weight(self))  # a layer sharded by FSDP2: gathered whole, this layer only
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.kind.bias(self)
+        bias = self.kind.bias(self)
+        return None if bias is None else full(bias)
 
     @property
     def training(self) -> bool:

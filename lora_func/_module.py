@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._apply import apply_call
 from ._inject import inject
 from ._params import Params, split
 from ._serialize import check_model
@@ -100,7 +101,7 @@ class AdapterModule(nn.Module):
         """The adapter, its leaves the module's own parameters and buffers (current device and dtype)."""
         entries: dict[str, dict[str, torch.Tensor]] = {}
         for path, leaf, node in self._slots:
-            tensor = node._parameters[leaf] if leaf in node._parameters else node._buffers[leaf]
+            tensor = self._leaf(node, leaf)
             entries.setdefault(path, {})[leaf] = tensor
         return Params(entries, self._config, self._targets, self._frozen)
 
@@ -118,6 +119,8 @@ class AdapterModule(nn.Module):
         """`model(*args, **kwargs)` with the adapter (HF: `labels` gives `.loss`; loss kwargs pass through)."""
         if labels is not None:  # named here so that HF Trainer finds the label column (its `find_labels`)
             kwargs["labels"] = labels
+        if torch.compiler.is_compiling():  # compiled: `lf.apply`'s compiled path (base parameters passed detached)
+            return apply_call(self.base_model, self.params, args, kwargs)
         with inject(self.base_model, self.params):
             return self.base_model(*args, **kwargs)
 
@@ -158,22 +161,45 @@ class AdapterModule(nn.Module):
     # -- the adapter's state -----------------------------------------------------------------------------
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load an adapter `state_dict` (from `state_dict()`, or a Trainer checkpoint) whole: every key present,
-        none unknown, each of the leaf's dtype. `strict=False` (Trainer passes it) does not allow a partial load."""
+        none unknown, each a tensor of the leaf's shape and dtype. `strict=False` (Trainer passes it) does not allow
+        a partial load. Everything is checked before anything is written: a refused `state_dict` leaves the
+        adapter as it was (so does an exception raised while writing, a KeyboardInterrupt included)."""
+        where = "AdapterModule.load_state_dict"
         own = self.state_dict()
         missing = sorted(set(own) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(own))
         if missing or unexpected:
             raise ValueError(
-                f"AdapterModule.load_state_dict: missing keys {missing[:5]} and unexpected keys {unexpected[:5]} "
+                f"{where}: missing keys {missing[:5]} and unexpected keys {unexpected[:5]} "
                 f"({len(missing)} and {len(unexpected)}); an adapter loads whole"
             )
         for key, value in state_dict.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{where}: key {key!r} holds a {type(value).__name__}, not a tensor")
             if value.dtype != own[key].dtype:
                 raise ValueError(
-                    f"AdapterModule.load_state_dict: key {key!r} has dtype {value.dtype}, the adapter's leaf "
+                    f"{where}: key {key!r} has dtype {value.dtype}, the adapter's leaf "
                     f"{own[key].dtype}; convert the adapter first (lf.cast, or module.to(dtype))"
                 )
-        return super().load_state_dict(state_dict, strict=True, assign=assign)
+            if value.shape != own[key].shape:
+                raise ValueError(
+                    f"{where}: key {key!r} has shape {tuple(value.shape)}, the adapter's leaf "
+                    f"{tuple(own[key].shape)}; nothing was loaded"
+                )
+        before = [(node, leaf, self._leaf(node, leaf)) for _, leaf, node in self._slots]
+        values = [tensor.detach().clone() for _, _, tensor in before]  # small: the adapter only
+        try:
+            return super().load_state_dict(state_dict, strict=True, assign=assign)
+        except BaseException:  # put back the very tensors (an optimizer holds them) and their values
+            with torch.no_grad():
+                for (node, leaf, tensor), value in zip(before, values):
+                    (node._parameters if leaf in node._parameters else node._buffers)[leaf] = tensor
+                    tensor.copy_(value)
+            raise
+
+    @staticmethod
+    def _leaf(node: _Leaves, leaf: str) -> torch.Tensor:
+        return node._parameters[leaf] if leaf in node._parameters else node._buffers[leaf]
 
     def __repr__(self) -> str:
         return f"AdapterModule({type(self.base_model).__name__}, {self.params!r})"

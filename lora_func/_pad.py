@@ -5,8 +5,9 @@ and zero columns to B leave B A unchanged, and B scaled by s_k / s changes the s
 own s_k to the stack's s; so every padded adapter computes exactly what it did, in every target. When
 every adapter has the same scale (the usual alpha ∝ r, or rsLoRA with alpha ∝ √r) no B is scaled and
 training the padded stack is training each adapter alone: the padded rows and columns get zero gradients
-and stay zero under SGD and Adam. Other variants have no such padding (DeLoRA normalises each rank
-component, HRA's reflections and VeRA's shared projections are sized by r, ...), and are refused by name.
+and stay zero under SGD and Adam. A variant declares which leaves carry the rank (`Padding` in its
+`Variant.capabilities`); others have no such padding (DeLoRA normalises each rank component, HRA's reflections
+and VeRA's shared projections are sized by r, ...), and are refused by name.
 """
 
 from __future__ import annotations
@@ -20,17 +21,10 @@ import torch
 from ._config import config_for
 from ._params import Params
 from ._transform import in_transform
+from ._variant import Padding
+from .variants import REGISTRY, variant_for
 from .variants import lora as lora_variant
-from .variants import variant_for
 
-# Per variant: the leaves that carry the rank, and the axis it is on (A-like: rows, B-like: columns).
-RANK_AXES: dict[str, dict[str, int]] = {
-    "lora": {"A": 0, "B": 1},
-    "eva": {"A": 0, "B": 1},
-    "dora": {"A": 0, "B": 1},
-    "pissa": {"A": 0, "B": 1, "A0": 0, "B0": 1},
-}
-SCALED = ("B", "B0")  # the factors the scale multiplies: s · B A
 RANK_FIELDS = ("r", "alpha", "rank_pattern", "alpha_pattern")
 
 
@@ -47,11 +41,12 @@ def pad_ranks(adapters: Sequence[Params], caller: str = "stack") -> list[Params]
     the largest rank of any of their targets, each computing exactly what it did; see the module docstring."""
     first = adapters[0]
     variant = variant_for(first.config, caller=caller)
-    axes = RANK_AXES.get(variant.name)
-    if axes is None:
+    padding = variant.capability(Padding)
+    if padding is None:
+        paddable = [name for name, v in REGISTRY.items() if v.capability(Padding) is not None]
         raise ValueError(
             f"{caller}: adapters of variant {variant.name!r} with different ranks cannot be stacked: zero-padding to a "
-            f"common rank is exact for the low-rank family only ({', '.join(RANK_AXES)})"
+            f"common rank is exact for the low-rank family only ({', '.join(paddable)})"
         )
     scales = [[lora_variant.scale(config_for(p.config, t.path)) for t in p.targets] for p in adapters]
     rank = max(config_for(p.config, t.path).r for p in adapters for t in p.targets)
@@ -65,11 +60,11 @@ def pad_ranks(adapters: Sequence[Params], caller: str = "stack") -> list[Params]
         for target, s_k in zip(p.targets, row):
             factor = s_k / s_stack  # 1.0 exactly when the scales agree: then no factor is touched
             entry = entries[target.path]
-            for leaf, axis in axes.items():
+            for leaf, axis in padding.axes:
                 t = entry[leaf]
                 value = t.detach() if fresh else t
                 changed = False
-                if leaf in SCALED and factor != 1.0:
+                if leaf in padding.scaled and factor != 1.0:
                     value, changed = value * factor, True
                 missing = rank - value.shape[axis]
                 if missing:

@@ -6,21 +6,24 @@ from collections.abc import Iterator, Mapping
 
 import optree
 import torch
-import torch.utils._pytree as pytree
 
 from ._config import AdapterConfig
 from ._kind import SHARED as SHARED
 from ._kind import Target
+from ._torch_private import OPTREE_GLOBAL_NAMESPACE, pytree
+from .variants import registered
 
 
 class Params(Mapping):
     """Adapter leaves by module path: `params["model.layers.0.self_attn.q_proj"]["A"]`.
 
     A pytree node for `torch.utils._pytree` and `optree`, so `torch.func.grad`, `vmap` and
-    `optree.tree_map` take it as it is. `config` and `targets` are static (not leaves).
+    `optree.tree_map` take it as it is. `config` and `targets` are static (not leaves). `variant` is the
+    registered variant of `config` (None for a config class no variant registers), resolved once here; the layout
+    (declared leaf shapes) is derived once by the first structure check and rides along with `replace`.
     """
 
-    __slots__ = ("_entries", "config", "targets", "frozen")
+    __slots__ = ("_entries", "config", "targets", "frozen", "variant", "layout")
 
     def __init__(
         self,
@@ -35,6 +38,12 @@ class Params(Mapping):
         # (path, leaf) pairs frozen by `lf.freeze`, beyond the variant's own frozen leaves: training state,
         # static like the config, and not saved (a loaded adapter trains all of its variant's leaves).
         self.frozen = frozenset(frozen)
+        self.variant = registered(config)
+        self.layout = None  # (declared shapes, growing shared dims): set by `lora_func._structure.check`
+
+    def __reduce__(self):
+        """Pickled and deep-copied as its constructor's arguments: the variant and layout are found again."""
+        return (Params, (self._entries, self.config, self.targets, self.frozen))
 
     def __getitem__(self, path: str) -> dict[str, torch.Tensor]:
         return self._entries[path]
@@ -46,8 +55,10 @@ class Params(Mapping):
         return len(self._entries)
 
     def replace(self, entries: Mapping[str, Mapping[str, torch.Tensor]]) -> Params:
-        """Same config, targets and frozen leaves, other leaf tensors."""
-        return Params(entries, self.config, self.targets, self.frozen)
+        """Same config, targets and frozen leaves (and so the same variant and layout), other leaf tensors."""
+        out = Params(entries, self.config, self.targets, self.frozen)
+        out.layout = self.layout
+        return out
 
     def leaves(self) -> Iterator[tuple[str, str, torch.Tensor]]:
         """(path, leaf name, tensor) for every leaf."""
@@ -95,7 +106,7 @@ optree.register_pytree_node(
     Params,
     _flatten_with_entries,
     lambda context, children: _unflatten(children, context),  # optree passes (metadata, children)
-    namespace=getattr(optree.registry, "__GLOBAL_NAMESPACE"),
+    namespace=OPTREE_GLOBAL_NAMESPACE,
 )
 
 
@@ -109,7 +120,7 @@ def split(params: Params) -> tuple[Params, Params]:
     from .kinds import frozen_leaves
     from .variants import variant_for
 
-    variant = variant_for(params.config, caller="split")
+    variant = params.variant or variant_for(params.config, caller="split")
     by_path = {t.path: t for t in params.targets}
     trainable, frozen = {}, {}
     for path, entry in params.items():

@@ -40,11 +40,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ._config import AdapterConfig, config_from_json, config_to_json, strict_json
+from ._init import assemble
 from ._kind import Target
 from ._params import SHARED, Params
 from ._structure import check, declared_shapes, fits, growing_dims
 from ._version import __version__
-from .kinds import device_of, frozen_leaves, locate, target_from_json, target_to_json, variant_targets
+from .kinds import locate, refuse_offloaded, target_from_json, target_to_json
 from .variants import REGISTRY, variant_for
 
 FORMAT = "lora_func"
@@ -192,7 +193,9 @@ def _parse_targets(text: str, where: str, version: str) -> tuple[Target, ...]:
 
 
 def check_model(model: nn.Module, found: tuple[Target, ...], caller: str) -> None:
-    """Every target exists in `model` as the kind and shape it was built for (`lora_func.kinds.locate`)."""
+    """Every target exists in `model` as the kind and shape it was built for (`lora_func.kinds.locate`), and the
+    model is not offloaded."""
+    refuse_offloaded(model, caller)
     for target in found:
         locate(model, target, caller)
 
@@ -294,21 +297,5 @@ def load(
             "edited after lf.save"
         )
 
-    # Entries in the order `init` makes them (targets in order, each in its declaration's order, shared last),
-    # leaves next to their base layer (shared ones with the first adapted target, as `init` puts them).
-    by_path = {t.path: t for t in found}
-    adapted = variant_targets(found)
-    entries: dict[str, dict[str, torch.Tensor]] = {}
-    for entry, leaves in declared.items():  # leaf order as `init` makes it: targets in order, shared last
-        device = torch.device("cpu")
-        if model is not None:
-            device = device_of(locate(model, adapted[0] if entry == SHARED else by_path[entry], "load"))
-        frozen = frozen_leaves(variant, entry, by_path)
-        # A copy, not a view into the file's buffer: CPU BLAS results depend on the data's alignment,
-        # and outputs must be bitwise those of the saved params.
-        entries[entry] = {
-            leaf: tensors[f"{entry}.{leaf}"].to(device, copy=True).requires_grad_(leaf not in frozen) for leaf in leaves
-        }
-    params = Params(entries, cfg, found)
-    check(params, "load", stacked=False, model=model)
-    return params
+    entries = {entry: {leaf: tensors[f"{entry}.{leaf}"] for leaf in leaves} for entry, leaves in declared.items()}
+    return assemble(cfg, found, entries, model, "load")

@@ -10,17 +10,21 @@ from torch import nn
 
 from ._params import SHARED, Params
 from ._variant import Site
-from .kinds import site_for
+from .kinds import refuse_offloaded, site_for
+
+
+def call_args(batch: Any) -> tuple[tuple, dict[str, Any]]:
+    """The (args, kwargs) of a batch: `**batch` for a Mapping, `*batch` for a tuple/list, else `(batch,)`."""
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    return (batch,), {}
 
 
 def call_model(model: nn.Module, batch: Any, overrides: Mapping[str, torch.Tensor] | None = None) -> Any:
     """`model(**batch)` for a Mapping, `model(*batch)` for a tuple/list, else `model(batch)`."""
-    if isinstance(batch, Mapping):
-        args, kwargs = (), dict(batch)
-    elif isinstance(batch, (tuple, list)):
-        args, kwargs = tuple(batch), {}
-    else:
-        args, kwargs = (batch,), {}
+    args, kwargs = call_args(batch)
     if overrides:
         return torch.func.functional_call(model, dict(overrides), args, kwargs)
     return model(*args, **kwargs)
@@ -31,6 +35,7 @@ def resolve_sites(
 ) -> list[tuple[nn.Module, Site]]:
     """Each target of `params` located in `model` (or in `modules`, its `named_modules()` when the caller has
     them already) and checked against it (`lora_func.kinds.site_for`): (the module it acts on, its site)."""
+    refuse_offloaded(model, caller)
     sites = []
     for target in params.targets:
         site = site_for(model, target, params.config, caller, modules)

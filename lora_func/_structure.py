@@ -10,9 +10,10 @@ expected:
 - the entries are the targets' paths, plus the shared entry (`SHARED`) exactly when the variant has shared leaves;
 - each entry holds the leaves its variant declares: all of them (a whole adapter), or, where allowed, exactly the
   trainable or exactly the frozen ones (a half from `lf.split`); never an undeclared leaf;
-- each leaf is a tensor of the config's floating dtype, whose shape is the declared one, or `(K, *declared)`
-  with the same K on every leaf (K stacked adapters, `lf.stack`); a shared leaf may be larger in the dims the
-  targets size (`growing_dims`: it was made for more targets, of which these are some);
+- each leaf is a plain tensor (not a `DTensor`: leaves are whole on every rank) of the config's floating dtype,
+  whose shape is the declared one, or `(K, *declared)` with the same K on every leaf (K stacked adapters,
+  `lf.stack`); a shared leaf may be larger in the dims the targets size (`growing_dims`: it was made for more
+  targets, of which these are some);
 - the leaves of an entry sit on one device, the shared ones with the first target's (where `init` puts them);
   with `model`, each target's leaves sit on its module's device.
 """
@@ -29,6 +30,7 @@ from . import kinds
 from ._config import AdapterConfig
 from ._kind import Target
 from ._params import SHARED, Params
+from ._sharded import is_sharded
 from .variants import variant_for
 
 Shapes = dict[str, dict[str, tuple[int, ...]]]
@@ -112,9 +114,14 @@ def check(
     """
     if not isinstance(params, Params):
         raise TypeError(f"{caller}: `{name}` must be lora_func Params, got {type(params).__name__}")
-    variant = variant_for(params.config, caller=caller)
     cfg = params.config
-    declared, grows = _layout(cfg, params.targets, caller, name)
+    if torch.compiler.is_compiling():  # nothing read from or written to the Params object: dynamo would guard on it
+        variant, (declared, grows) = variant_for(cfg, caller=caller), _layout(cfg, params.targets, caller, name)
+    else:  # resolved once per Params (`replace` passes the layout on), and once per (config, targets) in `_layout`
+        variant = params.variant or variant_for(cfg, caller=caller)
+        if params.layout is None:
+            params.layout = _layout(cfg, params.targets, caller, name)
+        declared, grows = params.layout
     entries = params._entries  # the Params' own dict: this runs on every `apply`
     if entries.keys() != declared.keys():
         missing = [p for p in declared if p not in entries]
@@ -136,6 +143,11 @@ def check(
         for leaf, tensor in entry.items():
             if not isinstance(tensor, torch.Tensor):
                 raise ValueError(f"{caller}: leaf {path}.{leaf} is a {type(tensor).__name__}, not a torch.Tensor")
+            if type(tensor) is not torch.Tensor and is_sharded(tensor):
+                raise ValueError(
+                    f"{caller}: leaf {path}.{leaf} is a DTensor; an adapter's leaves are plain tensors, whole on every "
+                    "rank, on a sharded base too (docs/distributed.md): use its .full_tensor()"
+                )
             if tensor.dtype != dtype:
                 raise ValueError(f"{caller}: leaf {path}.{leaf} has dtype {tensor.dtype}, the config says {dtype}")
             shape, w = tensor.shape, want[leaf]

@@ -53,8 +53,11 @@ def find_targets(model: nn.Module, cfg: AdapterConfig, *, caller: str = "targets
 
     A module is a target when a registered kind recognises it and `target_names` matches its path (or, with
     `target_names` None, when its kind is targeted by default: linear-like layers), it is not excluded, lies in
-    one of `layers`, and has one of `target_roles`. Expert parameters come from `target_parameters`, under the
-    same filters. The modules of `modules_to_save` (and everything inside them) are saved, not adapted.
+    one of `layers`, and has one of `target_roles`. A module whose parent reads its weight without calling it
+    (`nn.MultiheadAttention.out_proj`) is never a target: an adapter there would have no effect; the default
+    selection passes over it, and `target_names` selecting it is an error naming it. Expert parameters come from
+    `target_parameters`, under the same filters. The modules of `modules_to_save` (and everything inside them) are
+    saved, not adapted.
     """
     variant = variant_for(cfg, caller=caller)
     width = model_width(model)
@@ -69,6 +72,7 @@ def find_targets(model: nn.Module, cfg: AdapterConfig, *, caller: str = "targets
             return False
         return cfg.target_roles is None or bool(set(cfg.target_roles) & set(target.roles))
 
+    unread = read_not_called(model)
     saved_roots = [p for p, _ in model.named_modules() if cfg.modules_to_save and _names(p, cfg.modules_to_save)]
     selected: list[Target] = []
     name_hits: dict[str, list[str]] = {p: [] for p in cfg.target_names or ()}
@@ -89,7 +93,13 @@ def find_targets(model: nn.Module, cfg: AdapterConfig, *, caller: str = "targets
         if wanted:
             target = kind.describe(path, module, roles)
             if kept(path, target):
-                selected.append(target)
+                if path in unread and cfg.target_names is not None:
+                    raise ValueError(
+                        f"{caller}: `target_names` selects {path!r}, which its model never calls: {unread[path]}. "
+                        "An adapter there would get no gradient and have no effect; leave it out (`exclude_names`)"
+                    )
+                if path not in unread:
+                    selected.append(target)
         for name, _ in module.named_parameters(recurse=False):
             key = f"{path}.{name}" if path else name
             hits = [n for n in cfg.target_parameters if key == n or key.endswith(f".{n}")]
@@ -132,6 +142,18 @@ def find_targets(model: nn.Module, cfg: AdapterConfig, *, caller: str = "targets
     for target in selected:
         require_support(variant, target, cfg)
     return selected
+
+
+def read_not_called(model: nn.Module) -> dict[str, str]:
+    """{path: why} of the modules whose parent reads their weight without calling them, so that no hook on them
+    runs: `nn.MultiheadAttention` passes `out_proj.weight` to `F.multi_head_attention_forward` (its fast path
+    too), as PEFT's `MultiheadAttention` layer notes."""
+    found = {}
+    for path, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) and isinstance(module.out_proj, nn.Module):
+            child = f"{path}.out_proj" if path else "out_proj"
+            found[child] = f"nn.MultiheadAttention {path or type(model).__name__!r} reads `out_proj.weight` itself"
+    return found
 
 
 def _refuse_tied(model: nn.Module, saved: list[Target], caller: str) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ._torch_private import functorch_active
+
 
 def in_transform() -> bool:
     """Inside torch.func (grad/vmap/...) or torch.compile tracing, where backward runs inside the transform."""
-    return torch._C._functorch.peek_interpreter_stack() is not None or torch.compiler.is_compiling()
+    return functorch_active() or torch.compiler.is_compiling()

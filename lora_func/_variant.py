@@ -1,13 +1,25 @@
-"""What a variant is: a few pure functions over tensors, bundled in a NamedTuple (optax-style).
+"""What a variant is: a few pure functions over tensors, bundled in a NamedTuple (optax-style), and the small
+records that say what else it can do.
 
 A variant file defines its config class and functions and ends with `VARIANT = Variant(...)`;
-`lora_func/variants/__init__.py` registers it with one line.
+`lora_func/variants/__init__.py` registers it with one line. Beyond its forward and merge, a variant declares its
+capabilities in `Variant.capabilities`, one small record each, and nothing outside its file keys on its name:
+
+    WeightChange   its ΔW = W' − W: `LowRank(factors)` (exact sums by concatenation) or `Dense()` (from `merge`);
+                   exactly one of the two, so a new variant is never silently taken for either
+    Padding        leaves zero-padded to a larger rank compute the same (`lf.stack(..., pad=True)`)
+    PeftExchange   the module of `lora_func/peft/` that reads and writes it as a PEFT method
+    Recipe         the learning rate and config fields the MiniLM demo and notebook 02 train it with
+    Schedule       a step that changes the adapter during training (`lf.schedule`: AdaLoRA's rank budget)
+    Regularizer    an extra loss the method needs (`lf.regularizer`: AdaLoRA's orthogonality)
+
+`Variant.capability(LowRank)` returns the record or None.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -15,6 +27,7 @@ from ._config import AdapterConfig
 from ._kind import BaseLayer, Target
 
 Leaves = dict[str, torch.Tensor]
+C = TypeVar("C")
 
 LINEAR_LIKE = ("linear", "conv1d")  # the kinds with features last and y = x Wᵀ + b: every variant's math applies
 
@@ -52,6 +65,64 @@ class Init(NamedTuple):
     inputs: InputStats | None = None  # calibration statistics, for variants with `calibrated=True`
 
 
+WeightFn = Callable[[], torch.Tensor]  # the dense base weight, read on demand
+
+
+class LowRank(NamedTuple):
+    """ΔW = B' A' (the scale folded into B'): `factors(leaves, site, weight) -> (B' (d_out, k), A' (k, d_in))`,
+    leaves in the compute dtype, `weight()` the dense base weight (only where `reads_weight`: HRA's −W B A).
+    Adapter arithmetic adds such ΔW exactly by concatenating factors (`lora_func/_arithmetic.py`)."""
+
+    factors: Callable[[Leaves, Site, WeightFn], tuple[torch.Tensor, torch.Tensor]]
+    reads_weight: bool = False
+
+
+class Dense(NamedTuple):
+    """ΔW is W' − W from the variant's `merge` (DoRA, IA3, ROAD rescale or rotate W): no exact low-rank sum, and
+    adapter arithmetic needs the base model."""
+
+
+class Padding(NamedTuple):
+    """Zero-padding to a larger rank is exact (`lf.stack(..., pad=True)`): `axes` ((leaf, axis), ...) carry the rank
+    (A-like leaves on rows, B-like on columns); the update is s · B A with s = alpha / r (alpha / √r with
+    `use_rslora`), and `scaled` are the leaves s multiplies, rescaled when adapters' scales differ."""
+
+    axes: tuple[tuple[str, int], ...]
+    scaled: tuple[str, ...] = ("B",)
+
+
+class PeftExchange(NamedTuple):
+    """`module`: the module of `lora_func/peft/` whose `METHOD` (a `PeftMethod`) reads and writes this variant."""
+
+    module: str
+
+
+class Recipe(NamedTuple):
+    """How the MiniLM demo (`python -m lora_func.demo --minilm`) and notebook 02 train this variant: AdamW's
+    learning rate, and config fields beyond the shared ones (`options`, pairs: (("r", 32),))."""
+
+    lr: float
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+class Schedule(NamedTuple):
+    """A training-time step (`lf.schedule`): `state(params) -> state` once before training; `step(params, state,
+    step, grads) -> (params, state)` after each backward, `grads` the trainable leaves' gradients (`.grad` of the
+    leaves in a torch.optim loop). Pure: it returns new params and state."""
+
+    state: Callable[[Any], Any]
+    step: Callable[[Any, Any, int, Any], tuple[Any, Any]]
+
+
+class Regularizer(NamedTuple):
+    """`loss(params) -> scalar tensor`: a term the method adds to the training loss (`lf.regularizer`)."""
+
+    loss: Callable[[Any], torch.Tensor]
+
+
+CAPABILITIES = (LowRank, Dense, Padding, PeftExchange, Recipe, Schedule, Regularizer)
+
+
 class Variant(NamedTuple):
     """The pure functions that make up one adapter method.
 
@@ -71,6 +142,7 @@ class Variant(NamedTuple):
     calibrated                                      `init` needs `calibration_data` (EVA, AntiPaSTO)
     allocate(targets, cfg, stats) -> (cfg, targets) after calibration, a refined config and the targets
                                                     that keep an adapter (EVA's rank redistribution)
+    capabilities                                    what else it can do, one record each (see the module docstring)
 
     Forward and merge see a target's own leaves merged with the shared ones. `merge` works on the dense weight in
     the kind's `(d_out, fan_in)` layout; on a kind injected by parameters (fused experts) it is also the forward.
@@ -92,6 +164,14 @@ class Variant(NamedTuple):
     kinds: tuple[str, ...] = LINEAR_LIKE
     calibrated: bool = False
     allocate: Callable[..., tuple[AdapterConfig, tuple[Target, ...]]] | None = None
+    capabilities: tuple[Any, ...] = ()
+
+    def capability(self, kind: type[C]) -> C | None:
+        """The record of type `kind` this variant declares (`LowRank`, `Padding`, ...), or None."""
+        for record in self.capabilities:
+            if type(record) is kind:
+                return record
+        return None
 
 
 def require_rank(target: Target, cfg: AdapterConfig) -> None:

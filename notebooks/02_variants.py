@@ -89,7 +89,7 @@ print(f"zero-shot held-out accuracy {zero_shot['accuracy']:.1%} (loss {zero_shot
 
 # %%
 def train(name, **options):
-    variant, recipe = REGISTRY[name], RECIPES.get(name) or demo.RECIPES.get(name, demo.DEFAULT_RECIPE)
+    variant, recipe = REGISTRY[name], RECIPES.get(name) or demo.RECIPES[name]
     cfg = dataclasses.replace(demo.config_for(variant, recipe), layers=LAYERS, **options)
     calibration = demo.calibration_batches(task, BATCH, SEED) if variant.calibrated else None
     start = time.perf_counter()
@@ -116,7 +116,7 @@ def train(name, **options):
 
 # The demo's recipes, but for DeLoRA (see the note below): 8 steps on two layers want a gentler start than
 # the demo's 50 steps on all layers (λ = 2, lr 5e-3).
-RECIPES = {"delora": demo.Recipe(lr=5e-4, options={"alpha": 4.0})}
+RECIPES = {"delora": demo.Recipe(lr=5e-4, options=(("alpha", 4.0),))}
 rows = []
 for name in REGISTRY:
     rows.append(train(name))

@@ -11,7 +11,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .minilm import DEFAULT_RECIPE as DEFAULT_RECIPE
 from .minilm import EXCLUDE as EXCLUDE
 from .minilm import MAX_TOKENS as MAX_TOKENS
 from .minilm import RANK as RANK

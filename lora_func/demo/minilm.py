@@ -11,7 +11,7 @@ after training on docstrings never seen in training (nor their near-twins; see `
 
 Every variant in `lora_func.variants.REGISTRY` runs, each from the same base model, seed and batches.
 Data-driven variants (`Variant.calibrated`) get their calibration batches from the training split only.
-Per-variant learning rates are in `RECIPES`; a variant missing there uses `DEFAULT_RECIPE`.
+Per-variant learning rates are each variant's `Recipe` (in its own file), gathered in `RECIPES`.
 Writes `results.json` and `loss_curves.png` to `--out`.
 """
 
@@ -25,7 +25,6 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,38 +35,13 @@ from torch import nn
 import lora_func as lf
 from lora_func._demo_data import Dataset, Example, build_dataset
 from lora_func._progress import progress as progress_bar
+from lora_func._variant import Recipe
 from lora_func.variants import REGISTRY, Variant
 
-
-@dataclass(frozen=True)
-class Recipe:
-    """How one variant is trained here: AdamW learning rate and config fields beyond the shared ones."""
-
-    lr: float
-    options: dict[str, Any] = field(default_factory=dict)  # config fields, e.g. {"r": 32}
-
-
-# AdamW learning rate per variant (no weight decay), picked by short sweeps on this task (40 steps).
-# Variants with few, multiplicative parameters (IA3 gains, VeRA scaling vectors, SSVD's singular-value
-# shifts and rotation, ROAD's rotations) need a larger lr; PiSSA's factors are large (√ of the top
-# singular values), so smaller. DeLoRA's update norm is set by its bound λ = alpha as soon as B ≠ 0, not by
-# the lr: PEFT's default λ = 15 overshoots on this task (76% held-out after 50 steps vs 84% with λ = 2).
-# AntiPaSTO adapts r directions with ~r·(block_size + 1) values per layer, too few at r = 8: it gets r = 32.
-RECIPES: dict[str, Recipe] = {
-    "lora": Recipe(lr=2e-3),
-    "pissa": Recipe(lr=5e-4),
-    "delora": Recipe(lr=5e-3, options={"alpha": 2.0}),
-    "dora": Recipe(lr=2e-3),
-    "eva": Recipe(lr=1e-3),
-    "ia3": Recipe(lr=2e-2),
-    "ia3ff": Recipe(lr=2e-2),
-    "hra": Recipe(lr=2e-3),
-    "vera": Recipe(lr=3e-2),
-    "ssvd": Recipe(lr=2e-2),
-    "antipasto": Recipe(lr=2e-2, options={"r": 32}),
-    "road": Recipe(lr=5e-3),
-}
-DEFAULT_RECIPE = Recipe(lr=1e-3)
+# How each variant trains here (AdamW lr, config fields beyond the shared ones), declared in its own file
+# (`lora_func._variant.Recipe`), picked by short sweeps on this task (40 steps). Variants with few, multiplicative
+# parameters (IA3 gains, VeRA scaling vectors, SSVD's shifts and rotation) need a larger lr.
+RECIPES: dict[str, Recipe] = {name: v.capability(Recipe) for name, v in REGISTRY.items()}
 RANK = 8
 SCALE = 20.0  # cosine similarity -> logit; fixed, as in sentence-transformers' contrastive losses
 MAX_TOKENS = 48
@@ -159,7 +133,7 @@ def calibration_batches(task: Task, batch_size: int, seed: int, count: int = 4) 
 
 
 def config_for(variant: Variant, recipe: Recipe) -> lf.AdapterConfig:
-    return variant.config(**{"r": RANK, "exclude_names": EXCLUDE, **recipe.options})
+    return variant.config(**{"r": RANK, "exclude_names": EXCLUDE, **dict(recipe.options)})
 
 
 def run_variant(
@@ -173,7 +147,7 @@ def run_variant(
     progress: bool,
 ) -> dict[str, Any]:
     variant = REGISTRY[name]
-    recipe = RECIPES.get(name, DEFAULT_RECIPE)
+    recipe = RECIPES[name]
     cfg = config_for(variant, recipe)
     torch.manual_seed(seed)  # dropout
     calibration = calibration_batches(task, batch_size, seed) if variant.calibrated else None
@@ -198,7 +172,7 @@ def run_variant(
         if hasattr(bar, "set_postfix"):  # a tqdm bar
             bar.set_postfix(loss=f"{curve[-1]:.3f}")
     if not all(math.isfinite(v) for v in curve):
-        print(f"demo: {name} diverged (non-finite loss); try a smaller lr in RECIPES", file=sys.stderr)
+        print(f"demo: {name} diverged (non-finite loss); try a smaller lr in its Recipe", file=sys.stderr)
     after = evaluate(model, params, task)
     return {
         "variant": name,

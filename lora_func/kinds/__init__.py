@@ -129,7 +129,44 @@ def locate(model: nn.Module, target: Target, caller: str, modules: Mapping[str, 
     problem = kind.check(module, target)
     if problem is not None:
         raise ValueError(f"{caller}: target {target.path!r} {problem}")
+    if _on_meta(kind, target, module):
+        raise ValueError(
+            f"{caller}: target {target.path!r} ({type(module).__name__}) has its weight on the meta device, which "
+            "holds no values: the model is offloaded (accelerate's cpu_offload, disk_offload, or a device_map with "
+            "'cpu'/'disk' offload) or was built on meta. Its weight is loaded only inside the module's own forward, "
+            "and lora_func reads it outside (init, merge, and the adapter's forward at the module's output). Load "
+            "the model with every weight in memory on its device (a device_map without offload)"
+        )
     return BaseLayer(kind, target, module)
+
+
+def refuse_offloaded(model: nn.Module, caller: str) -> None:
+    """Refuse a model that accelerate has offloaded (`cpu_offload`, `disk_offload`, `dispatch_model` with a
+    device_map that offloads): its weights sit on the meta device between calls, loaded only inside each module's
+    own forward, while lora_func reads weights outside it and keeps a trainable base's gradients out by
+    replacing its parameters for the call. Walks the model only where accelerate has hooked its root."""
+    if "_hf_hook" not in model.__dict__ and "hf_device_map" not in model.__dict__:
+        return
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            raise ValueError(
+                f"{caller}: {type(model).__name__} is offloaded: its parameter {name!r} is on the meta device "
+                "(accelerate's cpu_offload, disk_offload, or a device_map with 'cpu'/'disk' offload keep weights "
+                "there, loading each module's only inside its own forward). lora_func needs every weight in memory: "
+                "load the model with a device_map without offload"
+            )
+
+
+def _on_meta(kind: Kind, target: Target, module: nn.Module) -> bool:
+    """Whether the base weight the adapter reads is on the meta device (no values). Runs per target on every
+    `apply`: reads the module's parameter dict, not `nn.Module.__getattr__`."""
+    if kind.leaf_shapes is not None:  # a saved copy: the module's parameters
+        return any(p.is_meta for p in module.parameters())
+    name = "weight" if kind.module_path is None else target.path.rpartition(".")[2]  # a parameter target: its own
+    tensor = module._parameters.get(name)
+    if tensor is None:
+        tensor = getattr(module, name, None)
+    return isinstance(tensor, torch.Tensor) and tensor.is_meta
 
 
 def site_for(

@@ -117,8 +117,14 @@ def bias(base: BaseLayer) -> torch.Tensor | None:
 
 
 def forward(base: BaseLayer, x: torch.Tensor) -> torch.Tensor:
+    return convolve(base, x, base.module.weight.detach(), bias(base))
+
+
+def convolve(base: BaseLayer, x: torch.Tensor, kernel: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """`kernel` ⋆ x (+ b) as the layer convolves: its stride, padding and padding mode, dilation, groups. A kernel
+    in W's `(d_out, fan_in)` layout is reshaped to the layer's (weight-space variants: LoHa's, LoKr's ΔW)."""
     module = base.module
-    return module._conv_forward(x, module.weight.detach(), bias(base))
+    return module._conv_forward(x, kernel.reshape(module.weight.shape), b)
 
 
 def _explicit_padding(target: Target) -> list[int]:

@@ -9,13 +9,17 @@ through `QuantizedLinear` under torch.func. Reference: peft/tuners/lora/layer.py
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .._kind import BaseLayer, Kind, Target
+from .._sharded import full, is_sharded
 from .._variant import require_rank
 
 
@@ -33,6 +37,8 @@ def quantization(module: nn.Module) -> str | None:
     weight = module.weight
     if getattr(weight, "quant_state", None) is not None or type(weight).__name__ == "Params4bit":
         return "4bit"
+    if getattr(module, "quant_state", None) is not None:  # bnb's Linear4bit sharded by FSDP2: the state is the layer's
+        return "4bit"
     if weight.dtype == torch.int8:
         return "8bit"
     return None
@@ -47,9 +53,11 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
         if kind == "4bit":
             import bitsandbytes.functional as bnbf
 
-            if weight.quant_state is None:
+            state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
+            if state is None:
                 raise ValueError(f"{type(module).__name__} weight is not quantized yet (no `quant_state`)")
-            dense = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+            packed = full(weight.detach()) if is_sharded(weight) else weight.data  # FSDP2: gathered, this layer only
+            dense = bnbf.dequantize_4bit(packed, state)
         elif kind == "8bit":
             scale = getattr(weight, "SCB", None)
             if scale is None:
@@ -100,6 +108,24 @@ class QuantizedLinear(torch.autograd.Function):
 # ---- LoRA's product on features-last layers: shared with transformers' Conv1D -----------------------------------
 
 
+_recording = threading.local()  # .record: this thread's book-keeping recorder (`recording`), or absent
+
+
+@contextlib.contextmanager
+def recording(record: Callable[..., None]) -> Iterator[None]:
+    """Inside the block, in this thread, each `LowRank` product built with grad hands its backward's pieces to
+    `record(A, B, x, h, gh, g)` instead of computing dA and dB (it returns no gradient for A and B; dx and dy as
+    usual): x (n, d_in), h = s x Aᵀ (n, r), gh = s B ᵀ gᵀ (r, n), g (n, d_out), n the tokens of the call.
+    DP-SGD's book-keeping (`lora_func/_private.py`) builds per-example norms and clipped sums from them.
+    The recorder is bound when the forward runs, so a backward outside the block still records."""
+    previous = getattr(_recording, "record", None)
+    _recording.record = record
+    try:
+        yield
+    finally:
+        _recording.record = previous
+
+
 def _low_rank_forward(x, A, B, s: float, y) -> tuple[torch.Tensor, torch.Tensor]:
     """(y + s · (x Aᵀ) Bᵀ, h = s · x Aᵀ as (n, r)); y may be None."""
     x2 = x.reshape(-1, x.shape[-1])  # (n, d_in)
@@ -131,6 +157,7 @@ class LowRank(torch.autograd.Function):
         ctx.save_for_backward(x, A, B, output[1])
         ctx.save_for_forward(x, A, B)
         ctx.s, ctx.has_y = s, y is not None
+        ctx.record = getattr(_recording, "record", None)
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)
 
@@ -145,6 +172,9 @@ class LowRank(torch.autograd.Function):
             h = (A @ x2.t()).t() * s  # differentiable, for double backward
         gh = (B.t() @ g2.t()) * s  # (r, n): ∂/∂h, transposed
         dx = (gh.t() @ A).view(x.shape) if ctx.needs_input_grad[0] else None  # (..., d_in)
+        if ctx.record is not None:
+            ctx.record(A, B, x2, h, gh, g2)
+            return dx, None, None, None, (g if ctx.has_y else None)
         dA = gh @ x2 if ctx.needs_input_grad[1] else None  # (r, d_in)
         dB = (h.t() @ g2).t() if ctx.needs_input_grad[2] else None  # (d_out, r)
         return dx, dA, dB, None, (g if ctx.has_y else None)
@@ -177,8 +207,39 @@ def _add_low_rank(x, A, B, s: float, y, inference: bool = False) -> torch.Tensor
     if torch.compiler.is_compiling():  # dynamo cannot trace a Function with a custom jvp; inductor fuses anyway
         return _low_rank_forward(x, A, B, s, y)[0]
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or _requires_grad(y)):
+        dtype = autocast_dtype(x)
+        if dtype is not None:
+            # Under autocast the forward's matmuls would run in `dtype` while A and B stay float32, and the hand-written
+            # backward would multiply them by a `dtype` gradient. Cast first (autocast's own casts, differentiable)
+            # and run the Function outside autocast: every tensor its backward sees has one dtype.
+            with torch.autocast(x.device.type, enabled=False):
+                y = None if y is None else y.to(dtype)
+                return LowRank.apply(x.to(dtype), A.to(dtype), B.to(dtype), s, y)[0]
         return LowRank.apply(x, A, B, s, y)[0]
     return _low_rank_forward(x, A, B, s, y)[0]  # nothing to differentiate: skip autograd.Function's overhead
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype `torch.autocast` runs x's matmuls in, or None where autocast is off for x's device (or leaves x as
+    it is: autocast never casts float64). Called on every differentiated low-rank product, so the common devices
+    skip building a `torch.device`."""
+    if x.is_cpu:
+        device = "cpu"
+    elif x.is_cuda:
+        device = "cuda"
+    else:
+        device = x.device.type
+        available = _AUTOCAST_DEVICES.get(device)
+        if available is None:
+            available = _AUTOCAST_DEVICES[device] = torch.amp.is_autocast_available(device)
+        if not available:
+            return None
+    if not torch.is_autocast_enabled(device) or x.dtype == torch.float64 or not x.is_floating_point():
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+_AUTOCAST_DEVICES: dict[str, bool] = {}  # device type -> whether torch.autocast exists for it
 
 
 def _requires_grad(y: torch.Tensor | None) -> bool:

@@ -5,7 +5,8 @@ produces (tensor keys `base_model.model.<module path>.<PEFT name>`, config JSON 
 
 One file per method in this folder, each ending with `METHOD = PeftMethod(...)` (`_method.py`): the lora_func
 variant, PEFT's `peft_type`, leaf <-> tensor names, the PEFT config fields and what each may hold, and the
-translations both ways. `METHODS` below registers each with one line. Shared machinery: `_fields.py` (the two
+translations both ways. A variant names its file in its own declaration (`PeftExchange` in
+`Variant.capabilities`); `METHODS` below is read from the variant registry. Shared machinery: `_fields.py` (the two
 files, field checks, patterns), `_targeting.py` (PEFT's module selection <-> lora_func's regexes).
 
 Reading is as strict as `lf.load` (PEFT itself loads leniently): every config field is either translated,
@@ -20,6 +21,7 @@ PEFT lays them out: see `_kinds.py`.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 from collections.abc import Mapping
@@ -30,15 +32,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .._config import AdapterConfig
-from .._init import finish_leaves
+from .._init import assemble
 from .._params import SHARED, Params
 from .._serialize import AdapterFileError, check_model
+from .._sharded import model_class
 from .._structure import check
 from .._targets import find_targets
-from .._variant import Init
-from ..kinds import KINDS, device_of, frozen_leaves, leaf_shapes, locate, module_kind, site_for, variant_targets
+from .._variant import Init, PeftExchange
+from ..kinds import KINDS, leaf_shapes, locate, module_kind, site_for, variant_targets
 from ..variants import REGISTRY, variant_for
-from . import delora, dora, hra, ia3, ia3ff, lora, pissa, road, vera
 from ._fields import (
     CONFIG_NAME,
     KEY_PREFIX,
@@ -54,7 +56,7 @@ from ._fields import (
     written,
 )
 from ._kinds import base_weight_key, check_kind, fan_in_fan_out, from_file, stored_layout, tensor_key, to_file
-from ._method import PeftMethod
+from ._method import PeftMethod, claims_any
 from ._targeting import (
     exact_regex,
     peft_parameters,
@@ -66,18 +68,26 @@ from ._targeting import (
 
 __all__ = ["CONFIG_NAME", "METHODS", "WEIGHTS_NAME", "PeftMethod", "config_from_peft", "from_peft", "to_peft"]
 
-# Entries sharing a peft_type are tried in order: the more specific claim first.
-METHODS: tuple[PeftMethod, ...] = (
-    pissa.METHOD,
-    dora.METHOD,
-    lora.METHOD,
-    delora.METHOD,
-    ia3.METHOD,
-    ia3ff.METHOD,
-    hra.METHOD,
-    vera.METHOD,
-    road.METHOD,
-)
+
+def _methods() -> tuple[PeftMethod, ...]:
+    """Each registered variant's `PeftExchange` module's `METHOD`, in registry order, but for the entries that claim
+    any config of their `peft_type` (`claims_any`: plain LoRA), which go last: entries sharing a `peft_type` are
+    tried in order, the more specific claim first (PiSSA and DoRA before LoRA)."""
+    methods = []
+    for variant in REGISTRY.values():
+        exchange = variant.capability(PeftExchange)
+        if exchange is None:
+            continue
+        method = importlib.import_module(f"{__name__}.{exchange.module}").METHOD
+        if method.variant != variant.name:
+            raise RuntimeError(
+                f"lora_func.peft.{exchange.module} maps variant {method.variant!r}, not {variant.name!r}"
+            )
+        methods.append(method)
+    return tuple(sorted(methods, key=lambda m: m.claims is claims_any))
+
+
+METHODS: tuple[PeftMethod, ...] = _methods()
 
 
 def _method_for_variant(name: str, caller: str) -> PeftMethod:
@@ -99,7 +109,8 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
     Methods: LoRA (rsLoRA, rank/alpha patterns), PiSSA (written as the equivalent rank-2r LoRA, see the module
     docstring), DeLoRA, DoRA (PEFT LoRA with `use_dora`), IA3 and IA3-FF (PEFT IA3, `feedforward_modules` none or
     all of the targets), HRA, VeRA (projections stored, `save_projection=True`), ROAD (`group_size=None` written as
-    the int it resolves to, where that is one int for all targets). Layer kinds beyond nn.Linear (transformers
+    the int it resolves to, where that is one int for all targets), LoHa (linear and Conv1d/2d layers), LoKr, OFT
+    (v2; `r` or `oft_block_size` as set). Layer kinds beyond nn.Linear (transformers
     Conv1D, convolutions, embeddings, fused experts, `modules_to_save` copies) as `_kinds.py` says; `dropout` as
     `lora_dropout`.
 
@@ -188,7 +199,8 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
                 f"`{names[0]}` for all"
             )
     if model is not None:
-        fields["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+        cls = model_class(model)  # a model sharded by FSDP2: its own class, not FSDP's subclass
+        fields["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
@@ -317,8 +329,14 @@ def _from_peft(directory: str, model: nn.Module) -> Params:
             keys[target.path] = {
                 leaf: f"{KEY_PREFIX}{target.path}.{leaf}" for leaf in leaf_shapes(variant, target, cfg)
             }
-        else:
-            keys[target.path] = {leaf: tensor_key(method, target, leaf, found) for leaf in method.keys}
+        else:  # the leaves this target declares that PEFT stores (LoKr's are full or factored per target)
+            try:
+                declared = leaf_shapes(variant, target, cfg)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            keys[target.path] = {
+                leaf: tensor_key(method, target, leaf, found) for leaf in declared if leaf in method.keys
+            }
     expected = {key for leaves in keys.values() for key in leaves.values()}
     if shared_stored:
         expected |= set(method.shared_keys.values())
@@ -333,7 +351,6 @@ def _from_peft(directory: str, model: nn.Module) -> Params:
     cfg = dataclasses.replace(cfg, dtype=next(iter(dtypes)))
 
     entries: dict[str, dict[str, torch.Tensor]] = {}
-    by_path = {t.path: t for t in found}
     for target in found:
         site = site_for(model, target, cfg, "from_peft")
         try:
@@ -353,8 +370,7 @@ def _from_peft(directory: str, model: nn.Module) -> Params:
         if method.rebuild is not None and KINDS[target.kind].leaf_shapes is None:
             with torch.no_grad():
                 leaves.update(method.rebuild(site.base, site.config, leaves))
-        frozen = frozen_leaves(variant, target.path, by_path)
-        entries[target.path] = finish_leaves(variant, target.path, cfg, leaves, shapes, device_of(site.base), frozen)
+        entries[target.path] = leaves
     if variant.create_shared is not None and adapted:
         shapes = variant.shared_shapes(adapted, cfg)
         if shared_stored:
@@ -369,11 +385,8 @@ def _from_peft(directory: str, model: nn.Module) -> Params:
                 leaves[leaf] = tensor
         else:
             leaves = variant.create_shared(adapted, cfg, Init(lambda: None, None))  # as `lf.init` draws them
-        device = device_of(locate(model, adapted[0], "from_peft"))  # shared leaves sit with the first target
-        entries[SHARED] = finish_leaves(variant, SHARED, cfg, leaves, shapes, device)
-    params = Params(entries, cfg, found)
-    check(params, "from_peft", stacked=False, model=model)
-    return params
+        entries[SHARED] = leaves
+    return assemble(cfg, found, entries, model, "from_peft")
 
 
 def _check_base_weights(tensors: dict[str, torch.Tensor], found: tuple, model: nn.Module, where: str) -> None:

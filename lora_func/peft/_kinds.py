@@ -5,7 +5,7 @@ linear, conv1d   the method's own names and layouts (`PeftMethod.keys`, `tensor_
                  nn.Linear), so an adapter mixing Conv1D and nn.Linear targets has no PEFT config
 conv             LoRA / DoRA as on linear layers (PEFT's conv factors have lora_func's shapes), DoRA's
                  `lora_magnitude_vector` and IA3's `ia3_l` as (1, C, 1, ...); PEFT's conv A has no dilation
-                 and pads with zeros, and PEFT's IA3 has no nn.Conv1d: such targets are refused
+                 and pads with zeros, and PEFT's IA3 has no nn.Conv1d (`PeftMethod.conv_dims`): such targets are refused
 embedding        `lora_embedding_A` (r, num_embeddings), `lora_embedding_B` (d, r); PEFT's default save also
                  stores the base embedding (`<path>.base_layer.weight`, `save_embedding_layers`): read only
                  where it is the model's own, bitwise, and refused otherwise (lora_func never writes weights)
@@ -36,8 +36,11 @@ def check_kind(method: PeftMethod, target: Target, caller: str) -> None:
             f"({method.variant}) adapts {', '.join(method.kinds)} layers only"
         )
     if target.kind == "conv":
-        if method.peft_type == "IA3" and len(target.get("kernel_size")) == 1:
-            raise ValueError(f"{caller}: {target.path!r} is an nn.Conv1d, which PEFT's IA3 does not adapt")
+        dims = len(target.get("kernel_size"))
+        if dims not in method.conv_dims:
+            raise ValueError(
+                f"{caller}: {target.path!r} is an nn.Conv{dims}d, which PEFT's {method.peft_type} does not adapt"
+            )
         if set(target.get("dilation")) != {1} or target.get("padding_mode") != "zeros":
             raise ValueError(
                 f"{caller}: {target.path!r} ({target.module}) has dilation={target.get('dilation')}, padding_mode="

@@ -28,6 +28,11 @@ REASONS = {
 }
 
 
+def claims_any(fields: Mapping[str, Any], paths: list[str], where: str) -> bool:
+    """The default `claims`: every config of the entry's `peft_type` (tried after the entries that claim some)."""
+    return True
+
+
 @dataclass(frozen=True)
 class PeftMethod:
     """How one lora_func variant reads and writes as one PEFT method.
@@ -59,6 +64,7 @@ class PeftMethod:
     shared_stored(fields): whether an imported file holds the shared leaves; where not, they are made as `lf.init`
         makes them (the variant's `create_shared`).
     kinds: the layer kinds (`lora_func/kinds/`) PEFT's method adapts as lora_func's variant does (`_kinds.py`).
+    conv_dims: with "conv" in `kinds`, the convolutions PEFT's method has a layer for (1: nn.Conv1d, ...).
     rebuild receives the target's read-only base-layer view (`lora_func._kind.BaseLayer`): `base.weight()` is the
         dense weight in the kind's layout.
     """
@@ -74,7 +80,7 @@ class PeftMethod:
     fields_out: Callable[[AdapterConfig, Mapping[str, Any]], dict[str, Any]] = lambda cfg, written: {}
     fields_in: Callable[[Mapping[str, Any], str], dict[str, Any]] = lambda fields, where: {}
     handled: tuple[str, ...] = ()
-    claims: Callable[[Mapping[str, Any], list[str], str], bool] = lambda fields, paths, where: True
+    claims: Callable[[Mapping[str, Any], list[str], str], bool] = claims_any
     export_as: Callable[[Params], Params] | None = None
     rebuild: Callable[[BaseLayer, AdapterConfig, Leaves], Leaves] | None = None
     tensor_out: Callable[[str, torch.Tensor], torch.Tensor] = lambda leaf, tensor: tensor
@@ -82,6 +88,7 @@ class PeftMethod:
     shared_keys: Mapping[str, str] = field(default_factory=dict)
     shared_stored: Callable[[Mapping[str, Any]], bool] = lambda fields: True
     kinds: tuple[str, ...] = ("linear",)
+    conv_dims: tuple[int, ...] = (1, 2, 3)
 
 
 def refuse(where: str, name: str, value: Any, why: str) -> None:

@@ -101,6 +101,7 @@ def method(variant: str, *, on_input: bool) -> PeftMethod:
         tensor_out=tensor_out,
         tensor_in=tensor_in,
         kinds=("linear", "conv1d", "conv"),
+        conv_dims=(2, 3),  # PEFT's IA3 has no nn.Conv1d layer
     )
 
 

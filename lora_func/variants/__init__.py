@@ -3,32 +3,59 @@
 from __future__ import annotations
 
 from .._config import AdapterConfig
-from .._variant import Variant
-from . import antipasto, delora, dora, eva, hra, ia3, ia3ff, lora, pissa, road, ssvd, vera
+from .._variant import CAPABILITIES, Dense, LowRank, Variant
+from . import antipasto, delora, dora, eva, hra, ia3, ia3ff, loha, lokr, lora, oft, pissa, road, ssvd, vera
 
-REGISTRY: dict[str, Variant] = {
-    v.name: v
-    for v in (
-        lora.VARIANT,
-        pissa.VARIANT,
-        delora.VARIANT,
-        dora.VARIANT,
-        ia3.VARIANT,
-        ia3ff.VARIANT,
-        hra.VARIANT,
-        vera.VARIANT,
-        ssvd.VARIANT,
-        eva.VARIANT,
-        antipasto.VARIANT,
-        road.VARIANT,
-    )
-}
+
+def _registered(*variants: Variant) -> dict[str, Variant]:
+    """`{name: variant}`, each variant's declarations checked: one name and config class each, capabilities of the
+    known kinds and none twice, and exactly one of `LowRank` / `Dense` (what its ΔW is: never left to a default)."""
+    out: dict[str, Variant] = {}
+    for v in variants:
+        kinds = [type(c) for c in v.capabilities]
+        unknown = [k.__name__ for k in kinds if k not in CAPABILITIES]
+        twice = sorted({k.__name__ for k in kinds if kinds.count(k) > 1})
+        weight = [k.__name__ for k in kinds if k in (LowRank, Dense)]
+        if v.name in out or any(o.config is v.config for o in out.values()):
+            raise RuntimeError(f"variant {v.name!r} ({v.config.__name__}) is registered twice")
+        if unknown or twice or len(weight) != 1:
+            raise RuntimeError(
+                f"variant {v.name!r}: capabilities must be of {[c.__name__ for c in CAPABILITIES]}, none twice, and "
+                f"exactly one of LowRank / Dense; got unknown {unknown}, twice {twice}, weight change {weight}"
+            )
+        out[v.name] = v
+    return out
+
+
+REGISTRY: dict[str, Variant] = _registered(
+    lora.VARIANT,
+    pissa.VARIANT,
+    delora.VARIANT,
+    dora.VARIANT,
+    ia3.VARIANT,
+    ia3ff.VARIANT,
+    hra.VARIANT,
+    vera.VARIANT,
+    ssvd.VARIANT,
+    eva.VARIANT,
+    antipasto.VARIANT,
+    road.VARIANT,
+    loha.VARIANT,
+    lokr.VARIANT,
+    oft.VARIANT,
+)
+_BY_CONFIG: dict[type, Variant] = {v.config: v for v in REGISTRY.values()}
+
+
+def registered(cfg: AdapterConfig) -> Variant | None:
+    """The registered variant whose config class is exactly `type(cfg)`, or None."""
+    return _BY_CONFIG.get(type(cfg))
 
 
 def variant_for(cfg: AdapterConfig, *, caller: str = "init") -> Variant:
-    """The registered variant whose config class is exactly `type(cfg)`."""
-    for variant in REGISTRY.values():
-        if type(cfg) is variant.config:
-            return variant
-    known = ", ".join(v.config.__name__ for v in REGISTRY.values())
-    raise TypeError(f"{caller}: `cfg` must be one of {known}; got {type(cfg).__name__}")
+    """The registered variant whose config class is exactly `type(cfg)` (one dict lookup)."""
+    variant = _BY_CONFIG.get(type(cfg))
+    if variant is None:
+        known = ", ".join(v.config.__name__ for v in REGISTRY.values())
+        raise TypeError(f"{caller}: `cfg` must be one of {known}; got {type(cfg).__name__}")
+    return variant

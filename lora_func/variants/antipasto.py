@@ -31,7 +31,7 @@ import torch
 
 from .._config import AdapterConfig
 from .._kind import Target
-from .._variant import LINEAR_LIKE, Init, InputStats, Leaves, Site, Variant, require_rank
+from .._variant import LINEAR_LIKE, Init, InputStats, Leaves, LowRank, Recipe, Site, Variant, require_rank
 from . import ssvd
 
 
@@ -116,6 +116,11 @@ def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
     return weight + f["U"] @ _core(f, site.config) @ f["Vh"], bias
 
 
+def low_rank_factors(leaves: Leaves, site: Site, weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW = (U M) Vh, M the r × r core."""
+    return leaves["U"] @ _core(leaves, site.config), leaves["Vh"]
+
+
 VARIANT = Variant(
     name="antipasto",
     config=AntiPaSTOConfig,
@@ -126,4 +131,9 @@ VARIANT = Variant(
     frozen=("U", "S", "Vh"),
     calibrated=True,
     kinds=LINEAR_LIKE,
+    capabilities=(
+        LowRank(low_rank_factors),
+        # r directions with ~r·(block_size + 1) values per layer are too few at the demo's r = 8
+        Recipe(lr=2e-2, options=(("r", 32),)),
+    ),
 )

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .._config import AdapterConfig
-from .._variant import LINEAR_LIKE, Init, Leaves, Site, Variant
+from .._variant import LINEAR_LIKE, Init, Leaves, LowRank, PeftExchange, Recipe, Site, Variant
 from . import lora
 
 
@@ -69,6 +69,11 @@ def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
     return weight + delta * f["w_norm"][None, :], bias
 
 
+def low_rank_factors(leaves: Leaves, site: Site, weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW = (B diag(λ / (r ‖b_i‖ ‖a_i‖))) (A diag(‖W‖ per input column))."""
+    return leaves["B"] * rank_scale(leaves, site.config.r), leaves["A"] * leaves["w_norm"][None, :]
+
+
 VARIANT = Variant(
     name="delora",
     config=DeLoRAConfig,
@@ -78,4 +83,11 @@ VARIANT = Variant(
     merge=merge,
     frozen=("w_norm",),
     kinds=LINEAR_LIKE,
+    capabilities=(
+        LowRank(low_rank_factors),
+        PeftExchange("delora"),
+        # λ = alpha bounds the update norm as soon as B ≠ 0, whatever the lr: PEFT's default λ = 15 overshoots on the
+        # demo's task (76% held-out after 50 steps vs 84% with λ = 2)
+        Recipe(lr=5e-3, options=(("alpha", 2.0),)),
+    ),
 )

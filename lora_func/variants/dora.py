@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .._config import AdapterConfig
-from .._variant import LINEAR_LIKE, Init, Leaves, Site, Variant
+from .._variant import LINEAR_LIKE, Dense, Init, Leaves, Padding, PeftExchange, Recipe, Site, Variant
 from . import lora
 
 
@@ -109,4 +109,10 @@ VARIANT = Variant(
     merge=merge,
     frozen=("weight_sq_norm",),
     kinds=(*LINEAR_LIKE, "conv"),
+    capabilities=(
+        Dense(),
+        Padding(axes=(("A", 0), ("B", 1))),
+        PeftExchange("dora"),
+        Recipe(lr=2e-3),
+    ),
 )

@@ -34,7 +34,7 @@ import torch
 
 from .._config import AdapterConfig, config_for
 from .._kind import Target
-from .._variant import LINEAR_LIKE, Init, InputStats, Leaves, Variant
+from .._variant import LINEAR_LIKE, Init, InputStats, Leaves, LowRank, Padding, Recipe, Variant
 from . import lora
 
 
@@ -138,4 +138,9 @@ VARIANT = Variant(
     calibrated=True,
     allocate=allocate,
     kinds=LINEAR_LIKE,
+    capabilities=(
+        LowRank(lora.low_rank_factors),
+        Padding(axes=(("A", 0), ("B", 1))),
+        Recipe(lr=1e-3),
+    ),
 )

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .._config import AdapterConfig
-from .._variant import LINEAR_LIKE, Init, Leaves, Site, Variant
+from .._variant import LINEAR_LIKE, Init, Leaves, LowRank, PeftExchange, Recipe, Site, Variant
 from ..kinds.linear import low_rank
 
 
@@ -89,6 +89,12 @@ def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
     return weight - (weight @ B) @ A, bias
 
 
+def low_rank_factors(leaves: Leaves, site: Site, weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """W R(u) − W R(u0) = (−W B) A, rank 2r: reads the base weight."""
+    A, B = update_factors(leaves, leaves["u"].dtype)
+    return -(weight().to(B.dtype) @ B), A
+
+
 VARIANT = Variant(
     name="hra",
     config=HRAConfig,
@@ -98,4 +104,9 @@ VARIANT = Variant(
     merge=merge,
     frozen=("u0",),
     kinds=LINEAR_LIKE,
+    capabilities=(
+        LowRank(low_rank_factors, reads_weight=True),
+        PeftExchange("hra"),
+        Recipe(lr=2e-3),
+    ),
 )

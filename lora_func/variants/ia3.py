@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .._config import AdapterConfig
-from .._variant import LINEAR_LIKE, Init, Leaves, Site, Variant
+from .._variant import LINEAR_LIKE, Dense, Init, Leaves, PeftExchange, Recipe, Site, Variant
 
 
 @dataclass(frozen=True)
@@ -48,4 +48,9 @@ VARIANT = Variant(
     forward=forward,
     merge=merge,
     kinds=(*LINEAR_LIKE, "conv"),
+    capabilities=(
+        Dense(),
+        PeftExchange("ia3"),
+        Recipe(lr=2e-2),  # one gain per channel: a large lr
+    ),
 )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .._config import AdapterConfig
-from .._variant import LINEAR_LIKE, Init, Leaves, Site, Variant
+from .._variant import LINEAR_LIKE, Dense, Init, Leaves, PeftExchange, Recipe, Site, Variant
 
 
 @dataclass(frozen=True)
@@ -50,4 +50,9 @@ VARIANT = Variant(
     forward_input=forward_input,
     merge=merge,
     kinds=(*LINEAR_LIKE, "conv"),
+    capabilities=(
+        Dense(),
+        PeftExchange("ia3ff"),
+        Recipe(lr=2e-2),  # one gain per channel: a large lr
+    ),
 )

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .._config import AdapterConfig
 from .._kind import Target
-from .._variant import LINEAR_LIKE, Init, Leaves, Site, Variant
+from .._variant import LINEAR_LIKE, Init, Leaves, LowRank, Padding, PeftExchange, Recipe, Site, Variant
 from ..kinds import kind_of
 
 # Every kind LoRA's product is defined on (`lora_func/kinds/`).
@@ -106,6 +106,11 @@ def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
     return weight + scale(site.config) * site.base.low_rank_delta(A, B), bias
 
 
+def low_rank_factors(leaves: Leaves, site: Site, weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW = (s B) A."""
+    return scale(site.config) * leaves["B"], leaves["A"]
+
+
 VARIANT = Variant(
     name="lora",
     config=LoRAConfig,
@@ -115,4 +120,10 @@ VARIANT = Variant(
     inference=inference,
     merge=merge,
     kinds=KINDS,
+    capabilities=(
+        LowRank(low_rank_factors),
+        Padding(axes=(("A", 0), ("B", 1))),
+        PeftExchange("lora"),
+        Recipe(lr=2e-3),
+    ),
 )

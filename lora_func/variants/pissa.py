@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .._config import AdapterConfig
-from .._variant import LINEAR_LIKE, Init, Leaves, Site, Variant
+from .._variant import LINEAR_LIKE, Init, Leaves, LowRank, Padding, PeftExchange, Recipe, Site, Variant
 from ..kinds.linear import low_rank
 from . import lora
 
@@ -77,6 +77,13 @@ def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
     return weight + lora.scale(site.config) * (f["B"] @ f["A"] - f["B0"] @ f["A0"]), bias
 
 
+def low_rank_factors(leaves: Leaves, site: Site, weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """s (B A − B0 A0) = s [B, B − B0] [A − A0; A0], rank 2r, as the forward: exact zeros while A = A0, B = B0."""
+    A = torch.cat([leaves["A"] - leaves["A0"], leaves["A0"]])  # (2r, d_in)
+    B = torch.cat([leaves["B"], leaves["B"] - leaves["B0"]], dim=1)  # (d_out, 2r)
+    return lora.scale(site.config) * B, A
+
+
 VARIANT = Variant(
     name="pissa",
     config=PiSSAConfig,
@@ -86,4 +93,10 @@ VARIANT = Variant(
     merge=merge,
     frozen=("A0", "B0"),
     kinds=LINEAR_LIKE,
+    capabilities=(
+        LowRank(low_rank_factors),
+        Padding(axes=(("A", 0), ("B", 1), ("A0", 0), ("B0", 1)), scaled=("B", "B0")),
+        PeftExchange("pissa"),
+        Recipe(lr=5e-4),  # its factors are large (√ of the top singular values): a smaller lr than LoRA's
+    ),
 )

@@ -26,7 +26,7 @@ import torch
 
 from .._config import AdapterConfig
 from .._kind import Target
-from .._variant import LINEAR_LIKE, Init, Leaves, Site, Variant
+from .._variant import LINEAR_LIKE, Dense, Init, Leaves, PeftExchange, Recipe, Site, Variant
 
 VARIANTS = {"road_1": 1, "road_2": 2, "road_4": 4}  # name -> leaf size in units of d_out / 2
 
@@ -124,4 +124,9 @@ VARIANT = Variant(
     forward=forward,
     merge=merge,
     kinds=LINEAR_LIKE,
+    capabilities=(
+        Dense(),
+        PeftExchange("road"),
+        Recipe(lr=5e-3),
+    ),
 )

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .._config import AdapterConfig
 from .._kind import Target
-from .._variant import LINEAR_LIKE, Init, Leaves, Site, Variant, require_rank
+from .._variant import LINEAR_LIKE, Init, Leaves, LowRank, Recipe, Site, Variant, require_rank
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,11 @@ def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
     return weight + f["U"] @ M @ f["Vh"], bias
 
 
+def low_rank_factors(leaves: Leaves, site: Site, weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW = (U M) Vh, M the r × r core."""
+    return leaves["U"] @ core(leaves["S"], leaves["delta_s"], rotation(leaves)), leaves["Vh"]
+
+
 VARIANT = Variant(
     name="ssvd",
     config=SSVDConfig,
@@ -120,4 +125,8 @@ VARIANT = Variant(
     merge=merge,
     frozen=("U", "S", "Vh"),
     kinds=LINEAR_LIKE,
+    capabilities=(
+        LowRank(low_rank_factors),
+        Recipe(lr=2e-2),  # few values (singular-value shifts, a rotation): a large lr
+    ),
 )

@@ -19,7 +19,7 @@ import torch
 
 from .._config import AdapterConfig
 from .._kind import Target
-from .._variant import LINEAR_LIKE, Init, Leaves, Site, Variant
+from .._variant import LINEAR_LIKE, Init, Leaves, LowRank, PeftExchange, Recipe, Site, Variant
 from ..kinds.linear import low_rank
 
 
@@ -80,6 +80,12 @@ def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
     return weight + B.to(weight.dtype) @ A.to(weight.dtype), bias
 
 
+def low_rank_factors(leaves: Leaves, site: Site, weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW = (diag(λ_b) B_s) (diag(λ_d) A_s)."""
+    A, B = factors(leaves, site)
+    return B, A
+
+
 VARIANT = Variant(
     name="vera",
     config=VeRAConfig,
@@ -91,4 +97,9 @@ VARIANT = Variant(
     shared_shapes=shared_shapes,
     create_shared=create_shared,
     kinds=LINEAR_LIKE,
+    capabilities=(
+        LowRank(low_rank_factors),
+        PeftExchange("vera"),
+        Recipe(lr=3e-2),  # few, multiplicative values: a large lr
+    ),
 )

@@ -510,7 +510,7 @@ def good_dir(tmp_path):
 
 
 REFUSED_FIELDS = [
-    ("peft_type", "LOHA", r"`peft_type`=\"LOHA\" is not one lora_func reads"),
+    ("peft_type", "POLY", r"`peft_type`=\"POLY\" is not one lora_func reads"),
     (
         "modules_to_save",
         ["lm_head"],

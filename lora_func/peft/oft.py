@@ -1,0 +1,90 @@
+"""OFT as PEFT's OFT (v2): `oft_R.weight` (blocks, b(b−1)/2) stored as lora_func's `oft_R`, on nn.Linear targets.
+
+PEFT sets exactly one of `r` (blocks) and `oft_block_size`; lora_func's `oft_block_size=0` means "blocks = r",
+so the pair is written and read as it is. A block size (or count) that does not divide a layer's d_in is moved to
+the nearest divisor per layer by both (PEFT warns), so the stored shapes agree. `coft` (a projection applied
+in place during the forward) is not offered; `module_dropout` drops blocks in training only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from .._config import AdapterConfig
+from ._method import PeftMethod, flag
+
+
+def _int(fields: Mapping[str, Any], name: str, default: int, where: str) -> int:
+    value = fields.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where}: `{name}` must be a non-negative int, got {json.dumps(value)}")
+    return value
+
+
+# PEFT 0.18.0 changed the Cayley–Neumann series (to the one lora_func computes), and warns on loading older files.
+NEUMANN_SINCE = (0, 18)
+
+
+def _version(text: Any) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in str(text).partition("@")[0].split(".")[:2])
+    except ValueError:
+        return (0,)
+
+
+def fields_out(cfg: AdapterConfig, written: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "peft_version": ".".join(map(str, NEUMANN_SINCE)) + ".0",  # the series lora_func computes is PEFT's since then
+        "r": 0 if cfg.oft_block_size else cfg.r,
+        "oft_block_size": cfg.oft_block_size,
+        "block_share": cfg.block_share,
+        "use_cayley_neumann": cfg.use_cayley_neumann,
+        "num_cayley_neumann_terms": cfg.num_cayley_neumann_terms,
+    }
+
+
+def fields_in(fields: Mapping[str, Any], where: str) -> dict[str, Any]:
+    if "oft_block_size" not in fields:
+        raise ValueError(
+            f"{where}: no `oft_block_size`: an OFT adapter of PEFT < 0.14, whose parameterization lora_func lacks"
+        )
+    r, size = _int(fields, "r", 0, where), _int(fields, "oft_block_size", 32, where)
+    if (r == 0) == (size == 0):
+        raise ValueError(
+            f"{where}: exactly one of `r` ({r}) and `oft_block_size` ({size}) must be non-zero, as PEFT requires"
+        )
+    out = {
+        "oft_block_size": size,
+        "block_share": flag(fields, "block_share", where),
+        "use_cayley_neumann": fields.get("use_cayley_neumann", True) is not False
+        and flag(fields, "use_cayley_neumann", where),
+        "num_cayley_neumann_terms": _int(fields, "num_cayley_neumann_terms", 5, where),
+    }
+    if out["use_cayley_neumann"] and _version(fields.get("peft_version", "0.0.0")) < NEUMANN_SINCE:
+        raise ValueError(
+            f"{where}: `use_cayley_neumann` with `peft_version`={json.dumps(fields.get('peft_version'))}: PEFT before "
+            "0.18.0 used another Cayley–Neumann series, which lora_func does not compute"
+        )
+    if r:
+        out["r"] = r
+    return out
+
+
+METHOD = PeftMethod(
+    variant="oft",
+    peft_type="OFT",
+    keys={"oft_R": "oft_R.weight"},
+    rank_fields=None,
+    alpha_fields=None,
+    required={"coft": False, "fan_in_fan_out": False},
+    inert={
+        "module_dropout": 0.0,  # training only
+        "eps": 6e-5,  # read only with coft
+        "init_weights": True,  # init-time only
+    },
+    fields_out=fields_out,
+    fields_in=fields_in,
+    handled=("r", "oft_block_size", "block_share", "use_cayley_neumann", "num_cayley_neumann_terms"),
+)

@@ -1,0 +1,207 @@
+"""Sharded bases (DESIGN invariant 14): every variant on a tiny Qwen3 whose decoder layers and root torch's FSDP2
+(`fully_shard`) has sharded over 2 gloo processes equals the same model unsharded, run by one process on the
+global batch. One torchrun launch (`fsdp2_worker.py`) measures everything; the tests read its numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import lora_func as lf
+from lora_func.variants import REGISTRY
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp2_worker.py")
+TIMEOUT_S = 420  # about 2 minutes on 2 busy cores
+MiB = 2**20
+
+
+def launch(out, *mode: str) -> list[dict]:
+    """Run the worker on 2 gloo processes (torchrun, a fresh interpreter each); what each rank wrote."""
+    root = os.path.dirname(os.path.dirname(lf.__file__))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+        MALLOC_MMAP_THRESHOLD_="65536",  # resident memory follows the live tensors (see `peak_bytes`)
+        OMP_NUM_THREADS="1",
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER]
+    try:
+        done = subprocess.run([*command, str(out), *mode], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the FSDP2 workers did not finish within {TIMEOUT_S} s")
+    if done.returncode != 0:
+        pytest.fail(f"the FSDP2 workers failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
+    name = mode[0] if mode else "rank"
+    return [json.loads((out / f"{name}{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """What each of the two ranks measured: {"variants": {name: {...}}, "frameworks", "qlora", "memory"}."""
+    return launch(tmp_path_factory.mktemp("fsdp2"))
+
+
+@pytest.mark.slow
+def test_ranks_agree_and_every_variant_ran(measured):
+    zero, one = measured
+    assert sorted(zero["variants"]) == sorted(REGISTRY)
+    for name in REGISTRY:  # both ranks compared the same whole results (gathered) with the same reference
+        for key in ("init", "merge", "delta", "save", "to_peft", "mixed_grads"):
+            assert zero["variants"][name][key] == one["variants"][name][key], (name, key)
+
+
+@pytest.mark.slow
+def test_the_sharded_model_is_untouched(measured):
+    """Invariants 1 and 13 on the sharded base as loaded, after every variant's init, apply, backward, merge,
+    generate, AdapterModule and DDP ran on it: the same shards, flags and hooks; and a plain forward + backward
+    then trains every base parameter, with the gradients of a model lora_func never touched."""
+    for rank in measured:
+        found = rank["untouched"]
+        assert found["same"], "the sharded model changed"
+        assert found["plain_call_grads"] == found["parameters"], found
+        assert found["plain_call_grad_diff"] == 0.0, found
+
+
+@pytest.mark.slow  # DTensor's first use sets up its dispatch: seconds
+def test_dtensor_leaves_are_refused_by_name(tmp_path):
+    """The rule is plain replicated leaves: a DTensor leaf is refused before anything runs, naming the leaf.
+    One gloo process (a world of 1), in this process: no second configuration runs here."""
+    import torch.distributed as dist
+    from components import qwen3_batch, tiny_qwen3
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = tiny_qwen3()
+        params = lf.init(model, lf.LoRAConfig(r=2), seed=0)
+        path = params.targets[0].path
+        leaf = distribute_tensor(params[path]["A"].detach(), init_device_mesh("cpu", (1,)), [Replicate()])
+        bad = params.replace({**{p: dict(e) for p, e in params.items()}, path: {**params[path], "A": leaf}})
+        for call in (lambda: lf.apply(model, bad, qwen3_batch()), lambda: lf.save(bad, tmp_path / "a.safetensors")):
+            with pytest.raises(ValueError, match=rf"leaf {path}\.A is a DTensor.*full_tensor"):
+                call()
+        assert not (tmp_path / "a.safetensors").exists()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_init_on_a_sharded_base_equals_init_on_the_whole_base(measured, name):
+    """PiSSA's SVD, DoRA's and DeLoRA's norms, SSVD's and AntiPaSTO's SVDs read each layer's weight, gathered
+    whole one layer at a time; EVA and AntiPaSTO calibrate through the sharded forward. Same leaves, plain tensors."""
+    for rank in measured:
+        found = rank["variants"][name]
+        assert found["plain_leaves"], f"{name}: init on a sharded base gave DTensor leaves"
+        assert found["init"] == 0.0, f"{name}: init differs by {found['init']}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_outputs_and_global_batch_gradients(measured, name):
+    """Each rank runs its half of the batch; after `lf.all_reduce_grads` the adapter gradients are those of the
+    whole batch on the whole model. The base as loaded (requires_grad=True), frozen, and as loaded under HF
+    gradient checkpointing (reentrant and not); the base gets no gradient in any of them."""
+    for rank in measured:
+        found = rank["variants"][name]
+        for label in ("loaded", "frozen", "reentrant", "nonreentrant"):
+            assert found[f"out_{label}"] <= 1e-6, (name, label, found[f"out_{label}"])
+            assert found[f"grads_{label}"] <= 1e-6, (name, label, found[f"grads_{label}"])
+            assert found[f"base_grads_{label}"] == 0, (name, label, "base parameters got gradients")
+        assert found["mixed_out"] <= 1e-6 and found["mixed_grads"] <= 1e-6, (name, "adapter_ids", found)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_merge_delta_weights_save_and_to_peft(measured, name):
+    """`merge`/`delta_weights` of the sharded base, gathered, equal the unsharded results; each merged weight is a
+    DTensor placed as its base parameter, and a sharded model loaded with them computes what `lf.apply` does.
+    One SGD step on the averaged gradients then `save`/`to_peft` write what the whole-batch reference writes."""
+    for rank in measured:
+        found = rank["variants"][name]
+        assert found["merge_placed"], f"{name}: merged weights are not placed as the base parameters"
+        assert found["merge"] <= 1e-6 and found["delta"] <= 1e-6, (name, found["merge"], found["delta"])
+        assert found["merged_forward"] <= 1e-5, (name, found["merged_forward"])
+        assert found["moved"] > 1e-2, f"{name}: the SGD step did not move the adapter"
+        assert found["save"] <= 1e-6, (name, found["save"])
+        assert found["load"] == 0.0, (name, "lf.load against the sharded base", found["load"])
+        assert found["to_peft"] == "not a PEFT method" or found["to_peft"] <= 1e-6, (name, found["to_peft"])
+        if found["to_peft"] != "not a PEFT method":
+            assert found["from_peft"] <= 1e-6, (name, "from_peft against the sharded base", found["from_peft"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_every_backward_idiom_under_checkpointing(measured, name):
+    """Invariant 10 on a sharded base under HF gradient checkpointing (reentrant and not): the output dropped
+    before backward, two losses summed, retain_graph and a second backward, torch.autograd.grad (not reentrant:
+    torch refuses it there, sharded or not)."""
+    for rank in measured:
+        found = rank["idioms"][name]
+        assert len(found) == 14
+        for key, value in found.items():
+            assert value == 0 if key.endswith("base_grads") else value <= 1e-6, (name, key, value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_generate_adapter_module_and_ddp(measured, name):
+    """`inject` + `generate` gives the whole model's tokens; `AdapterModule` with `all_reduce_grads`, and DDP over
+    `AdapterModule`, give the global-batch gradients."""
+    for rank in measured:
+        found = rank["frameworks"][name]
+        assert found["generate_same_tokens"]
+        assert found["adapter_module_grads"] <= 1e-6 and found["ddp_grads"] <= 1e-6, found
+        assert found["base_grads"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "dora", "pissa"])
+def test_qlora_on_a_sharded_4bit_base(measured, name):
+    """QLoRA + FSDP2: bitsandbytes nf4 layers with float32 `quant_storage`, their packed weights sharded by FSDP2,
+    give the whole 4-bit model's init (DoRA and PiSSA dequantize each layer's gathered weight), outputs, adapter
+    gradients and merged weights."""
+    for rank in measured:
+        found = rank["qlora"]
+        assert found["packed_sharded"], "FSDP2 did not shard the packed 4-bit weights"
+        m = found[name]
+        assert m["init"] == 0.0 and m["out"] <= 1e-6 and m["grads"] <= 1e-6 and m["merge"] <= 1e-6, m
+        assert m["base_grads"] == 0
+
+
+@pytest.mark.slow
+def test_merge_delta_weights_and_init_gather_one_layer_at_a_time(measured):
+    """On 8 layers (56 targets, 30 MiB; 1 MiB the largest), each rank's peak resident memory during `merge` and
+    `delta_weights` is its slice of the result plus a few single-layer temporaries, and during a weight-reading
+    `init` a few single-layer temporaries: far from the targets' whole size, which gathering them all would add."""
+    for rank in measured:
+        m = rank["memory"]
+        layer, whole = m["largest_target_bytes"], m["target_bytes"]
+        assert whole >= 25 * layer
+        for cfg in ("lora", "dora", "pissa"):
+            assert m[f"{cfg}_init_sharded"] <= 12 * layer, (cfg, m[f"{cfg}_init_sharded"] / MiB)
+            for fn in ("merge", "delta_weights"):
+                result = m[f"{cfg}_{fn}_sharded_result"]
+                assert result == whole // 2, (cfg, fn, result / MiB)  # this rank's half of every weight
+                transient = m[f"{cfg}_{fn}_sharded"] - result
+                assert transient <= 12 * layer, (cfg, fn, transient / MiB)
+
+
+@pytest.mark.slow
+def test_trainer_over_adapter_module_on_a_sharded_base(tmp_path):
+    """HF Trainer (accelerate, 2 CPU processes) trains `lf.AdapterModule` over a base sharded by FSDP2 beforehand:
+    accelerate wraps the module in DDP, the base's parameters are DTensors while it trains, the adapter ends where
+    the same run on the whole base ends, the checkpoint holds the whole adapter, and resuming from the step-1
+    checkpoint ends where the uninterrupted run does."""
+    for rank in launch(tmp_path, "trainer"):
+        assert rank["wrapper"] == "DistributedDataParallel"
+        assert rank["base_sharded_while_training"]
+        assert rank["moved"] > 1e-3
+        assert rank["vs_whole_base"] <= 1e-6 and rank["resumed"] <= 1e-6, rank
+        assert rank["checkpoint"] == 0.0

@@ -1,0 +1,175 @@
+"""Ctrl-C anywhere (invariant 13): a `KeyboardInterrupt` raised from inside a module's forward, at each stage where
+lora_func has something pushed or recorded (a forward with grad, a forward under HF gradient checkpointing, the
+recompute inside a backward, a decoding step of `generate`), leaves nothing behind: the model is as it was, and
+the thread's next plain training step of the base gets exactly the gradients a model that never saw lora_func
+gets; the next `lf.apply` is correct again. What the failed call took is released when it raises, while the
+exception (and the partial graph its traceback holds) is still alive.
+
+The interrupt is a user's forward hook that raises on its k-th call, as Ctrl-C in a notebook lands anywhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_untouched, hook_count, perturbed, qwen3_batch, snapshot, tiny_qwen3
+
+import lora_func as lf
+from lora_func.variants import REGISTRY
+
+VARIANTS = sorted(REGISTRY)
+
+
+class InterruptOn:
+    """A forward hook that raises `exc` on its k-th call."""
+
+    def __init__(self, k: int, exc: type[BaseException] = KeyboardInterrupt) -> None:
+        self.k, self.calls, self.exc = k, 0, exc
+
+    def __call__(self, module, args, output):
+        self.calls += 1
+        if self.calls == self.k:
+            raise self.exc("interrupted")
+
+
+def make(name: str, model, seed: int = 0) -> lf.Params:
+    variant = REGISTRY[name]
+    calibration = [qwen3_batch(seed=7)] if variant.calibrated else None
+    return perturbed(lf.init(model, variant.config(r=4), seed=seed, calibration_data=calibration), seed=seed + 3)
+
+
+def plain_grads(model) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(**qwen3_batch()).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def adapter_run(model, params):
+    """Loss and adapter gradients of one `lf.apply`, and whether any base parameter got a gradient."""
+    leaves = lf.trainable_leaves(params)
+    for t in leaves:
+        t.grad = None
+    loss = lf.apply(model, params, qwen3_batch()).loss
+    loss.backward()
+    base_grads = [n for n, p in model.named_parameters() if p.grad is not None]
+    return loss.detach(), [t.grad.clone() for t in leaves], base_grads
+
+
+def assert_clean_thread(model, before, reference_grads):
+    """Nothing left: the model as it was, and a plain training step of the base trains every base parameter."""
+    assert_untouched(model, before)
+    grads = plain_grads(model)
+    assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+    for n, g in grads.items():
+        torch.testing.assert_close(g, reference_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+STAGES = {
+    # stage: (HF checkpointing (None, reentrant), which call of the hooked module raises)
+    "forward": (None, 1),
+    "forward-ckpt-reentrant": (True, 1),
+    "forward-ckpt": (False, 1),
+    "recompute-reentrant": (True, 2),
+    "recompute": (False, 2),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError], ids=["KeyboardInterrupt", "RuntimeError"])
+def test_interrupt_in_apply_leaves_nothing(stage, exc):
+    reentrant, k = STAGES[stage]
+    model = tiny_qwen3(num_hidden_layers=2)
+    if reentrant is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    reference = plain_grads(model)
+    params = make("lora", model)
+    expected = adapter_run(model, params)
+    before = snapshot(model)
+
+    # After ours in the hook order: raised while lora_func's own modes are pushed for this module.
+    handle = model.model.layers[1].mlp.down_proj.register_forward_hook(InterruptOn(k, exc))
+    hooks = hook_count(model)
+    with pytest.raises(exc) as raised:
+        lf.apply(model, params, qwen3_batch()).loss.backward()
+    handle.remove()
+    # Released at the raise, while the traceback (holding the partial graph) is alive; for a failed backward,
+    # what remains is held by the graph of a loss the test no longer has: the traceback's frames.
+    if k == 1:
+        assert hook_count(model) == hooks - 1
+    del raised
+    assert_clean_thread(model, before, reference)
+
+    loss, grads, base_grads = adapter_run(model, params)  # the next apply: as if nothing had happened
+    assert base_grads == []
+    torch.testing.assert_close(loss, expected[0])
+    for g, e in zip(grads, expected[1]):
+        torch.testing.assert_close(g, e)
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_interrupt_mid_forward_every_variant(name):
+    """Every variant, with HF checkpointing (the most state: modes, layer records): Ctrl-C in the second layer."""
+    model = tiny_qwen3(num_hidden_layers=2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference = plain_grads(model)
+    params = make(name, model)
+    expected = adapter_run(model, params)
+    before = snapshot(model)
+    handle = model.model.layers[1].mlp.register_forward_hook(InterruptOn(1))
+    with pytest.raises(KeyboardInterrupt):
+        with lf.inject(model, params):
+            model(**qwen3_batch()).loss.backward()
+    handle.remove()
+    assert_clean_thread(model, before, reference)
+    loss, grads, base_grads = adapter_run(model, params)
+    assert base_grads == []
+    torch.testing.assert_close(loss, expected[0])
+    for g, e in zip(grads, expected[1]):
+        torch.testing.assert_close(g, e)
+
+
+def test_interrupt_in_generate():
+    model = tiny_qwen3(num_hidden_layers=2).eval()
+    reference = plain_grads(model.train())
+    model.eval()
+    params = make("lora", model)
+    prompt = qwen3_batch(batch=1, seq=4)["input_ids"]
+    with lf.inject(model, params):
+        expected = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    before = snapshot(model)
+    handle = model.model.layers[1].register_forward_hook(InterruptOn(3))  # the third decoding step
+    with pytest.raises(KeyboardInterrupt):
+        with lf.inject(model, params):
+            model.generate(prompt, max_new_tokens=4, do_sample=False)
+    handle.remove()
+    assert_untouched(model, before)
+    with lf.inject(model, params):
+        assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), expected)
+    model.train()
+    assert_clean_thread(model, snapshot(model), reference)
+
+
+def test_outputs_of_earlier_forwards_in_a_failed_block_still_train():
+    """An inject block whose second forward is interrupted: the first forward's output (HF checkpointing) still
+    differentiates correctly after the block; only the interrupted forward's records are released."""
+    model = tiny_qwen3(num_hidden_layers=2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = make("lora", model)
+    expected = adapter_run(model, params)
+    before = snapshot(model)
+    handle = model.model.layers[1].register_forward_hook(InterruptOn(2))
+    with pytest.raises(KeyboardInterrupt):
+        with lf.inject(model, params):
+            loss = model(**qwen3_batch()).loss
+            model(**qwen3_batch())
+    handle.remove()
+    for t in lf.trainable_leaves(params):
+        t.grad = None
+    loss.backward()
+    for t, e in zip(lf.trainable_leaves(params), expected[1]):
+        torch.testing.assert_close(t.grad, e)
+    assert_untouched(model, before)
