@@ -299,13 +299,20 @@ def test_save_refuses_non_finite_leaves(saved, tmp_path):
 # -- config constructors: every field of every registered config, from its annotation --------------------------------
 
 
+class Opaque:
+    """A value of no config type, with a repr that is the same in every process (pytest-xdist compares test ids)."""
+
+    def __repr__(self) -> str:
+        return "Opaque()"
+
+
 def bad_values(hint):
     """Values of the wrong type (or non-finite) for an annotation."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, __import__("types").UnionType):
         return bad_values(next(a for a in args if a is not type(None)))
     if origin is tuple:
-        return [1.5, {1, 2}, [object()]]
+        return [1.5, {1, 2}, [Opaque()]]
     return {
         bool: ["false", 1, 0, None],
         int: [True, 2.5, "3", None],
