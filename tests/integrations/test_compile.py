@@ -30,6 +30,7 @@ def hook_dicts(model):
 
 # DeLoRA has a frozen leaf too (`combine` inside the compiled step); LoRA's eager forward is a custom
 # autograd.Function that dynamo cannot trace, so the compiled path must take the plain one.
+@pytest.mark.slow  # dynamo traces the whole model: 5-11 s on one core
 @pytest.mark.parametrize("cfg", [lf.DeLoRAConfig(r=4), lf.LoRAConfig(r=4, alpha=8)], ids=["delora", "lora"])
 def test_compiled_training_step_matches_eager_without_breaks_or_recompiles(dynamo, cfg):
     model = tiny_qwen3(num_hidden_layers=1)
@@ -74,6 +75,7 @@ def test_compiled_training_step_matches_eager_without_breaks_or_recompiles(dynam
     assert_untouched(model, before)
 
 
+@pytest.mark.slow  # dynamo traces the whole model: 5-11 s on one core
 def test_compiled_optimizer_loop_equals_eager(dynamo):
     """A plain AdamW loop with a compiled loss: the same trajectory as eager, one compilation."""
     model = tiny_qwen3(num_hidden_layers=1)
