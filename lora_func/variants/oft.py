@@ -150,6 +150,6 @@ VARIANT = Variant(
     capabilities=(
         Dense(),
         PeftExchange("oft"),
-        Recipe(lr=2e-3),
+        Recipe(lr=5e-4),
     ),
 )
