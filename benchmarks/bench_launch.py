@@ -3,7 +3,7 @@
     python benchmarks/bench_launch.py [--quick] [--out results/launch.json] [--profile]
 
 A CPU proxy for training a small or medium model on a GPU, where a step is bound by kernel launches and
-Python (DESIGN.md, "Performance"): a randomly initialised Qwen3ForCausalLM of 24 layers, hidden 128,
+Python (docs/performance.md, "Performance"): a randomly initialised Qwen3ForCausalLM of 24 layers, hidden 128,
 intermediate 384, 4 query / 2 key-value heads of 32, vocab 1024; one row of 16 tokens with the LM loss;
 LoRA r=8, alpha=16 on all seven projections of every layer (168 targets); one thread. A step is forward,
 loss, backward, AdamW step and zeroing the gradients. Contenders (one process, alternated by the shared
@@ -49,7 +49,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 RANK, ALPHA = 8, 16
 LAYERS, HIDDEN, SEQ = 24, 128, 16
 
-# DESIGN.md targets: contender / reference <= limit.
+# docs/performance.md targets: contender / reference <= limit.
 TARGETS = {
     "launch: lora_func / peft": 0.85,
     "launch: lora_func frozen / peft": 0.85,

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_private.py [--quick] [--out results/private.json] [--threads 2]
 
-Bench model and batch of bench_core.py (DESIGN.md "Performance": Qwen3-shaped, hidden 512, 6 layers,
+Bench model and batch of bench_core.py (docs/performance.md "Performance": Qwen3-shaped, hidden 512, 6 layers,
 intermediate 1408, vocab 4096; batch 4 × seq 128; LoRA r=8, alpha=16 on all seven projections; 2 threads).
 Every step computes the gradient of the trainable leaves from the per-example LM losses (mean next-token
 loss of each row) and stops there: no optimizer update for anyone. Contenders, timed alternately in one
@@ -16,7 +16,7 @@ process with bench_core's loop (rotating order, medians, wall and CPU time):
 - Opacus + PEFT: `PrivacyEngine.make_private` over the PEFT model (`grad_sample_mode="hooks"`, Opacus's
   default: per-sample gradients of lora_A / lora_B from its nn.Linear hooks), forward, backward, and the
   DP optimizer's clip-and-noise (`pre_step`), without the parameter update.
-Ratios: private_grads / non-private (DESIGN.md target <= 1.3), private_grads / Opacus + PEFT (target < 1).
+Ratios: private_grads / non-private (docs/performance.md target <= 1.3), private_grads / Opacus + PEFT (target < 1).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ stop early on their own), a part that fails or runs out of time is recorded with
 runs, and the JSON is rewritten after every part, so a run cut short keeps what it measured. A watchdog ends the
 process (JSON written) if everything together overruns by a margin. The whole run stays under 8 minutes.
 
-contract   DESIGN.md's invariants on the device, for every registered variant (`lora_func.variants.REGISTRY`),
+contract   docs/performance.md's invariants on the device, for every registered variant (`lora_func.variants.REGISTRY`),
            on a tiny fp32 Qwen3: identity at init, model untouched (state bitwise, flags, hooks, attributes, no
            base gradient although the base requires grad), gradients on trainable leaves only and
            torch.func.grad = autograd, save -> load bitwise, functional_call(merge) ≈ apply.
@@ -47,7 +47,7 @@ perf:*     A Qwen3-0.6B-shaped model from `Qwen3Config` (hidden 1024, 28 layers,
              that is a failure, recorded with dynamo's reason, and the step is timed with graph breaks allowed.
            k_adapters, mixed and compile run on a copy of the base with requires_grad=False.
            The step functions and PEFT builders come from bench_core.py and bench_functional.py (CPU-oriented
-           scripts with their own timing); the DESIGN.md targets are bench_core's.
+           scripts with their own timing); the docs/performance.md targets are bench_core's.
 
 Exit status: 0 when every part ran (or was skipped, e.g. bnb absent) and every check passed, 1 otherwise.
 Performance targets that are not met are reported, not failed.
@@ -666,7 +666,7 @@ def fsdp_check(rank: int, world: int, device_type: str, init_file: str) -> dict[
                 "max_abs_diff": diff,
                 "max_rel_diff": rel,
                 "bitwise": not missing and all(torch.equal(got[k], expected[k]) for k in expected),
-                "base_params_given_grad": len(base_grads),  # DESIGN.md invariant 4: none, even when they require grad
+                "base_params_given_grad": len(base_grads),  # docs/performance.md invariant 4: none, even when they require grad
                 "ok": not missing and rel <= 1e-5 and not base_grads,
             }
             if base_frozen:
@@ -1087,14 +1087,14 @@ PERF_PARTS = ("perf: train", "perf: inference", "perf: k_adapters", "perf: mixed
 
 
 def perf_targets() -> dict[str, tuple[str, float]]:
-    """DESIGN.md's targets (bench_core.TARGETS) and the GPU targets for K adapters and mixed batches."""
+    """docs/performance.md's targets (bench_core.TARGETS) and the GPU targets for K adapters and mixed batches."""
     import bench_core as bc
 
     targets = {name: ("<" if name.startswith("memory") else "<=", limit) for name, limit in bc.TARGETS.items()}
     targets["memory: lora_func DoRA / peft DoRA"] = ("<", 1.0)
     targets["K adapters: vmap / (K x ideal)"] = ("<=", 1.10)
     targets["mixed batch: adapter_ids / base"] = ("<=", 1.05)
-    # The GPU targets for K adapters and mixed batches (DESIGN.md): faster than PEFT.
+    # The GPU targets for K adapters and mixed batches (docs/performance.md): faster than PEFT.
     targets["K adapters: PEFT loop / best lora_func"] = (">", 1.0)
     targets["mixed batch: PEFT adapter_names / adapter_ids"] = (">", 1.0)
     return targets
@@ -1141,7 +1141,7 @@ def failures(report: dict) -> list[str]:
         for case, c in rank.items():
             if isinstance(c, dict) and not c.get("ok"):
                 why = c.get("error") or (
-                    f"{c['base_params_given_grad']} base parameters got a gradient (DESIGN.md invariant 4)"
+                    f"{c['base_params_given_grad']} base parameters got a gradient (docs/performance.md invariant 4)"
                     if c.get("base_params_given_grad")
                     else f"adapter gradients differ (max rel {c.get('max_rel_diff')}, missing {c.get('missing_grads')})"
                 )

@@ -55,7 +55,7 @@ def machine_section(core: dict | None) -> list[str]:
         f"torch threads: {threads}",
         f"- versions: Python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{version('transformers')}, peft {version('peft')}, lora_func {version('lora_func')}",
-        "- bench model (DESIGN.md): Qwen3ForCausalLM from config, hidden 512, 6 layers, intermediate 1408, "
+        "- bench model (docs/performance.md): Qwen3ForCausalLM from config, hidden 512, 6 layers, intermediate 1408, "
         "vocab 4096, 8/4 heads of 64 (~22M parameters), random weights; batch 4; LoRA on all seven "
         "projections of every layer.",
         "- method: contenders run alternately in one process, the order rotating each repeat (one harness, "
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         "# Benchmarks",
         "",
         "Written by `nox -s bench` (`benchmarks/report.py`); do not edit by hand. Targets are the "
-        "limits-and-targets table of DESIGN.md: each measure against what a zero-cost adapter would take.",
+        "limits-and-targets table of docs/performance.md: each measure against what a zero-cost adapter would take.",
         "",
         "## Machine",
         "",
