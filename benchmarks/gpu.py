@@ -17,7 +17,7 @@ stop early on their own), a part that fails or runs out of time is recorded with
 runs, and the JSON is rewritten after every part, so a run cut short keeps what it measured. A watchdog ends the
 process (JSON written) if everything together overruns by a margin. The whole run stays under 8 minutes.
 
-contract   docs/performance.md's invariants on the device, for every registered variant (`lora_func.variants.REGISTRY`),
+contract   the library's invariants on the device, for every registered variant (`lora_func.variants.REGISTRY`),
            on a tiny fp32 Qwen3: identity at init, model untouched (state bitwise, flags, hooks, attributes, no
            base gradient although the base requires grad), gradients on trainable leaves only and
            torch.func.grad = autograd, save -> load bitwise, functional_call(merge) ≈ apply.
@@ -666,7 +666,7 @@ def fsdp_check(rank: int, world: int, device_type: str, init_file: str) -> dict[
                 "max_abs_diff": diff,
                 "max_rel_diff": rel,
                 "bitwise": not missing and all(torch.equal(got[k], expected[k]) for k in expected),
-                "base_params_given_grad": len(base_grads),  # docs/performance.md invariant 4: none, even when they require grad
+                "base_params_given_grad": len(base_grads),  # none, even when they require grad
                 "ok": not missing and rel <= 1e-5 and not base_grads,
             }
             if base_frozen:
@@ -1141,7 +1141,7 @@ def failures(report: dict) -> list[str]:
         for case, c in rank.items():
             if isinstance(c, dict) and not c.get("ok"):
                 why = c.get("error") or (
-                    f"{c['base_params_given_grad']} base parameters got a gradient (docs/performance.md invariant 4)"
+                    f"{c['base_params_given_grad']} base parameters got a gradient"
                     if c.get("base_params_given_grad")
                     else f"adapter gradients differ (max rel {c.get('max_rel_diff')}, missing {c.get('missing_grads')})"
                 )

@@ -1,4 +1,4 @@
-"""The one structure check of a params pytree (DESIGN invariant 12), and the one place leaf shapes are declared.
+"""The one structure check of a params pytree, and the one place leaf shapes are declared.
 
 Every entry point checks its params here before anything runs or is written: `apply` and `inject` (with the
 model), `merge`, `save`, `to_peft`, `stack`, `unstack`, `per_example_grads`; `init`, `load` and `from_peft` build

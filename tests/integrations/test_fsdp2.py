@@ -1,4 +1,4 @@
-"""Sharded bases (DESIGN invariant 14): every variant on a tiny Qwen3 whose decoder layers and root torch's FSDP2
+"""Sharded bases: every variant on a tiny Qwen3 whose decoder layers and root torch's FSDP2
 (`fully_shard`) has sharded over 2 gloo processes equals the same model unsharded, run by one process on the
 global batch. One torchrun launch (`fsdp2_worker.py`) measures everything; the tests read its numbers.
 """
