@@ -62,7 +62,7 @@ def per_call_ms(fn, n: int = 100) -> float:
 
 
 def fixed_costs(model, params, batch) -> dict[str, float]:
-    """`apply`'s costs per call besides running the model (lora_func/_inject.py)."""
+    """`apply`'s costs per call besides running the model (lora_func/_inject/)."""
     from lora_func import _inject, _sites, _structure
 
     def hooks_on_and_off():
@@ -70,7 +70,7 @@ def fixed_costs(model, params, batch) -> dict[str, float]:
             pass
 
     return {
-        "survey of the model (one walk)": per_call_ms(lambda: _inject._survey(model)),
+        "survey of the model (one walk)": per_call_ms(lambda: _inject.survey(model)),
         "structure check": per_call_ms(lambda: _structure.check(params, "apply")),
         "resolve targets": per_call_ms(lambda: _sites.resolve_sites(model, params, "apply")),
         "whole injection: build, register and remove the dispatchers": per_call_ms(hooks_on_and_off),
