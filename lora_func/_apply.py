@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._inject import Injection, is_plain_parameter
+from ._inject.block import Injection
+from ._inject.detach import is_plain_parameter
 from ._params import Params
 from ._sites import call_args, call_model  # noqa: F401 - call_model: tests reach it here
 

@@ -46,7 +46,7 @@ class Injection:
             raise TypeError(
                 f"{caller}: `params` must be lora_func Params (from lf.init or lf.load), got {type(params).__name__}"
             )
-        variant = variant_for(params.config, caller=caller)
+        variant = params.variant or variant_for(params.config, caller=caller)  # resolved when the Params was made
         # One pass over the model finds everything this call touches besides the targets.
         modules, self.layers, quantized, owners = survey(model)
         self.needs_detach = bool(owners)
