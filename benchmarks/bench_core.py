@@ -8,7 +8,7 @@ with the LM loss; LoRA r=8, alpha=16 on all seven projections of every layer; 2 
 
 Contenders share one process and one set of base weights (deep copies), and are timed alternately by
 the shared harness (`benchmarks/harness.py`: rotating order, warmup, `gc.collect()` outside the timing,
-medians).
+medians); the steps are the shared ones of `benchmarks/steps.py`.
 
 Training step = forward + loss + backward + zeroing the adapter gradients (set to None), with no
 optimizer step for anyone:
@@ -52,7 +52,6 @@ import json
 import os
 import platform
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,12 +61,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402  (puts this checkout's lora_func first on the path, not an installed one)
 import torch  # noqa: E402
+from steps import (  # noqa: E402
+    ALPHA,
+    RANK,
+    check_same_loss,
+    ideal_step,
+    lora_func_step,
+    no_grad,
+    peft_model,
+    peft_step,
+    projection_names,
+)
 from torch import nn  # noqa: E402
 
 import lora_func as lf  # noqa: E402
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-RANK, ALPHA = 8, 16
 BATCH, SEQ = 4, 128
 
 # docs/performance.md targets (CPU): contender / reference <= limit.
@@ -103,64 +111,6 @@ def bench_model(seed: int = 0, max_positions: int = SEQ) -> nn.Module:
 def bench_batch(vocab: int = 4096, seed: int = 1, seq: int = SEQ) -> dict[str, torch.Tensor]:
     ids = torch.randint(0, vocab, (BATCH, seq), generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "labels": ids}
-
-
-def peft_model(base: nn.Module, r: int = RANK, alpha: float = ALPHA, **extra) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(PROJECTIONS), lora_dropout=0.0, **extra)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return get_peft_model(copy.deepcopy(base), cfg)
-
-
-# -- step functions -------------------------------------------------------------------------------
-
-
-def ideal_step(frozen: nn.Module, batch: dict) -> Callable[[], torch.Tensor]:
-    embed = frozen.get_input_embeddings()
-
-    def step():
-        x = embed(batch["input_ids"]).detach().requires_grad_()
-        loss = frozen(inputs_embeds=x, labels=batch["labels"]).loss
-        loss.backward()
-        return loss.detach()
-
-    return step
-
-
-def lora_func_step(model: nn.Module, params: lf.Params, batch: dict) -> Callable[[], torch.Tensor]:
-    leaves = lf.trainable_leaves(params)
-
-    def step():
-        loss = lf.apply(model, params, batch).loss
-        loss.backward()
-        for t in leaves:
-            t.grad = None
-        return loss.detach()
-
-    return step
-
-
-def peft_step(model: nn.Module, batch: dict) -> Callable[[], torch.Tensor]:
-    leaves = [p for p in model.parameters() if p.requires_grad]
-
-    def step():
-        loss = model(**batch).loss
-        loss.backward()
-        for t in leaves:
-            t.grad = None
-        return loss.detach()
-
-    return step
-
-
-def no_grad(fn: Callable[[], object]) -> Callable[[], object]:
-    def call():
-        with torch.no_grad():
-            return fn()
-
-    return call
 
 
 # -- measurement (timing: benchmarks/harness.py) ---------------------------------------------------
@@ -220,7 +170,7 @@ def run(repeats: int, warmup: int) -> dict:
     frozen = copy.deepcopy(base).requires_grad_(False)  # for ideal
     has_dora = hasattr(lf, "DoRAConfig")
 
-    lora_cfg = lf.LoRAConfig(r=RANK, alpha=ALPHA, target_names=tuple(rf"\.{p}$" for p in PROJECTIONS))
+    lora_cfg = lf.LoRAConfig(r=RANK, alpha=ALPHA, target_names=projection_names())
     params = lf.init(base, lora_cfg, seed=0)
     assert len(params.targets) == 7 * base.config.num_hidden_layers, len(params.targets)
     peft = peft_model(base).train()
@@ -243,12 +193,7 @@ def run(repeats: int, warmup: int) -> dict:
         resident["lora_func DoRA"] = list(base.parameters()) + [t for _, _, t in dora_params.leaves()]
         resident["peft DoRA"] = list(peft_dora.parameters())
 
-    # Fairness check: every contender computes the same loss (all adapters are the identity at init).
-    losses = {name: fn().item() for name, fn in train.items()}
-    reference = losses["ideal"]
-    for name, value in losses.items():
-        if abs(value - reference) > 1e-4 * abs(reference):
-            raise RuntimeError(f"bench: {name} computes loss {value}, ideal computes {reference}")
+    check_same_loss(train, 1e-4, "bench_core")  # fair: every adapter is the identity at init
 
     print(f"training steps ({repeats} repeats, {warmup} warmup) ...", file=sys.stderr)
     train_times = harness.alternate(train, repeats, warmup, "train")
