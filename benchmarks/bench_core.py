@@ -31,8 +31,8 @@ machine shared with other jobs, wall time at 2 threads mostly measures the other
 spin-waiting inflates CPU time too; `--threads 1` and the CPU-time columns are then the better guide
 to relative cost, and the 2-thread wall figures should be re-run on a quiet machine.
 
-Peak training memory: torch's profiler with `profile_memory=True` records every allocation and free
-of torch's CPU allocator with its size. Their running sum over one training step is the exact number
+Peak training memory (`harness.peak_bytes`): torch's profiler with `profile_memory=True` records every allocation
+and free of torch's CPU allocator with its size. Their running sum over one training step is the exact number
 of bytes torch holds above what was resident before the step (model, adapter, batch), and its maximum
 is the step's peak: activations kept for backward, gradients, temporaries. This is deterministic and
 counts only tensors, which is what we want to compare. The alternatives are worse for this:
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import platform
@@ -113,32 +112,7 @@ def bench_batch(vocab: int = 4096, seed: int = 1, seq: int = SEQ) -> dict[str, t
     return {"input_ids": ids, "labels": ids}
 
 
-# -- measurement (timing: benchmarks/harness.py) ---------------------------------------------------
-
-
-def peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak of torch's CPU allocations during `fn()`, above what was allocated when it started."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-
-    def walk(nodes):
-        for node in nodes:
-            yield node
-            yield from walk(node.children)
-
-    events = prof.profiler.kineto_results.experimental_event_tree()
-    allocations = sorted(
-        (node.start_time_ns, node.extra_fields.alloc_size) for node in walk(events) if node.tag == _EventType.Allocation
-    )
-    live = peak = 0
-    for _, size in allocations:
-        live += size
-        peak = max(peak, live)
-    return peak
+# -- measurement (timing and peak memory: benchmarks/harness.py) ---------------------------------------------------
 
 
 def saved_activation_bytes(fn: Callable[[], object], resident: list[torch.Tensor]) -> int:
@@ -197,7 +171,7 @@ def run(repeats: int, warmup: int) -> dict:
 
     print(f"training steps ({repeats} repeats, {warmup} warmup) ...", file=sys.stderr)
     train_times = harness.alternate(train, repeats, warmup, "train")
-    memory = {name: peak_bytes(fn) for name, fn in train.items()}
+    memory = {name: harness.peak_bytes(fn) for name, fn in train.items()}
     saved = {name: saved_activation_bytes(fn, resident[name]) for name, fn in train.items()}
 
     base.eval()

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
 import torch  # noqa: E402
-from bench_core import bench_batch, bench_model, peak_bytes  # noqa: E402
+from bench_core import bench_batch, bench_model  # noqa: E402
 from steps import ideal_step, lora_func_step, peft_model, peft_step, projection_names  # noqa: E402
 
 import lora_func as lf  # noqa: E402  (bench_core put this checkout first on the path)
@@ -48,7 +48,7 @@ def point(base: torch.nn.Module, frozen: torch.nn.Module, r: int, seq: int, repe
     row = {"r": r, "seq": seq}
     for name, fn in steps.items():
         row[f"{name}_s"] = torch.tensor(times[name]["wall"]).median().item()
-        row[f"{name}_peak_bytes"] = peak_bytes(fn)
+        row[f"{name}_peak_bytes"] = harness.peak_bytes(fn)
     del peft
     return row
 
