@@ -112,6 +112,39 @@ def bench_batch(vocab: int = 4096, seed: int = 1, seq: int = SEQ) -> dict[str, t
     return {"input_ids": ids, "labels": ids}
 
 
+# -- contenders (their steps: benchmarks/steps.py) -----------------------------------------------------------
+
+
+def train_steps(base: nn.Module, frozen: nn.Module, batch: dict, lora: lf.Params, dora: lf.Params):
+    """({contender: training step}, {"peft": model, "peft DoRA": model}): the ideal on `frozen`, lora_func's LoRA
+    and DoRA on `base` as loaded, and PEFT's LoRA and DoRA, each on its own copy of `base`."""
+    pefts = {"peft": peft_model(base).train(), "peft DoRA": peft_model(base, use_dora=True).train()}
+    steps = {
+        "ideal": ideal_step(frozen, batch),
+        "lora_func": lora_func_step(base, lora, batch),
+        "peft": peft_step(pefts["peft"], batch),
+        "lora_func DoRA": lora_func_step(base, dora, batch),
+        "peft DoRA": peft_step(pefts["peft DoRA"], batch),
+    }
+    return steps, pefts
+
+
+def inference_steps(base: nn.Module, params: lf.Params, peft: nn.Module, inputs: dict) -> dict[str, Callable]:
+    """Forwards without grad (the models in eval mode): the base; lora_func unmerged; merged, as deployed (a copy
+    of the model holding `lf.merge`'s weights, computed here once) and through `functional_call`; PEFT unmerged."""
+    merged = {k: v.detach() for k, v in lf.merge(base, params).items()}
+    merged_model = copy.deepcopy(base)
+    loaded = merged_model.load_state_dict(merged, strict=False)  # strict=False: merge returns the adapted weights only
+    assert not loaded.unexpected_keys, loaded.unexpected_keys
+    return {
+        "base": no_grad(lambda: base(**inputs).logits),
+        "lora_func unmerged": no_grad(lambda: lf.apply(base, params, inputs).logits),
+        "merged": no_grad(lambda: merged_model(**inputs).logits),
+        "merged, functional_call": no_grad(lambda: torch.func.functional_call(base, merged, (), inputs).logits),
+        "peft unmerged": no_grad(lambda: peft(**inputs).logits),
+    }
+
+
 # -- measurement (timing and peak memory: benchmarks/harness.py) ---------------------------------------------------
 
 
@@ -142,30 +175,20 @@ def run(repeats: int, warmup: int) -> dict:
     base.train()
     batch = bench_batch(base.config.vocab_size)
     frozen = copy.deepcopy(base).requires_grad_(False)  # for ideal
-    has_dora = hasattr(lf, "DoRAConfig")
 
     lora_cfg = lf.LoRAConfig(r=RANK, alpha=ALPHA, target_names=projection_names())
     params = lf.init(base, lora_cfg, seed=0)
     assert len(params.targets) == 7 * base.config.num_hidden_layers, len(params.targets)
-    peft = peft_model(base).train()
-
-    train = {
-        "ideal": ideal_step(frozen, batch),
-        "lora_func": lora_func_step(base, params, batch),
-        "peft": peft_step(peft, batch),
-    }
+    dora_params = lf.init(base, lf.DoRAConfig(r=RANK, alpha=ALPHA, target_names=lora_cfg.target_names), seed=0)
+    train, pefts = train_steps(base, frozen, batch, params, dora_params)
+    peft = pefts["peft"]
     resident = {
         "ideal": list(frozen.parameters()),
         "lora_func": list(base.parameters()) + [t for _, _, t in params.leaves()],
         "peft": list(peft.parameters()),
+        "lora_func DoRA": list(base.parameters()) + [t for _, _, t in dora_params.leaves()],
+        "peft DoRA": list(pefts["peft DoRA"].parameters()),
     }
-    if has_dora:
-        dora_params = lf.init(base, lf.DoRAConfig(r=RANK, alpha=ALPHA, target_names=lora_cfg.target_names), seed=0)
-        peft_dora = peft_model(base, use_dora=True).train()
-        train["lora_func DoRA"] = lora_func_step(base, dora_params, batch)
-        train["peft DoRA"] = peft_step(peft_dora, batch)
-        resident["lora_func DoRA"] = list(base.parameters()) + [t for _, _, t in dora_params.leaves()]
-        resident["peft DoRA"] = list(peft_dora.parameters())
 
     check_same_loss(train, 1e-4, "bench_core")  # fair: every adapter is the identity at init
 
@@ -176,18 +199,7 @@ def run(repeats: int, warmup: int) -> dict:
 
     base.eval()
     peft.eval()
-    inputs = {"input_ids": batch["input_ids"]}
-    merged = {k: v.detach() for k, v in lf.merge(base, params).items()}
-    merged_model = copy.deepcopy(base)
-    loaded = merged_model.load_state_dict(merged, strict=False)  # strict=False: merge returns the adapted weights only
-    assert not loaded.unexpected_keys, loaded.unexpected_keys
-    infer = {
-        "base": no_grad(lambda: base(**inputs).logits),
-        "lora_func unmerged": no_grad(lambda: lf.apply(base, params, inputs).logits),
-        "merged": no_grad(lambda: merged_model(**inputs).logits),
-        "merged, functional_call": no_grad(lambda: torch.func.functional_call(base, merged, (), inputs).logits),
-        "peft unmerged": no_grad(lambda: peft(**inputs).logits),
-    }
+    infer = inference_steps(base, params, peft, {"input_ids": batch["input_ids"]})
     outputs = {name: fn() for name, fn in infer.items()}
     for name, out in outputs.items():
         torch.testing.assert_close(out, outputs["base"], rtol=1e-4, atol=1e-4, msg=f"bench: {name} output differs")
@@ -197,13 +209,8 @@ def run(repeats: int, warmup: int) -> dict:
     clocks = ("wall", "cpu")
     t = {c: {name: median(xs[c]) for name, xs in train_times.items()} for c in clocks}
     i = {c: {name: median(xs[c]) for name, xs in infer_times.items()} for c in clocks}
-    ratios = {c: timing_ratios(t[c], i[c]) for c in clocks}
-    ratios["memory"] = {
-        "memory: lora_func / peft": memory["lora_func"] / memory["peft"],
-        "memory: lora_func / ideal": memory["lora_func"] / memory["ideal"],
-    }
-    if has_dora:
-        ratios["memory"]["memory: lora_func DoRA / peft DoRA"] = memory["lora_func DoRA"] / memory["peft DoRA"]
+    ratios = {c: {**train_ratios(t[c]), **inference_ratios(i[c])} for c in clocks}
+    ratios["memory"] = memory_ratios(memory)
     headline = {**ratios["wall"], **ratios["memory"]}
     return {
         "setup": {
@@ -217,7 +224,6 @@ def run(repeats: int, warmup: int) -> dict:
             "threads": torch.get_num_threads(),
             "repeats": repeats,
             "warmup": warmup,
-            "dora": has_dora,
             "lora_func": str(Path(lf.__file__).parent),
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -248,22 +254,35 @@ def run(repeats: int, warmup: int) -> dict:
     }
 
 
-def timing_ratios(t: dict[str, float], i: dict[str, float]) -> dict[str, float]:
-    """The docs/performance.md ratios from median training-step times `t` and inference times `i`."""
-    ratios = {
+def train_ratios(t: dict[str, float]) -> dict[str, float]:
+    """The docs/performance.md training ratios from median step times `t` (of `train_steps`)."""
+    return {
         "train: lora_func / ideal": t["lora_func"] / t["ideal"],
         "train: lora_func / peft": t["lora_func"] / t["peft"],
         "train: peft / ideal": t["peft"] / t["ideal"],
+        "train: lora_func DoRA / lora_func LoRA": t["lora_func DoRA"] / t["lora_func"],
+        "train: peft DoRA / peft LoRA": t["peft DoRA"] / t["peft"],
+        "train: lora_func DoRA / peft DoRA": t["lora_func DoRA"] / t["peft DoRA"],
+    }
+
+
+def inference_ratios(i: dict[str, float]) -> dict[str, float]:
+    """The docs/performance.md inference ratios from median forward times `i` (of `inference_steps`)."""
+    return {
         "inference: unmerged / base": i["lora_func unmerged"] / i["base"],
         "inference: merged / base": i["merged"] / i["base"],
         "inference: merged via functional_call / base": i["merged, functional_call"] / i["base"],
         "inference: peft unmerged / base": i["peft unmerged"] / i["base"],
     }
-    if "lora_func DoRA" in t:
-        ratios["train: lora_func DoRA / lora_func LoRA"] = t["lora_func DoRA"] / t["lora_func"]
-        ratios["train: peft DoRA / peft LoRA"] = t["peft DoRA"] / t["peft"]
-        ratios["train: lora_func DoRA / peft DoRA"] = t["lora_func DoRA"] / t["peft DoRA"]
-    return ratios
+
+
+def memory_ratios(m: dict[str, int]) -> dict[str, float]:
+    """Peak-memory ratios from the peak bytes `m` of `train_steps`."""
+    return {
+        "memory: lora_func / peft": m["lora_func"] / m["peft"],
+        "memory: lora_func / ideal": m["lora_func"] / m["ideal"],
+        "memory: lora_func DoRA / peft DoRA": m["lora_func DoRA"] / m["peft DoRA"],
+    }
 
 
 def markdown(result: dict) -> str:

@@ -15,7 +15,8 @@ seven projections, fp32 leaves as PEFT's):
 - train: a training step (forward, LM loss, backward) of the ideal (the frozen base on `inputs_embeds` that
   require grad), lora_func on the base as loaded (`requires_grad=True`), PEFT, and DoRA of both; the peak
   memory of each (CUDA allocator, above what was allocated before the step).
-- inference: the base forward; lora_func unmerged; merged (`functional_call` with `lf.merge`); PEFT unmerged.
+- inference: the base forward; lora_func unmerged; merged, as a copy holding `lf.merge`'s weights and through
+  `functional_call`; PEFT unmerged (bench_core.py's contenders and ratios, as the train section's).
 - launch: bench_launch.py's deep thin model (24 layers, hidden 128, one row of 16 tokens, AdamW), whose step
   a GPU runs bound by kernel launches and Python: lora_func (base as loaded, and frozen) vs PEFT and the ideal.
 - k_adapters: K=8 adapters forward+backward: vmap(grad) over `lf.stack` (default SDPA and SDPA's math backend),
@@ -50,6 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_core  # noqa: E402
 import bench_functional  # noqa: E402
 import bench_launch  # noqa: E402
 import harness  # noqa: E402  (puts this checkout's lora_func first on the path)
@@ -61,16 +63,14 @@ import lora_func as lf  # noqa: E402
 
 K = 8
 SHARES = {"train": 0.2, "inference": 0.08, "launch": 0.12, "k_adapters": 0.2, "mixed": 0.08, "compile": 0.32}
-# docs/performance.md's targets, the GPU's own for K adapters and mixed batches: (sense, limit).
+# docs/performance.md's targets (bench_core's and bench_launch's), and the GPU's own for K adapters and mixed batches:
+# {ratio: (sense, limit)}.
 TARGETS = {
-    **{name: ("<" if name.startswith("memory") else "≤", limit) for name, limit in bench_launch.TARGETS.items()},
-    "train: lora_func / ideal": ("≤", 1.10),
-    "train: lora_func / peft": ("≤", 1.0),
-    "train: lora_func DoRA / lora_func LoRA": ("≤", 1.10),
-    "memory: lora_func / peft": ("<", 1.0),
+    **{
+        name: ("<" if name.startswith("memory") else "≤", limit)
+        for name, limit in {**bench_core.TARGETS, **bench_launch.TARGETS}.items()
+    },
     "memory: lora_func DoRA / peft DoRA": ("<", 1.0),
-    "inference: unmerged / base": ("≤", 1.03),
-    "inference: merged / base": ("≤", 1.01),
     "K adapters: vmap / (K x ideal)": ("≤", 1.10),
     "K adapters: PEFT loop / best lora_func": (">", 1.0),
     "mixed batch: adapter_ids / base": ("≤", 1.05),
@@ -130,8 +130,7 @@ class Bench:
     """The model, batch and adapters every section shares, and the settings of the run."""
 
     def __init__(self, device: torch.device, quick: bool, budget_s: float) -> None:
-        self.device, self.quick = device, quick
-        self.started, self.budget_s = time.monotonic(), budget_s
+        self.device, self.quick, self.budget_s = device, quick, budget_s
         self.batch_rows, self.seq = (2, 32) if quick else (4, 512)
         self.repeats = 3 if quick else 20
         self.warmup = 1 if quick else 2
@@ -179,59 +178,23 @@ class Bench:
 
 
 def section_train(b: Bench) -> dict:
-    train = {
-        "ideal": steps.ideal_step(b.frozen, b.batch),
-        "lora_func": steps.lora_func_step(b.base, b.lora, b.batch),
-        "peft": steps.peft_step(steps.peft_model(b.base).train(), b.batch),
-        "lora_func DoRA": steps.lora_func_step(b.base, b.dora, b.batch),
-        "peft DoRA": steps.peft_step(steps.peft_model(b.base, use_dora=True).train(), b.batch),
-    }
+    train, _ = bench_core.train_steps(b.base, b.frozen, b.batch, b.lora, b.dora)
     losses = steps.check_same_loss(train, 2e-2, "bench_gpu")  # bf16: the same loss to its rounding
     memory = {name: harness.peak_bytes(fn, b.device) for name, fn in train.items()}
     times = b.time(train, SHARES["train"], "train")
-    t, m = medians(times), memory
-    return {
-        "losses_at_init": losses,
-        "times": times,
-        "memory_bytes": memory,
-        "ratios": {
-            "train: lora_func / ideal": t["lora_func"] / t["ideal"],
-            "train: lora_func / peft": t["lora_func"] / t["peft"],
-            "train: peft / ideal": t["peft"] / t["ideal"],
-            "train: lora_func DoRA / lora_func LoRA": t["lora_func DoRA"] / t["lora_func"],
-            "train: lora_func DoRA / peft DoRA": t["lora_func DoRA"] / t["peft DoRA"],
-            "train: peft DoRA / peft LoRA": t["peft DoRA"] / t["peft"],
-            "memory: lora_func / peft": m["lora_func"] / m["peft"],
-            "memory: lora_func / ideal": m["lora_func"] / m["ideal"],
-            "memory: lora_func DoRA / peft DoRA": m["lora_func DoRA"] / m["peft DoRA"],
-        },
-    }
+    ratios = {**bench_core.train_ratios(medians(times)), **bench_core.memory_ratios(memory)}
+    return {"losses_at_init": losses, "times": times, "memory_bytes": memory, "ratios": ratios}
 
 
 def section_inference(b: Bench) -> dict:
-    inputs = {"input_ids": b.batch["input_ids"]}
-    merged = {k: v.detach() for k, v in lf.merge(b.base, b.lora).items()}
     peft = steps.peft_model(b.base).eval()
     b.base.eval()
     try:
-        infer = {
-            "base": steps.no_grad(lambda: b.base(**inputs).logits),
-            "lora_func unmerged": steps.no_grad(lambda: lf.apply(b.base, b.lora, inputs).logits),
-            "merged": steps.no_grad(lambda: torch.func.functional_call(b.base, merged, (), inputs).logits),
-            "peft unmerged": steps.no_grad(lambda: peft(**inputs).logits),
-        }
+        infer = bench_core.inference_steps(b.base, b.lora, peft, {"input_ids": b.batch["input_ids"]})
         times = b.time(infer, SHARES["inference"], "inference", repeats=2 * b.repeats)
     finally:
         b.base.train()
-    t = medians(times)
-    return {
-        "times": times,
-        "ratios": {
-            "inference: unmerged / base": t["lora_func unmerged"] / t["base"],
-            "inference: merged / base": t["merged"] / t["base"],
-            "inference: peft unmerged / base": t["peft unmerged"] / t["base"],
-        },
-    }
+    return {"times": times, "ratios": bench_core.inference_ratios(medians(times))}
 
 
 def section_launch(b: Bench) -> dict:
