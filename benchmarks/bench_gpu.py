@@ -361,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
             **bench.setup(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine(),
             "quick": args.quick,
             "torch": torch.__version__,
             "cuda": torch.version.cuda,

@@ -215,8 +215,7 @@ def gpu_section(gpu: dict | None) -> list[str]:
 
     setup = gpu.get("setup", {})
     when, device = setup.get("date", "an unrecorded date"), setup.get("device_name", "an unrecorded device")
-    quick = " (quick run: tiny shapes, not a measurement)" if setup.get("quick") else ""
-    return [f"Run on {when}, {device}{quick}.", "", markdown(gpu)]
+    return [f"Run on {when}, {device}.", "", markdown(gpu)]  # markdown says whether it was a --quick run
 
 
 # -- plots ----------------------------------------------------------------------------------------
