@@ -123,11 +123,14 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def gpu(session: nox.Session) -> None:
-    """CUDA-only checks; says so and skips on a machine without CUDA."""
+    """On a CUDA machine: the GPU tests (`pytest --device cuda`: tests/integrations/test_gpu.py), then the GPU
+    benchmark (benchmarks/bench_gpu.py, its sections sharing a 7-minute budget), which writes results/gpu.json
+    for `nox -s bench`'s report; `-- --quick` makes the benchmark a smoke run. Skips, saying so, without CUDA."""
     install(session, "test")
     has_cuda = session.run(
         "python", "-c", "import torch; print(torch.cuda.is_available())", silent=True, env=OFFLINE
     ).strip()
     if has_cuda != "True":
-        session.skip("no CUDA device on this machine: the GPU checks need one")
-    session.run("python", "benchmarks/gpu.py", *session.posargs, env=OFFLINE)
+        session.skip("no CUDA device on this machine: the GPU tests and benchmark need one")
+    session.run("python", "-m", "pytest", "tests/integrations/test_gpu.py", "--device", "cuda", "-q", env=OFFLINE)
+    session.run("python", "benchmarks/bench_gpu.py", "--out", "results/gpu.json", *session.posargs, env=OFFLINE)
