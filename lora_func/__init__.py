@@ -48,6 +48,7 @@ from .variants.eva import EVAConfig as EVAConfig
 from .variants.hra import HRAConfig as HRAConfig
 from .variants.ia3 import IA3Config as IA3Config
 from .variants.ia3ff import IA3FFConfig as IA3FFConfig
+from .variants.ln_tuning import LNTuningConfig as LNTuningConfig
 from .variants.loha import LoHaConfig as LoHaConfig
 from .variants.lokr import LoKrConfig as LoKrConfig
 from .variants.lora import LoRAConfig as LoRAConfig
