@@ -56,4 +56,5 @@ from .variants.oft import OFTConfig as OFTConfig
 from .variants.pissa import PiSSAConfig as PiSSAConfig
 from .variants.road import ROADConfig as ROADConfig
 from .variants.ssvd import SSVDConfig as SSVDConfig
+from .variants.trainable_tokens import TrainableTokensConfig as TrainableTokensConfig
 from .variants.vera import VeRAConfig as VeRAConfig

@@ -79,13 +79,17 @@ def _needs_weight(variant: Variant) -> bool:
 # Kinds whose ΔW `delta_weights` gives though the rest of adapter arithmetic does not: a normalisation layer's ΔW is
 # the change of its own weight vector (read as a (d, 1) column, returned as the (d,) vector), whatever the layer
 # computes with it (LN Tuning).
-DELTA_ONLY_KINDS = frozenset({"norm"})
+# An embedding's ΔW (Trainable Tokens) is read (d, num_embeddings), returned as its (num_embeddings, d) weight.
+DELTA_ONLY_KINDS = {
+    "norm": lambda delta, own: delta.reshape(own.shape),
+    "embedding": lambda delta, own: delta.t(),
+}
 
 
 # -- checking arguments ------------------------------------------------------------------------------------------
 
 
-def _check_params(params: Any, where: str, caller: str, kinds: frozenset[str] = frozenset()) -> Params:
+def _check_params(params: Any, where: str, caller: str, kinds: Any = ()) -> Params:
     """A whole, unstacked adapter: every declared leaf present, nothing extra, declared shapes; targets nn.Linear-style
     or of `kinds`."""
     if not isinstance(params, Params):
@@ -280,7 +284,8 @@ def delta_weights(model: nn.Module, params: Params) -> dict[str, torch.Tensor]:
     sharded by FSDP2, each ΔW is a `DTensor` placed as its base parameter (this rank's slice), as `lf.merge`'s.
     Differentiable with respect to `params` (a penalty on ‖ΔW‖, say). Pure: the model is not changed.
     Stacked params (`lf.stack`) are refused: pass each of `lf.unstack(params)`. A normalisation layer (LN Tuning)
-    gets the change of its weight vector and of its bias.
+    gets the change of its weight vector and of its bias, an embedding (Trainable Tokens) its (num_embeddings, d)
+    weight's change.
 
     >>> dw = lf.delta_weights(model, params)
     >>> dw["model.layers.0.self_attn.q_proj.weight"].shape   # (d_out, d_in)
@@ -293,8 +298,8 @@ def delta_weights(model: nn.Module, params: Params) -> dict[str, torch.Tensor]:
             if tensor is not None:  # a sharded base (FSDP2): each rank keeps its slice, placed as the base parameter
                 key = _weight_key(path, leaf)
                 own = parameter(model, key)
-                if kinds[path] in DELTA_ONLY_KINDS and own is not None:  # a norm's (d, 1) column as its (d,) weight
-                    tensor = tensor.reshape(own.shape)
+                if leaf == "weight" and kinds[path] in DELTA_ONLY_KINDS and own is not None:  # in its own layout
+                    tensor = DELTA_ONLY_KINDS[kinds[path]](tensor, own)
                 out[key] = placed_like(tensor, own)
     return out
 
