@@ -42,6 +42,7 @@ from ._version import __version__ as __version__
 from .peft import from_peft as from_peft
 from .peft import to_peft as to_peft
 from .variants.antipasto import AntiPaSTOConfig as AntiPaSTOConfig
+from .variants.c3a import C3AConfig as C3AConfig
 from .variants.delora import DeLoRAConfig as DeLoRAConfig
 from .variants.dora import DoRAConfig as DoRAConfig
 from .variants.eva import EVAConfig as EVAConfig

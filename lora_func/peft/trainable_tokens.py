@@ -1,8 +1,8 @@
 """Trainable Tokens as PEFT's TRAINABLE_TOKENS: the new rows `trainable_tokens_delta` (n, d) on each targeted
 embedding, `token_indices` the same list for all targets. `token_indices=None` (every row) is written as the full list
 where the targets have one vocabulary size. PEFT's config has no rank, alpha, bias, layer or `modules_to_save`
-fields. PEFT also swaps the rows into an output head tied to the embedding, which lora_func does not: a model with
-tied embeddings gives other logits there."""
+fields. PEFT also swaps the rows into an output head tied to the embedding, which lora_func does not: a model whose
+targeted embedding is tied to another module is refused both ways, by name."""
 
 from __future__ import annotations
 
@@ -43,6 +43,23 @@ def checked(params):
     return Params(dict(params.items()), every, params.targets)
 
 
+def untied(model, targets, where: str) -> None:
+    """PEFT's Trainable Tokens also puts the new rows into every module that shares the embedding's weight (an
+    output head under `tie_word_embeddings=True`); lora_func adapts the embedding alone, so such a model is refused."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for target in targets:
+        weight = model.get_submodule(target.path).weight
+        twins = [n for n in owners.get(id(weight), []) if n != f"{target.path}.weight"]
+        if twins:
+            raise ValueError(
+                f"{where}: {target.path}.weight is tied to {twins}, and PEFT's Trainable Tokens swaps the new rows "
+                "into the tied module too, where lora_func adapts the embedding alone: the logits would differ. Give "
+                "the output head its own copy of the weight first (untie it)"
+            )
+
+
 METHOD = PeftMethod(
     variant="trainable_tokens",
     peft_type="TRAINABLE_TOKENS",
@@ -56,4 +73,5 @@ METHOD = PeftMethod(
     handled=("token_indices",),
     export_as=checked,
     kinds=("embedding",),
+    check_model=untied,
 )

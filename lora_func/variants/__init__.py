@@ -6,6 +6,7 @@ from .._config import AdapterConfig
 from .._variant import CAPABILITIES, Dense, LowRank, Variant
 from . import (
     antipasto,
+    c3a,
     delora,
     dora,
     eva,
@@ -63,6 +64,7 @@ REGISTRY: dict[str, Variant] = _registered(
     oft.VARIANT,
     ln_tuning.VARIANT,
     trainable_tokens.VARIANT,
+    c3a.VARIANT,
 )
 _BY_CONFIG: dict[type, Variant] = {v.config: v for v in REGISTRY.values()}
 

@@ -92,3 +92,15 @@ def test_bad_token_indices_are_refused_by_name():
         lf.TrainableTokensConfig(token_indices=(5, 1, 5))
     with pytest.raises(ValueError, match=r"`token_indices` holds 500, beyond the 128 rows of 'model.embed_tokens'"):
         lf.init(tiny_qwen3(), lf.TrainableTokensConfig(token_indices=(1, 500)))
+
+
+def test_a_tied_output_head_is_refused_by_the_peft_exchange(tmp_path):
+    """PEFT swaps the rows into a tied lm_head too; lora_func adapts the embedding alone: no silent difference."""
+    model = tiny_qwen3(tie_word_embeddings=True)
+    params = lf.init(model, lf.TrainableTokensConfig(token_indices=(1, 2)), seed=0)
+    with pytest.raises(ValueError, match=r"model.embed_tokens.weight is tied to \['lm_head.weight'\]"):
+        lf.to_peft(params, tmp_path / "out", model=model)
+    twin = peft.get_peft_model(tiny_qwen3(tie_word_embeddings=True), peft.TrainableTokensConfig(token_indices=[1, 2]))
+    twin.save_pretrained(tmp_path / "peft")
+    with pytest.raises(lf.AdapterFileError, match=r"is tied to \['lm_head.weight'\]"):
+        lf.from_peft(tmp_path / "peft", model)
