@@ -60,7 +60,7 @@ def _same_grads(params, pairs, rtol=1e-4, atol=1e-6) -> float:
 
 
 def test_registry_and_default_targets():
-    assert set(KINDS) == {"linear", "conv1d", "conv", "embedding", "experts", "saved"}
+    assert set(KINDS) == {"linear", "conv1d", "conv", "embedding", "experts", "norm", "saved"}
     found = lf.targets(tiny_gpt2(), lf.LoRAConfig(r=4))  # Conv1D is linear-like: targeted by default
     assert {t.kind for t in found} == {"conv1d"} and len(found) == 8
     assert found[0].path == "transformer.h.0.attn.c_attn" and (found[0].d_in, found[0].d_out) == (32, 96)
