@@ -42,12 +42,14 @@ from ._version import __version__ as __version__
 from .peft import from_peft as from_peft
 from .peft import to_peft as to_peft
 from .variants.antipasto import AntiPaSTOConfig as AntiPaSTOConfig
+from .variants.c3a import C3AConfig as C3AConfig
 from .variants.delora import DeLoRAConfig as DeLoRAConfig
 from .variants.dora import DoRAConfig as DoRAConfig
 from .variants.eva import EVAConfig as EVAConfig
 from .variants.hra import HRAConfig as HRAConfig
 from .variants.ia3 import IA3Config as IA3Config
 from .variants.ia3ff import IA3FFConfig as IA3FFConfig
+from .variants.ln_tuning import LNTuningConfig as LNTuningConfig
 from .variants.loha import LoHaConfig as LoHaConfig
 from .variants.lokr import LoKrConfig as LoKrConfig
 from .variants.lora import LoRAConfig as LoRAConfig
@@ -55,4 +57,5 @@ from .variants.oft import OFTConfig as OFTConfig
 from .variants.pissa import PiSSAConfig as PiSSAConfig
 from .variants.road import ROADConfig as ROADConfig
 from .variants.ssvd import SSVDConfig as SSVDConfig
+from .variants.trainable_tokens import TrainableTokensConfig as TrainableTokensConfig
 from .variants.vera import VeRAConfig as VeRAConfig

@@ -30,7 +30,7 @@ from torch import nn
 from .._config import ROLES, AdapterConfig, config_for
 from .._kind import SHARED, BaseLayer, Kind, Target
 from .._variant import Leaves, Site, Variant
-from . import conv, conv1d, embedding, experts, linear, saved
+from . import conv, conv1d, embedding, experts, linear, norm, saved
 
 KINDS: dict[str, Kind] = {
     k.name: k
@@ -40,6 +40,7 @@ KINDS: dict[str, Kind] = {
         conv.KIND,
         embedding.KIND,
         experts.KIND,
+        norm.KIND,
         saved.KIND,
     )
 }

@@ -65,6 +65,8 @@ class PeftMethod:
         makes them (the variant's `create_shared`).
     kinds: the layer kinds (`lora_func/kinds/`) PEFT's method adapts as lora_func's variant does (`_kinds.py`).
     conv_dims: with "conv" in `kinds`, the convolutions PEFT's method has a layer for (1: nn.Conv1d, ...).
+    check_model(model, targets, where): raises where PEFT's method would compute something else on this model
+        (Trainable Tokens on an embedding tied to the output head); run by `from_peft`, and by `to_peft` with `model`.
     rebuild receives the target's read-only base-layer view (`lora_func._kind.BaseLayer`): `base.weight()` is the
         dense weight in the kind's layout.
     """
@@ -89,6 +91,7 @@ class PeftMethod:
     shared_stored: Callable[[Mapping[str, Any]], bool] = lambda fields: True
     kinds: tuple[str, ...] = ("linear",)
     conv_dims: tuple[int, ...] = (1, 2, 3)
+    check_model: Callable[[Any, tuple, str], None] | None = None
 
 
 def refuse(where: str, name: str, value: Any, why: str) -> None:

@@ -4,7 +4,26 @@ from __future__ import annotations
 
 from .._config import AdapterConfig
 from .._variant import CAPABILITIES, Dense, LowRank, Variant
-from . import antipasto, delora, dora, eva, hra, ia3, ia3ff, loha, lokr, lora, oft, pissa, road, ssvd, vera
+from . import (
+    antipasto,
+    c3a,
+    delora,
+    dora,
+    eva,
+    hra,
+    ia3,
+    ia3ff,
+    ln_tuning,
+    loha,
+    lokr,
+    lora,
+    oft,
+    pissa,
+    road,
+    ssvd,
+    trainable_tokens,
+    vera,
+)
 
 
 def _registered(*variants: Variant) -> dict[str, Variant]:
@@ -43,6 +62,9 @@ REGISTRY: dict[str, Variant] = _registered(
     loha.VARIANT,
     lokr.VARIANT,
     oft.VARIANT,
+    ln_tuning.VARIANT,
+    trainable_tokens.VARIANT,
+    c3a.VARIANT,
 )
 _BY_CONFIG: dict[type, Variant] = {v.config: v for v in REGISTRY.values()}
 
