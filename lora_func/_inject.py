@@ -56,10 +56,11 @@ from torch.overrides import TorchFunctionMode
 from . import _torch_private as private
 from ._mixed import AdapterRows
 from ._params import Params
+from ._positions import CallMasks
 from ._sites import resolve_sites, with_shared
 from ._structure import check
 from ._transform import in_transform
-from ._variant import Site
+from ._variant import Positions, Site
 from .kinds import form_of
 from .kinds.linear import QuantizedLinear, is_linear_like, quantization
 from .variants import variant_for
@@ -348,6 +349,27 @@ def _root_hook(module, args, *rest):
     _pop_detached(module)
 
 
+def _call_masks(variant, params: Params, model: nn.Module, checkpointed: bool, caller: str) -> CallMasks | None:
+    """A variant that edits some positions only (`Positions`: ReFT) reads each model call's attention mask, which
+    the root's "positions" hooks hand to this record (`lora_func/_positions.py`)."""
+    positions = variant.capability(Positions)
+    if positions is None:
+        return None
+    return CallMasks(model, positions.counts(params.config), checkpointed, caller)
+
+
+def _positions_pre_hook(module, args, *rest):
+    injection = _here(module, _graph_task())
+    if injection is not None and injection.positions is not None:
+        injection.positions.enter(args, rest[0] if rest else {})
+
+
+def _positions_hook(module, args, *rest):
+    injection = _here(module, _graph_task())
+    if injection is not None and injection.positions is not None:
+        injection.positions.exit()
+
+
 def _recompute_pre_hook(module, args, *rest):
     """A module with trainable base parameters inside a checkpointed layer: in a recompute of an injected
     call, its ops see the parameters detached, as they did in the forward."""
@@ -492,6 +514,8 @@ def _register(module: nn.Module, role: str) -> list:
             _Hook(module, _parameters_pre_hook, pre=True),
             _Hook(module, _parameters_hook, pre=False, always_call=True),
         ]
+    if role == "positions":
+        return [_Hook(module, _positions_pre_hook, pre=True), _Hook(module, _positions_hook, pre=False, always_call=True)]
     if role == "done":
         return [_Hook(module, _done_hook, pre=False)]
     if role == "recompute":
@@ -657,6 +681,7 @@ class Injection:
         form = "input" if self.input_form else "output"
         roles: list[tuple[nn.Module, str]] = []
         rows = self.rows
+        self.positions = _call_masks(variant, params, model, bool(self.layers), caller)
         for module, site in resolve_sites(model, params, caller, modules):
             leaves = with_shared(params, site.target.path)
             target_form = form_of(variant, site.target)
@@ -673,6 +698,8 @@ class Injection:
                 fn = variant.forward_input if rows is None else partial(rows.forward_input, variant.forward_input)
             else:
                 fn = variant.forward if rows is None else partial(rows.forward, variant.forward)
+                if self.positions is not None:
+                    fn = partial(self.positions.forward, fn)
             inference = None if self.input_form or variant.inference is None else variant.inference(site, rows)
             self.bindings[module] = (fn, leaves, site, inference)
             roles.append((module, form))
@@ -682,6 +709,8 @@ class Injection:
         touched = [model, *self.bindings, *self.parameter_bindings]
         if self.needs_detach:
             roles.append((model, "root"))
+        if self.positions is not None:
+            roles.append((model, "positions"))
         if self.layers:
             roles.append((model, "done"))
         for layer in self.layers:

@@ -80,7 +80,11 @@ class Kind(NamedTuple):
     input_gain(base, l) -> G                      the multiplier of W's columns that scaling input feature i by l_i is
     parameter_form                                injected by replacing module parameters (fused experts, saved
                                                   copies) rather than at the module's output
-    by_default                                    targeted when `target_names` is None (linear-like layers)
+    by_default                                    targeted when `target_names` is None (linear-like layers), by
+                                                  the variants that list the kind
+    exclusive                                     recognised only for the variants that list it: a block (a
+                                                  decoder layer) is a container of other kinds' targets, and no
+                                                  other variant should see it as one
     layout_fields: {field: parse}                 the layout's fields; `parse` checks a stored (JSON) value and
                                                   returns it in `Target.layout` form, raising ValueError
     module_path(target) -> path                   the module a parameter target lives on (None: `target.path`)
@@ -109,6 +113,7 @@ class Kind(NamedTuple):
     input_gain: Callable[[BaseLayer, torch.Tensor], torch.Tensor] | None = None
     parameter_form: bool = False
     by_default: bool = False
+    exclusive: bool = False
     layout_fields: Mapping[str, Callable[[Any], Any]] = {}
     module_path: Callable[[Target], str] | None = None
     leaf_shapes: Callable[[Target], dict[str, tuple[int, ...]]] | None = None

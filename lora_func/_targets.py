@@ -82,9 +82,9 @@ def find_targets(model: nn.Module, cfg: AdapterConfig, *, caller: str = "targets
             if any(True for _ in module.parameters(recurse=False)):
                 selected.append(KINDS["saved"].describe(path, module, roles))
             continue
-        kind = module_kind(module)
+        kind = module_kind(module, variant)
         if cfg.target_names is None:
-            wanted = kind is not None and kind.by_default
+            wanted = kind is not None and kind.by_default and kind.name in variant.kinds
         else:
             matched = [p for p in cfg.target_names if re.search(p, path)]
             for p in matched:
@@ -112,7 +112,7 @@ def find_targets(model: nn.Module, cfg: AdapterConfig, *, caller: str = "targets
 
     modules = dict(model.named_modules())
     for pattern, paths in name_hits.items():  # a pattern that hits only modules no kind adapts is a mistake
-        if paths and not any(module_kind(modules[p]) is not None for p in paths):
+        if paths and not any(module_kind(modules[p], variant) is not None for p in paths):
             shown = ", ".join(f"{p} ({type(modules[p]).__name__})" for p in paths[:3])
             raise ValueError(
                 f"{caller}: `target_names` pattern {pattern!r} matches only modules that no layer kind adapts "

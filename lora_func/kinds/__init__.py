@@ -30,7 +30,7 @@ from torch import nn
 from .._config import ROLES, AdapterConfig, config_for
 from .._kind import SHARED, BaseLayer, Kind, Target
 from .._variant import Leaves, Site, Variant
-from . import conv, conv1d, embedding, experts, linear, saved
+from . import block, conv, conv1d, embedding, experts, linear, saved
 
 KINDS: dict[str, Kind] = {
     k.name: k
@@ -41,13 +41,17 @@ KINDS: dict[str, Kind] = {
         embedding.KIND,
         experts.KIND,
         saved.KIND,
+        block.KIND,
     )
 }
 
 
-def module_kind(module: nn.Module) -> Kind | None:
-    """The first registered kind that recognises `module` as one of its layers, or None."""
+def module_kind(module: nn.Module, variant: Variant | None = None) -> Kind | None:
+    """The first registered kind that recognises `module` as one of its layers, or None. An `exclusive` kind (a
+    model's blocks) counts only for a `variant` that lists it."""
     for kind in KINDS.values():
+        if kind.exclusive and (variant is None or kind.name not in variant.kinds):
+            continue
         if kind.recognise is not None and kind.recognise(module):
             return kind
     return None
@@ -218,7 +222,10 @@ def device_of(base: BaseLayer) -> torch.device:
     weight = getattr(base.module, "weight", None)
     if isinstance(weight, torch.Tensor):
         return weight.device
-    return next(base.module.parameters(recurse=False)).device
+    own = next(base.module.parameters(recurse=False), None)
+    if own is None:  # a block: the parameters of its layers
+        own = next(base.module.parameters())
+    return own.device
 
 
 def create_leaves(variant: Variant, site: Site, init) -> Leaves:

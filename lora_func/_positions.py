@@ -1,0 +1,153 @@
+"""Which token positions an intervention edits (ReFT): the first f and last l non-padding tokens of each row.
+
+    n_b = Σ_t mask[b, t]                   the row's real tokens (the model call's `attention_mask`; all, without one)
+    f_b = min(f, n_b // 2),  l_b = min(l, n_b // 2)          pyreft's cap: a short row gives each end half of it
+    edit[b, t] = mask[b, t] and (c[b, t] <= f_b or c[b, t] > n_b − l_b),   c = cumsum(mask): t's rank among them
+
+so left and right padding select the same tokens. One intervention serves both ends (pyreft's `share_weights=True`).
+The variant's forward runs on the whole block output, and `torch.where(edit, Φ(h), h)` keeps every other position
+as the block computed it, with no gradient to the adapter from them: the same values and gradients as pyreft's
+gather-intervene-scatter, and each row of a mixed batch (`adapter_ids`) or a vmapped stack keeps its own positions.
+
+A call that continues from a KV cache (its hidden states are shorter than its attention mask: a decoding step of
+`generate`) edits nothing: the prompt's positions are edited once, in the call that runs the prompt, and generated
+tokens never (pyreft's `intervene_on_prompt=True`).
+
+Where the mask comes from: a pre-hook on the model's root (`lora_func/_inject.py`, role "positions") hands each call
+of the model to its injection's `CallMasks`, which the block's forward reads. Under HF gradient checkpointing a
+block is recomputed in backward, after the call has returned: each call's mask is kept with the autograd sequence
+number its nodes start at, and a recompute finds its own call's by the node it runs in, as the injection finds the
+call's adapter (exact when several calls of one `inject` block share one backward).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _torch_private as private
+
+_SPEC = re.compile(r"^(?:f(\d+))?(?:\+?l(\d+))?$")
+
+
+def parse_positions(spec: str) -> tuple[int, int]:
+    """pyreft's `positions` string: "f3+l3" -> (3, 3), "f5" -> (5, 0), "l1" -> (0, 1). A ValueError says why not."""
+    match = _SPEC.match(spec) if isinstance(spec, str) else None
+    if not spec or match is None or (match.group(1) is None and match.group(2) is None):
+        raise ValueError(f'must be "f<first>+l<last>", "f<first>" or "l<last>" (e.g. "f3+l3"), got {spec!r}')
+    first, last = int(match.group(1) or 0), int(match.group(2) or 0)
+    if first + last == 0:
+        raise ValueError(f"selects no position: {spec!r}")
+    return first, last
+
+
+def edit_mask(mask: torch.Tensor | None, rows: int, length: int, first: int, last: int, device) -> torch.Tensor | None:
+    """The (rows, length) bool mask of the positions to edit (see the module docstring), or None when the call
+    continues from a cache (its `length` is shorter than the mask's)."""
+    if mask is None:
+        mask = torch.ones(rows, length, dtype=torch.bool, device=device)
+    else:
+        if mask.dim() != 2 or mask.shape[0] != rows or mask.shape[1] < length:
+            raise ValueError(
+                f"ReFT: the model's `attention_mask` has shape {tuple(mask.shape)}, but a block's output has {rows} rows "
+                f"of {length} positions; the positions need a 2-D (batch, sequence) padding mask"
+            )
+        if mask.shape[1] > length:
+            return None  # a decoding step: past tokens are in the cache
+        mask = mask.to(device=device, dtype=torch.bool)
+    rank = mask.long().cumsum(1)  # (rows, length): 1-based rank of each real token
+    n = rank[:, -1:]  # (rows, 1)
+    f = n.div(2, rounding_mode="floor").clamp(max=first)
+    lst = n.div(2, rounding_mode="floor").clamp(max=last)
+    return mask & ((rank <= f) | (rank > n - lst))
+
+
+class _Call:
+    __slots__ = ("mask", "past", "start", "task")
+
+    def __init__(self, mask: torch.Tensor | None, past: bool, start: int, task: int) -> None:
+        self.mask, self.past, self.start, self.task = mask, past, start, task
+
+
+class CallMasks:
+    """One injection's record of the model calls it ran: their attention masks, for the blocks' forwards."""
+
+    def __init__(self, model: nn.Module, counts: tuple[int, int], keep: bool, caller: str) -> None:
+        self.first, self.last = counts
+        self.keep = keep  # checkpointed layers: keep every call's mask for the recomputes in backward
+        self.caller = caller
+        self.calls: list[_Call] = []
+        self.current: _Call | None = None
+        self._mask_at = _positional_index(model)
+
+    def enter(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """A call of the model begins (its root pre-hook)."""
+        mask = kwargs.get("attention_mask")
+        if mask is None and self._mask_at is not None and len(args) > self._mask_at:
+            mask = args[self._mask_at]
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            mask = None
+        call = _Call(mask, _has_past(kwargs), private.sequence_nr(), private.graph_task_id())
+        self.current = call
+        if self.keep and torch.is_grad_enabled():
+            self.calls.append(call)
+
+    def exit(self) -> None:
+        self.current = None
+
+    def _call(self) -> _Call:
+        task = private.graph_task_id()
+        current = self.current
+        if current is not None and current.task == task:
+            return current
+        if task != -1 and self.calls:  # a checkpointed block recomputed in backward: the call its node belongs to
+            node = private.current_autograd_node()
+            seq = private.node_sequence_nr(node) if node is not None else None
+            found = None
+            for call in self.calls:
+                if seq is None or call.start <= seq:
+                    found = call
+            if found is not None:
+                return found
+        raise RuntimeError(
+            f"{self.caller}: a ReFT block ran outside a call of the model given to {self.caller} (the block was called "
+            "on its own, or under torch.compile, where the model call's attention mask is not recorded); ReFT edits "
+            "positions of the model's rows: call the model"
+        )
+
+    def forward(self, fn: Callable, x: torch.Tensor, y: Any, leaves: dict, site: Any) -> Any:
+        """The variant's forward `fn` at the chosen positions of the block's output `y`; elsewhere `y` as it is."""
+        h = y[0] if isinstance(y, (tuple, list)) else y
+        call = self._call()
+        edit = None
+        if not (call.mask is None and call.past):
+            edit = edit_mask(call.mask, h.shape[0], h.shape[1], self.first, self.last, h.device)
+        if edit is None:
+            return y
+        out = torch.where(edit.unsqueeze(-1), fn(x, h, leaves, site), h)
+        if isinstance(y, (tuple, list)):
+            return type(y)((out, *y[1:]))
+        return out
+
+
+def _has_past(kwargs: dict[str, Any]) -> bool:
+    """Whether a call without an attention mask continues from a KV cache."""
+    cache = kwargs.get("past_key_values")
+    if cache is None:
+        return False
+    length = getattr(cache, "get_seq_length", None)
+    return bool(length() > 0) if callable(length) else True
+
+
+def _positional_index(model: nn.Module) -> int | None:
+    """Where `attention_mask` sits among the positional arguments of the model's forward (HF: second), or None."""
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("attention_mask") if "attention_mask" in names else None
