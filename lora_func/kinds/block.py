@@ -62,12 +62,17 @@ def weight(base: BaseLayer):
     )
 
 
+def bias(base: BaseLayer) -> None:
+    return None
+
+
 KIND = Kind(
     name="block",
     recognise=is_block,
     describe=describe,
     check=check,
     weight=weight,
+    bias=bias,
     by_default=True,
     exclusive=True,
 )
