@@ -515,7 +515,10 @@ def _register(module: nn.Module, role: str) -> list:
             _Hook(module, _parameters_hook, pre=False, always_call=True),
         ]
     if role == "positions":
-        return [_Hook(module, _positions_pre_hook, pre=True), _Hook(module, _positions_hook, pre=False, always_call=True)]
+        return [
+            _Hook(module, _positions_pre_hook, pre=True),
+            _Hook(module, _positions_hook, pre=False, always_call=True),
+        ]
     if role == "done":
         return [_Hook(module, _done_hook, pre=False)]
     if role == "recompute":

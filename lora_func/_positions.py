@@ -54,8 +54,8 @@ def edit_mask(mask: torch.Tensor | None, rows: int, length: int, first: int, las
     else:
         if mask.dim() != 2 or mask.shape[0] != rows or mask.shape[1] < length:
             raise ValueError(
-                f"ReFT: the model's `attention_mask` has shape {tuple(mask.shape)}, but a block's output has {rows} rows "
-                f"of {length} positions; the positions need a 2-D (batch, sequence) padding mask"
+                f"ReFT: the model's `attention_mask` has shape {tuple(mask.shape)}, but a block's output has {rows} "
+                f"rows of {length} positions; the positions need a 2-D (batch, sequence) padding mask"
             )
         if mask.shape[1] > length:
             return None  # a decoding step: past tokens are in the cache

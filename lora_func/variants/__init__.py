@@ -22,7 +22,8 @@ def _registered(*variants: Variant) -> dict[str, Variant]:
         if unknown or twice or len(weight) != 1:
             raise RuntimeError(
                 f"variant {v.name!r}: capabilities must be of {[c.__name__ for c in CAPABILITIES]}, none twice, and "
-                f"exactly one of LowRank / Dense / Intervention; got unknown {unknown}, twice {twice}, weight change {weight}"
+                f"exactly one of LowRank / Dense / Intervention; got unknown {unknown}, twice {twice}, "
+                f"weight change {weight}"
             )
         out[v.name] = v
     return out

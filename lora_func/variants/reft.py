@@ -119,9 +119,8 @@ def retract(params, state, step: int, grads):
     orthonormal rows (so a torch.optim optimizer keeps updating the same tensor). `grads` is not needed."""
     if params.config.intervention in ORTHONORMAL:
         with torch.no_grad():
-            for path, entry in params.items():
-                if "R" in entry:
-                    entry["R"].copy_(orthonormal_rows(entry["R"]))
+            for _, entry in params.items():
+                entry["R"].copy_(orthonormal_rows(entry["R"]))
     return params, state
 
 

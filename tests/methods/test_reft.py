@@ -221,9 +221,9 @@ def test_positions_follow_pyreft_under_left_and_right_padding(model):
     params = adapter(model, "loreft", positions="f3+l2")
     for side in ("left", "right"):
         batch = padded_batch([9, 1, 2, 4, 7], 10, side)
-        plain = first_block_output(model, lambda: model(**batch))
+        plain = first_block_output(model, lambda batch=batch: model(**batch))
         with torch.no_grad():
-            edited = first_block_output(model, lambda: lf.apply(model, params, batch))
+            edited = first_block_output(model, lambda batch=batch: lf.apply(model, params, batch))
         moved = (edited - plain).abs().amax(-1) > 0
         expected = torch.zeros_like(moved)
         for row, mask in enumerate(batch["attention_mask"]):
