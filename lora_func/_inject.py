@@ -349,13 +349,13 @@ def _root_hook(module, args, *rest):
     _pop_detached(module)
 
 
-def _call_masks(variant, params: Params, model: nn.Module, checkpointed: bool, caller: str) -> CallMasks | None:
+def _call_masks(variant, params: Params, model: nn.Module, caller: str) -> CallMasks | None:
     """A variant that edits some positions only (`Positions`: ReFT) reads each model call's attention mask, which
     the root's "positions" hooks hand to this record (`lora_func/_positions.py`)."""
     positions = variant.capability(Positions)
     if positions is None:
         return None
-    return CallMasks(model, positions.counts(params.config), checkpointed, caller)
+    return CallMasks(model, positions.counts(params.config), caller)
 
 
 def _positions_pre_hook(module, args, *rest):
@@ -684,7 +684,7 @@ class Injection:
         form = "input" if self.input_form else "output"
         roles: list[tuple[nn.Module, str]] = []
         rows = self.rows
-        self.positions = _call_masks(variant, params, model, bool(self.layers), caller)
+        self.positions = _call_masks(variant, params, model, caller)
         for module, site in resolve_sites(model, params, caller, modules):
             leaves = with_shared(params, site.target.path)
             target_form = form_of(variant, site.target)

@@ -14,10 +14,9 @@ A call that continues from a KV cache (its hidden states are shorter than its at
 tokens never (pyreft's `intervene_on_prompt=True`).
 
 Where the mask comes from: a pre-hook on the model's root (`lora_func/_inject.py`, role "positions") hands each call
-of the model to its injection's `CallMasks`, which the block's forward reads. Under HF gradient checkpointing a
-block is recomputed in backward, after the call has returned: each call's mask is kept with the autograd sequence
-number its nodes start at, and a recompute finds its own call's by the node it runs in, as the injection finds the
-call's adapter (exact when several calls of one `inject` block share one backward).
+of the model to its injection's `CallMasks`, which the block's forward reads. transformers 5 checkpoints a block's
+`forward` inside its module hooks, so under HF gradient checkpointing the edit itself is not recomputed; a checkpoint
+around the whole model call recomputes the root's call too, in the same backward, and finds its mask again.
 """
 
 from __future__ import annotations
@@ -68,20 +67,18 @@ def edit_mask(mask: torch.Tensor | None, rows: int, length: int, first: int, las
 
 
 class _Call:
-    __slots__ = ("mask", "past", "start", "task")
+    __slots__ = ("mask", "past", "task")
 
-    def __init__(self, mask: torch.Tensor | None, past: bool, start: int, task: int) -> None:
-        self.mask, self.past, self.start, self.task = mask, past, start, task
+    def __init__(self, mask: torch.Tensor | None, past: bool, task: int) -> None:
+        self.mask, self.past, self.task = mask, past, task
 
 
 class CallMasks:
-    """One injection's record of the model calls it ran: their attention masks, for the blocks' forwards."""
+    """One injection's record of the model call it runs: its attention mask, for the blocks' forwards."""
 
-    def __init__(self, model: nn.Module, counts: tuple[int, int], keep: bool, caller: str) -> None:
+    def __init__(self, model: nn.Module, counts: tuple[int, int], caller: str) -> None:
         self.first, self.last = counts
-        self.keep = keep  # checkpointed layers: keep every call's mask for the recomputes in backward
         self.caller = caller
-        self.calls: list[_Call] = []
         self.current: _Call | None = None
         self._mask_at = _positional_index(model)
 
@@ -92,32 +89,19 @@ class CallMasks:
             mask = args[self._mask_at]
         if mask is not None and not isinstance(mask, torch.Tensor):
             mask = None
-        call = _Call(mask, _has_past(kwargs), private.sequence_nr(), private.graph_task_id())
-        self.current = call
-        if self.keep and torch.is_grad_enabled():
-            self.calls.append(call)
+        self.current = _Call(mask, _has_past(kwargs), private.graph_task_id())
 
     def exit(self) -> None:
         self.current = None
 
     def _call(self) -> _Call:
-        task = private.graph_task_id()
         current = self.current
-        if current is not None and current.task == task:
+        if current is not None and current.task == private.graph_task_id():
             return current
-        if task != -1 and self.calls:  # a checkpointed block recomputed in backward: the call its node belongs to
-            node = private.current_autograd_node()
-            seq = private.node_sequence_nr(node) if node is not None else None
-            found = None
-            for call in self.calls:
-                if seq is None or call.start <= seq:
-                    found = call
-            if found is not None:
-                return found
         raise RuntimeError(
             f"{self.caller}: a ReFT block ran outside a call of the model given to {self.caller} (the block was called "
-            "on its own, or under torch.compile, where the model call's attention mask is not recorded); ReFT edits "
-            "positions of the model's rows: call the model"
+            "on its own, recomputed by a checkpoint inside the model, or run under torch.compile, where the model "
+            "call's attention mask is not recorded); ReFT edits positions of the model's rows: call the model"
         )
 
     def forward(self, fn: Callable, x: torch.Tensor, y: Any, leaves: dict, site: Any) -> Any:

@@ -380,3 +380,88 @@ def test_merge_and_weight_arithmetic_are_refused_by_name(model):
         lf.delta_weights(model, params)
     with pytest.raises(ValueError, match=r"exceeds the hidden size 64"):
         lf.init(model, lf.ReFTConfig(r=65))
+
+
+# -- positions through the rest of the library: stacks, threads, checkpointing ----------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented")
+def test_vmap_and_mixed_batches_keep_each_rows_positions(model):
+    """Two adapters on a padded batch: vmapped over the stack, and mixed per row (`adapter_ids`, a base row too),
+    each row equals that row run alone with its own adapter (its positions from its own mask)."""
+    adapters = [adapter(model, "loreft", seed=0), adapter(model, "loreft", seed=1)]
+    batch = padded_batch([9, 3, 6], 10, "left")
+    with torch.no_grad():
+        alone = [lf.apply(model, p, batch).logits for p in adapters]
+        base = model(**batch).logits
+        vmapped = torch.func.vmap(lambda p: lf.apply(model, p, batch).logits)(lf.stack(adapters))
+        mixed = lf.apply(model, lf.stack(adapters), batch, adapter_ids=[1, -1, 0]).logits
+    real = batch["attention_mask"].bool()
+    for k in range(2):
+        torch.testing.assert_close(vmapped[k][real], alone[k][real], rtol=0, atol=1e-5)
+    for row, k in enumerate([1, -1, 0]):
+        expected = base[row] if k < 0 else alone[k][row]
+        torch.testing.assert_close(mixed[row][real[row]], expected[real[row]], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_recomputes_each_call_with_its_own_mask(reentrant):
+    """Two forwards with different padding in one `lf.inject` block, their losses summed into one backward, with HF
+    gradient checkpointing; and a checkpoint around the whole call, recomputed in backward: the gradients of the run
+    without checkpointing."""
+    model = tiny_qwen3()
+    params = adapter(model, "loreft")
+    batches = [padded_batch([9, 4], 10, "left", seed=1), padded_batch([3, 10], 10, "right", seed=2)]
+    for b in batches:
+        b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+
+    def grads():
+        with lf.inject(model, params):
+            loss = sum(model(**b).loss for b in batches)
+        loss.backward()  # reentrant checkpointing refuses torch.autograd.grad
+        out = [t.grad.clone() for t in lf.trainable_leaves(params)]
+        for t in lf.trainable_leaves(params):
+            t.grad = None
+        return out
+
+    expected = grads()
+
+    def whole(*leaves):  # the whole apply checkpointed: recomputed in backward, root call included
+        return sum(lf.apply(model, params, b).loss for b in batches)
+
+    leaves = lf.trainable_leaves(params)
+    torch.utils.checkpoint.checkpoint(whole, *leaves, use_reentrant=reentrant).backward()
+    for t, b in zip(leaves, expected):
+        torch.testing.assert_close(t.grad, b, rtol=1e-5, atol=1e-6)
+        t.grad = None
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    got = grads()
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_threads_each_edit_their_own_rows(model):
+    """Four threads, each with its own padded batch and adapter, at the same time: each gets its lone result."""
+    import threading
+
+    adapters = [adapter(model, "loreft", seed=k) for k in range(4)]
+    batches = [padded_batch([10 - k, 3 + k], 10, "left" if k % 2 else "right", seed=k) for k in range(4)]
+    with torch.no_grad():
+        expected = [lf.apply(model, p, b).logits for p, b in zip(adapters, batches)]
+    results: dict[int, torch.Tensor] = {}
+    start = threading.Barrier(4)
+
+    def work(k):
+        start.wait()
+        with torch.no_grad():
+            for _ in range(5):
+                results[k] = lf.apply(model, adapters[k], batches[k]).logits
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(4):
+        assert torch.equal(results[k], expected[k]), k
