@@ -27,13 +27,15 @@ def is_block(module: nn.Module) -> bool:
 
 def hidden_size(module: nn.Module) -> int | None:
     """The width of the hidden states a block reads and writes: its `hidden_size`, else its first linear layer's
-    input features (attention reads the hidden state first)."""
+    (or transformers Conv1D's) input features: attention reads the hidden state first."""
     width = getattr(module, "hidden_size", None)
     if isinstance(width, int):
         return width
     for sub in module.modules():
         if is_linear_like(sub):
             return sub.in_features
+        if isinstance(getattr(sub, "nx", None), int):  # transformers' Conv1D (GPT-2): weight (nx, nf)
+            return sub.nx
     return None
 
 

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_untouched, perturbed, snapshot
+from conftest import NOT_IDENTITY_AT_INIT, assert_untouched, perturbed, snapshot
 
 import lora_func as lf
 from lora_func._params import SHARED
@@ -15,10 +15,6 @@ from lora_func._variant import Intervention
 from lora_func.variants import REGISTRY
 
 VARIANTS = sorted(REGISTRY)
-# Invariant 2 is waived for these, and why: their method does not start at the identity.
-NOT_IDENTITY_AT_INIT = {
-    "reft": "LoReFT starts, as pyreft's does, from random W, b and an orthonormal R, which do not cancel",
-}
 
 
 def call(model, batch):

@@ -10,8 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qwen3, tiny_qwen3_8bit
-from test_contract import NOT_IDENTITY_AT_INIT, _only
+from conftest import (
+    NOT_IDENTITY_AT_INIT,
+    assert_untouched,
+    perturbed,
+    qwen3_batch,
+    snapshot,
+    tiny_qwen3,
+    tiny_qwen3_8bit,
+)
+from test_contract import _only
 
 import lora_func as lf
 from lora_func._variant import Intervention
