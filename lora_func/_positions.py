@@ -5,6 +5,9 @@
     edit[b, t] = mask[b, t] and (c[b, t] <= f_b or c[b, t] > n_b − l_b),   c = cumsum(mask): t's rank among them
 
 so left and right padding select the same tokens. One intervention serves both ends (pyreft's `share_weights=True`).
+A training call with `labels` counts the row's prompt only: its real tokens whose label is -100 (a row with none, plain
+language modelling, counts all its real tokens). pyreft does the same, counting positions over the prompt
+(`last_position = len(prompt)`), so that training edits the positions `generate` edits: the prompt's.
 The variant's forward runs on the whole block output, and `torch.where(edit, Φ(h), h)` keeps every other position
 as the block computed it, with no gradient to the adapter from them: the same values and gradients as pyreft's
 gather-intervene-scatter, and each row of a mixed batch (`adapter_ids`) or a vmapped stack keeps its own positions.
@@ -45,9 +48,18 @@ def parse_positions(spec: str) -> tuple[int, int]:
     return first, last
 
 
-def edit_mask(mask: torch.Tensor | None, rows: int, length: int, first: int, last: int, device) -> torch.Tensor | None:
+def edit_mask(
+    mask: torch.Tensor | None,
+    rows: int,
+    length: int,
+    first: int,
+    last: int,
+    device,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """The (rows, length) bool mask of the positions to edit (see the module docstring), or None when the call
-    continues from a cache (its `length` is shorter than the mask's)."""
+    continues from a cache (its `length` is shorter than the mask's). With `labels` (rows, length), the positions
+    are counted over each row's prompt: its real tokens labelled -100, or all of them where none is."""
     if mask is None:
         mask = torch.ones(rows, length, dtype=torch.bool, device=device)
     else:
@@ -59,6 +71,9 @@ def edit_mask(mask: torch.Tensor | None, rows: int, length: int, first: int, las
         if mask.shape[1] > length:
             return None  # a decoding step: past tokens are in the cache
         mask = mask.to(device=device, dtype=torch.bool)
+    if labels is not None and tuple(labels.shape) == (rows, length):
+        prompt = mask & (labels.to(device) == -100)
+        mask = torch.where(prompt.any(1, keepdim=True), prompt, mask)
     rank = mask.long().cumsum(1)  # (rows, length): 1-based rank of each real token
     n = rank[:, -1:]  # (rows, 1)
     f = n.div(2, rounding_mode="floor").clamp(max=first)
@@ -67,10 +82,10 @@ def edit_mask(mask: torch.Tensor | None, rows: int, length: int, first: int, las
 
 
 class _Call:
-    __slots__ = ("mask", "past", "task")
+    __slots__ = ("labels", "mask", "past", "task")
 
-    def __init__(self, mask: torch.Tensor | None, past: bool, task: int) -> None:
-        self.mask, self.past, self.task = mask, past, task
+    def __init__(self, mask: torch.Tensor | None, labels: torch.Tensor | None, past: bool, task: int) -> None:
+        self.mask, self.labels, self.past, self.task = mask, labels, past, task
 
 
 class CallMasks:
@@ -80,16 +95,12 @@ class CallMasks:
         self.first, self.last = counts
         self.caller = caller
         self.current: _Call | None = None
-        self._mask_at = _positional_index(model)
+        self._at = _positional_indices(model, ("attention_mask", "labels"))
 
     def enter(self, args: tuple, kwargs: dict[str, Any]) -> None:
         """A call of the model begins (its root pre-hook)."""
-        mask = kwargs.get("attention_mask")
-        if mask is None and self._mask_at is not None and len(args) > self._mask_at:
-            mask = args[self._mask_at]
-        if mask is not None and not isinstance(mask, torch.Tensor):
-            mask = None
-        self.current = _Call(mask, _has_past(kwargs), private.graph_task_id())
+        mask, labels = (_argument(name, at, args, kwargs) for name, at in self._at.items())
+        self.current = _Call(mask, labels, _has_past(kwargs), private.graph_task_id())
 
     def exit(self) -> None:
         self.current = None
@@ -110,7 +121,7 @@ class CallMasks:
         call = self._call()
         edit = None
         if not (call.mask is None and call.past):
-            edit = edit_mask(call.mask, h.shape[0], h.shape[1], self.first, self.last, h.device)
+            edit = edit_mask(call.mask, h.shape[0], h.shape[1], self.first, self.last, h.device, call.labels)
         if edit is None:
             return y
         out = torch.where(edit.unsqueeze(-1), fn(x, h, leaves, site), h)
@@ -128,10 +139,19 @@ def _has_past(kwargs: dict[str, Any]) -> bool:
     return bool(length() > 0) if callable(length) else True
 
 
-def _positional_index(model: nn.Module) -> int | None:
-    """Where `attention_mask` sits among the positional arguments of the model's forward (HF: second), or None."""
+def _positional_indices(model: nn.Module, names: tuple[str, ...]) -> dict[str, int | None]:
+    """Where each of `names` sits among the positional arguments of the model's forward (HF: `attention_mask`
+    second), or None."""
     try:
-        names = list(inspect.signature(model.forward).parameters)
+        params = list(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
-        return None
-    return names.index("attention_mask") if "attention_mask" in names else None
+        params = []
+    return {name: params.index(name) if name in params else None for name in names}
+
+
+def _argument(name: str, at: int | None, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """A tensor argument of the model's call, by keyword or by position; None where absent or not a tensor."""
+    value = kwargs.get(name)
+    if value is None and at is not None and len(args) > at:
+        value = args[at]
+    return value if isinstance(value, torch.Tensor) else None

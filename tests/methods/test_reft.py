@@ -239,6 +239,37 @@ def test_positions_follow_pyreft_under_left_and_right_padding(model):
     assert ((edited - plain).abs().amax(-1) > 0).sum(1).tolist() == [5, 5]
 
 
+def test_training_rows_count_their_prompt_as_pyreft_does(model):
+    """A supervised row (prompt labelled -100, then its answer, right-padded): the edits fall on the prompt's first
+    and last tokens (pyreft's `last_position = len(prompt)`), so block 0's output on the prompt is what the prompt
+    alone (generate's prefill) gets; a row labelled everywhere (plain language modelling) counts all its tokens."""
+    params = adapter(model, "loreft", positions="f2+l3")
+    batch = padded_batch([10, 8], 10, "right")
+    prompt_lengths = [7, 6]
+    labels = batch["input_ids"].clone()
+    for row, n in enumerate(prompt_lengths):
+        labels[row, :n] = -100
+    labels[batch["attention_mask"] == 0] = -100
+    lm_row = batch["input_ids"][1:].clone()
+    batch = {**batch, "labels": labels}
+    plain = first_block_output(model, lambda: model(**batch))
+    with torch.no_grad():
+        edited = first_block_output(model, lambda: lf.apply(model, params, batch))
+    moved = ((edited - plain).abs().amax(-1) > 0).int().tolist()
+    assert moved == [[1, 1, 0, 0, 1, 1, 1, 0, 0, 0], [1, 1, 0, 1, 1, 1, 0, 0, 0, 0]]
+    for row, n in enumerate(prompt_lengths):
+        alone = {"input_ids": batch["input_ids"][row : row + 1, :n]}
+        with torch.no_grad():
+            prefill = first_block_output(model, lambda alone=alone: lf.apply(model, params, alone))
+        torch.testing.assert_close(edited[row, :n], prefill[0], rtol=0, atol=1e-5)
+    lm = {"input_ids": lm_row, "attention_mask": batch["attention_mask"][1:], "labels": lm_row}
+    with torch.no_grad():
+        lm_moved = first_block_output(model, lambda: lf.apply(model, params, lm)) - first_block_output(
+            model, lambda: model(**lm)
+        )
+    assert (lm_moved.abs().amax(-1) > 0).int().tolist() == [[1, 1, 0, 0, 0, 1, 1, 1, 0, 0]]
+
+
 def test_padding_side_does_not_change_the_result(model):
     """The same rows padded left or right give the same logits at their real tokens (the positions follow them)."""
     params = adapter(model, "loreft")
