@@ -8,6 +8,7 @@ that file transcribed below. The positions: `get_intervention_locations` of pyre
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from pathlib import Path
@@ -25,6 +26,7 @@ INTERVENTIONS = ("loreft", "noreft", "direft")
 # -- references ----------------------------------------------------------------------------------------------------
 
 
+@functools.cache
 def pyreft_interventions():
     """pyreft's `interventions` module, or None where pyreft (and pyvene) are not installed."""
     spec = importlib.util.find_spec("pyreft")
@@ -54,6 +56,32 @@ def pyreft_module(kind: str, leaves: dict[str, torch.Tensor]) -> torch.nn.Module
         else:  # through the orthogonal parametrization: R must have orthonormal rows
             iv.rotate_layer.weight = leaves["R"].t().contiguous()
     return iv.eval()
+
+
+class Transcribed(torch.nn.Module):
+    """pyreft's intervention module as its source writes it (`learned_source` a linear layer, R fixed), for where
+    pyreft is not installed."""
+
+    def __init__(self, kind: str, leaves: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        r, d = leaves["R"].shape
+        self.kind = kind
+        self.learned_source = torch.nn.Linear(d, r)
+        with torch.no_grad():
+            self.learned_source.weight.copy_(leaves["W"])
+            self.learned_source.bias.copy_(leaves["b"])
+        self.register_buffer("R", leaves["R"].detach().clone())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        W, b = self.learned_source.weight, self.learned_source.bias
+        return formula(self.kind, h, {"R": self.R, "W": W, "b": b})
+
+
+def reference_module(kind: str, leaves: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """pyreft's module where pyreft is installed, else its formulas transcribed."""
+    if pyreft_interventions() is None:
+        return Transcribed(kind, leaves)
+    return pyreft_module(kind, leaves)
 
 
 def formula(kind: str, h: torch.Tensor, leaves: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -102,7 +130,9 @@ def manual_reft(model, params, kind: str, first: int, last: int, edit_prompt_onl
     """Hooks that apply pyreft's intervention to each block's output at pyreft's positions of each row (from the
     attention mask passed here through `state`), pyreft-style: gather, intervene, scatter."""
     state = {"mask": None, "calls": 0}
-    modules = {t.path: pyreft_module(kind, params[t.path]) for t in params.targets}
+    modules = {
+        t.path: reference_module(kind, {k: v.detach() for k, v in params[t.path].items()}) for t in params.targets
+    }
 
     def hook(layer_path):
         def edit(module, args, out):
@@ -190,8 +220,9 @@ def test_intervention_equals_transcribed_formula(kind, model):
 @pytest.mark.parametrize("kind", INTERVENTIONS)
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_model_equals_pyreft_at_its_positions(kind, side, model):
-    """The whole model with the adapter equals the base model with pyreft's intervention applied by hand at pyreft's
-    positions of each row (rows of 2 to 9 real tokens: the caps at half a short row), logits and leaf gradients."""
+    """The whole model with the adapter equals the base model with pyreft's intervention (its transcribed formula
+    where pyreft is absent) applied by hand at pyreft's positions of each row (rows of 2 to 9 real tokens: the caps
+    at half a short row), logits and leaf gradients."""
     params = adapter(model, kind, positions="f3+l2")
     batch = padded_batch([9, 2, 5, 3], 10, side)
     real = batch["attention_mask"].bool()
