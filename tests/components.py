@@ -1,8 +1,4 @@
-"""Model builders and adapter helpers shared by the tests and `benchmarks/gpu.py`.
-
-Plain functions, no pytest: the GPU script imports this module on a machine that may not have pytest.
-`conftest.py` re-exports them for the tests.
-"""
+"""Model builders and adapter helpers shared by the tests: plain functions, which `conftest.py` re-exports."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A kind says how to recognise a module, its features and layout, how to read its 
 low-rank family acts on it (see `lora_func/_kind.py`). A variant lists the kinds it supports
 (`Variant.kinds`); `leaf_shapes` refuses the others, naming the variant and the module.
 
-What the injection needs, per target of an adapter (the contract with `lora_func/_inject.py`):
+What the injection needs, per target of an adapter (the contract with `lora_func/_inject/`):
 
     site = site_for(model, target, cfg, caller)      # the target located, checked, with its read-only base view
     form = form_of(variant, site.target)
