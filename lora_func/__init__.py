@@ -55,6 +55,7 @@ from .variants.lokr import LoKrConfig as LoKrConfig
 from .variants.lora import LoRAConfig as LoRAConfig
 from .variants.oft import OFTConfig as OFTConfig
 from .variants.pissa import PiSSAConfig as PiSSAConfig
+from .variants.reft import ReFTConfig as ReFTConfig
 from .variants.road import ROADConfig as ROADConfig
 from .variants.ssvd import SSVDConfig as SSVDConfig
 from .variants.trainable_tokens import TrainableTokensConfig as TrainableTokensConfig

@@ -80,10 +80,13 @@ class Kind(NamedTuple):
     input_gain(base, l) -> G                      the multiplier of W's columns that scaling input feature i by l_i is
     parameter_form                                injected by replacing module parameters (fused experts, saved
                                                   copies) rather than at the module's output
-    by_default                                    targeted when `target_names` is None (linear-like layers)
-    listed_only                                   a target only of variants that list the kind: for others a module
-                                                  of it that `target_names` matches is passed over, not refused (norm
-                                                  layers sit inside the blocks that name patterns select)
+    by_default                                    targeted when `target_names` is None (linear-like layers), by
+                                                  the variants that list the kind
+    listed_only                                   recognised only for the variants that list the kind: for others a
+                                                  module of it is no target, and one that `target_names` matches is
+                                                  passed over, not refused (norm layers sit inside the blocks that
+                                                  name patterns select; a block is a container of other kinds'
+                                                  targets)
     layout_fields: {field: parse}                 the layout's fields; `parse` checks a stored (JSON) value and
                                                   returns it in `Target.layout` form, raising ValueError
     module_path(target) -> path                   the module a parameter target lives on (None: `target.path`)

@@ -6,7 +6,9 @@ A variant file defines its config class and functions and ends with `VARIANT = V
 capabilities in `Variant.capabilities`, one small record each, and nothing outside its file keys on its name:
 
     WeightChange   its ΔW = W' − W: `LowRank(factors)` (exact sums by concatenation) or `Dense()` (from `merge`);
-                   exactly one of the two, so a new variant is never silently taken for either
+                   exactly one of the two, so a new variant is never silently taken for either; or
+    Intervention   no ΔW at all: the adapter edits hidden states (ReFT), and merge and arithmetic refuse it
+    Positions      the forward applies at some token positions of each row only (ReFT's first and last tokens)
     Padding        leaves zero-padded to a larger rank compute the same (`lf.stack(..., pad=True)`)
     PeftExchange   the module of `lora_func/peft/` that reads and writes it as a PEFT method
     Recipe         the learning rate and config fields the MiniLM demo and notebook 02 train it with
@@ -83,6 +85,20 @@ class Dense(NamedTuple):
     adapter arithmetic needs the base model."""
 
 
+class Intervention(NamedTuple):
+    """No weight change expresses the adapter: it edits hidden states (ReFT at a block's output). `merge`,
+    `delta_weights` and adapter arithmetic refuse it, by name. Declared instead of `LowRank` / `Dense`."""
+
+
+class Positions(NamedTuple):
+    """The forward applies at some positions of each row, the others keep the block's output: `counts(cfg) ->
+    (first, last)`, the first and last non-padding tokens of each row (the model call's `attention_mask`), each capped
+    at half the row's length (`lora_func/_positions.py`). A call that continues from a KV cache (a decoding step of
+    `generate`) edits nothing: the prompt's positions are edited once, when the prompt runs."""
+
+    counts: Callable[[AdapterConfig], tuple[int, int]]
+
+
 class Padding(NamedTuple):
     """Zero-padding to a larger rank is exact (`lf.stack(..., pad=True)`): `axes` ((leaf, axis), ...) carry the rank
     (A-like leaves on rows, B-like on columns); the update is s · B A with s = alpha / r (alpha / √r with
@@ -121,7 +137,7 @@ class Regularizer(NamedTuple):
     loss: Callable[[Any], torch.Tensor]
 
 
-CAPABILITIES = (LowRank, Dense, Padding, PeftExchange, Recipe, Schedule, Regularizer)
+CAPABILITIES = (LowRank, Dense, Intervention, Positions, Padding, PeftExchange, Recipe, Schedule, Regularizer)
 
 
 class Variant(NamedTuple):

@@ -235,7 +235,8 @@ KIND_TARGETS = {"norm": (r"(input|post_attention)_layernorm$",), "embedding": (r
 
 def target_names_for(variant, names: tuple[str, ...]) -> tuple[str, ...]:
     """`names` (linear projections of the tiny Qwen3) for a variant that adapts linear layers; else the layers of
-    the first of its kinds in `KIND_TARGETS` (LN Tuning: the blocks' norms; Trainable Tokens: the embedding)."""
+    the first of its kinds in `KIND_TARGETS` (LN Tuning: the blocks' norms; Trainable Tokens: the embedding); None
+    for a variant whose targets are chosen otherwise (ReFT: blocks, by `layers`)."""
     if "linear" in variant.kinds:
         return names
-    return next(KIND_TARGETS[k] for k in variant.kinds if k in KIND_TARGETS)
+    return next((KIND_TARGETS[k] for k in variant.kinds if k in KIND_TARGETS), None)

@@ -31,6 +31,7 @@ from ..variants import variant_for
 from .compiled import SwappedHooks, enter_compiled, run_eager
 from .detach import Detached, is_plain_parameter
 from .dispatch import name_of
+from .positions import call_masks
 from .registry import acquire, release
 from .state import LOCK, MISSING, per_thread, thread_state
 from .unwind import reset_thread, unwind
@@ -73,6 +74,7 @@ class Injection:
         # First, so that on a target the mode is popped before the adapter's own ops run (they need none).
         roles: list[tuple[nn.Module, str]] = [(module, "detach") for module in owners]
         rows = self.rows
+        self.positions = call_masks(variant, params, model, caller)  # ReFT: the model call's attention mask
         for module, site in resolve_sites(model, params, caller, modules):
             leaves = with_shared(params, site.target.path)
             target_form = form_of(variant, site.target)
@@ -89,6 +91,8 @@ class Injection:
                 fn = variant.forward_input if rows is None else partial(rows.forward_input, variant.forward_input)
             else:
                 fn = variant.forward if rows is None else partial(rows.forward, variant.forward)
+                if self.positions is not None:
+                    fn = partial(self.positions.forward, fn)
             inference = None if self.input_form or variant.inference is None else variant.inference(site, rows)
             self.bindings[module] = (fn, leaves, site, inference)
             roles.append((module, form))
@@ -98,6 +102,8 @@ class Injection:
         self._held: list[torch.Tensor] = []  # parameters added to the table by `cover`
         # the model itself too: one injection per model and thread
         touched = [model, *self.bindings, *self.parameter_bindings, *owners]
+        if self.positions is not None:
+            roles.append((model, "positions"))
         if self.layers:
             roles.append((model, "done"))
         for layer in self.layers:

@@ -14,6 +14,7 @@ from .. import _torch_private as private
 from .checkpoint import layer_hook, layer_pre_hook
 from .detach import detach_hook, detach_pre_hook
 from .dispatch import done_hook, input_hook, output_hook
+from .positions import positions_hook, positions_pre_hook
 from .quantized import Restore, routed
 from .replace import parameters_hook, parameters_pre_hook
 from .state import HOOKED, LOCK, MISSING
@@ -90,6 +91,8 @@ def _register(module: nn.Module, role: str) -> list:
             Hook(module, parameters_pre_hook, pre=True),
             Hook(module, parameters_hook, pre=False, always_call=True),
         ]
+    if role == "positions":
+        return [Hook(module, positions_pre_hook, pre=True), Hook(module, positions_hook, pre=False, always_call=True)]
     if role == "done":
         return [Hook(module, done_hook, pre=False)]
     if role == "route":

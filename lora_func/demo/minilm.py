@@ -159,14 +159,16 @@ def run_variant(
     train = task.data.train
     curve, seconds = [], []
     bar = progress_bar(batch_order(len(train), steps, batch_size, seed), progress, f"{name:>10}")
+    state = lf.schedule_state(params)  # what a method changes during training (ReFT keeps R orthonormal)
     model.train()
-    for indices in bar:
+    for step, indices in enumerate(bar):
         start = time.perf_counter()
         docs, y = task.batch([train[i] for i in indices])
         loss = F.cross_entropy(logits(model, params, task, docs), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        params, state = lf.schedule(params, state, step)
         seconds.append(time.perf_counter() - start)
         curve.append(loss.item())
         if hasattr(bar, "set_postfix"):  # a tqdm bar

@@ -30,7 +30,7 @@ from torch import nn
 from .._config import ROLES, AdapterConfig, config_for
 from .._kind import SHARED, BaseLayer, Kind, Target
 from .._variant import Leaves, Site, Variant
-from . import conv, conv1d, embedding, experts, linear, norm, saved
+from . import block, conv, conv1d, embedding, experts, linear, norm, saved
 
 KINDS: dict[str, Kind] = {
     k.name: k
@@ -42,13 +42,17 @@ KINDS: dict[str, Kind] = {
         experts.KIND,
         norm.KIND,
         saved.KIND,
+        block.KIND,
     )
 }
 
 
-def module_kind(module: nn.Module) -> Kind | None:
-    """The first registered kind that recognises `module` as one of its layers, or None."""
+def module_kind(module: nn.Module, variant: Variant | None = None) -> Kind | None:
+    """The first registered kind that recognises `module` as one of its layers, or None. With a `variant`, a
+    `listed_only` kind (norm layers, a model's blocks) counts only if the variant lists it."""
     for kind in KINDS.values():
+        if kind.listed_only and variant is not None and kind.name not in variant.kinds:
+            continue
         if kind.recognise is not None and kind.recognise(module):
             return kind
     return None
@@ -219,7 +223,10 @@ def device_of(base: BaseLayer) -> torch.device:
     weight = getattr(base.module, "weight", None)
     if isinstance(weight, torch.Tensor):
         return weight.device
-    return next(base.module.parameters(recurse=False)).device
+    own = next(base.module.parameters(recurse=False), None)
+    if own is None:  # a block: the parameters of its layers
+        own = next(base.module.parameters())
+    return own.device
 
 
 def create_leaves(variant: Variant, site: Site, init) -> Leaves:

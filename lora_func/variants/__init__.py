@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .._config import AdapterConfig
-from .._variant import CAPABILITIES, Dense, LowRank, Variant
+from .._variant import CAPABILITIES, Dense, Intervention, LowRank, Variant
 from . import (
     antipasto,
     c3a,
@@ -19,6 +19,7 @@ from . import (
     lora,
     oft,
     pissa,
+    reft,
     road,
     ssvd,
     trainable_tokens,
@@ -28,19 +29,21 @@ from . import (
 
 def _registered(*variants: Variant) -> dict[str, Variant]:
     """`{name: variant}`, each variant's declarations checked: one name and config class each, capabilities of the
-    known kinds and none twice, and exactly one of `LowRank` / `Dense` (what its ΔW is: never left to a default)."""
+    known kinds and none twice, and exactly one of `LowRank` / `Dense` / `Intervention` (what its ΔW is, or that it has
+    none: never left to a default)."""
     out: dict[str, Variant] = {}
     for v in variants:
         kinds = [type(c) for c in v.capabilities]
         unknown = [k.__name__ for k in kinds if k not in CAPABILITIES]
         twice = sorted({k.__name__ for k in kinds if kinds.count(k) > 1})
-        weight = [k.__name__ for k in kinds if k in (LowRank, Dense)]
+        weight = [k.__name__ for k in kinds if k in (LowRank, Dense, Intervention)]
         if v.name in out or any(o.config is v.config for o in out.values()):
             raise RuntimeError(f"variant {v.name!r} ({v.config.__name__}) is registered twice")
         if unknown or twice or len(weight) != 1:
             raise RuntimeError(
                 f"variant {v.name!r}: capabilities must be of {[c.__name__ for c in CAPABILITIES]}, none twice, and "
-                f"exactly one of LowRank / Dense; got unknown {unknown}, twice {twice}, weight change {weight}"
+                f"exactly one of LowRank / Dense / Intervention; got unknown {unknown}, twice {twice}, "
+                f"weight change {weight}"
             )
         out[v.name] = v
     return out
@@ -65,6 +68,7 @@ REGISTRY: dict[str, Variant] = _registered(
     ln_tuning.VARIANT,
     trainable_tokens.VARIANT,
     c3a.VARIANT,
+    reft.VARIANT,
 )
 _BY_CONFIG: dict[type, Variant] = {v.config: v for v in REGISTRY.values()}
 

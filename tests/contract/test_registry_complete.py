@@ -22,7 +22,7 @@ from components import perturbed, qwen3_batch, target_names_for, tiny_qwen3
 
 import lora_func as lf
 from lora_func import demo
-from lora_func._variant import Dense, LowRank, Padding, PeftExchange, Recipe, Regularizer, Schedule
+from lora_func._variant import Dense, Intervention, LowRank, Padding, PeftExchange, Recipe, Regularizer, Schedule
 from lora_func.kinds import KINDS
 from lora_func.variants import REGISTRY
 
@@ -51,9 +51,17 @@ def test_weight_change_is_declared_and_exact(name, model):
     """base + ΔW, run as a plain model, gives lf.apply's outputs; LowRank factors sum exactly, Dense is refused."""
     variant = REGISTRY[name]
     low, dense = variant.capability(LowRank), variant.capability(Dense)
-    assert (low is None) != (dense is None), f"{name} must declare exactly one of LowRank / Dense"
+    intervention = variant.capability(Intervention)
+    declared = [c for c in (low, dense, intervention) if c is not None]
+    assert len(declared) == 1, f"{name} must declare exactly one of LowRank / Dense / Intervention"
     params = perturbed(make(name, model), seed=5)
     batch = qwen3_batch(batch=2)
+    if intervention is not None:  # hidden states edited: no ΔW exists, and every weight tool says so by name
+        with pytest.raises(ValueError, match=rf"delta_weights: target {params.targets[0].path!r}"):
+            lf.delta_weights(model, params)
+        with pytest.raises(ValueError, match=rf"weighted_sum: target {params.targets[0].path!r}"):
+            lf.weighted_sum([params], [1.0], model=model)
+        return
     delta = lf.delta_weights(model, params)
     edited = copy.deepcopy(model)
     state = edited.state_dict()
@@ -95,9 +103,10 @@ def test_padding_is_exact_where_declared(name, model):
 def test_peft_exchange_round_trips_where_declared(name, model, tmp_path):
     """to_peft then from_peft: the same outputs (PEFT's own outputs: each method's test). Square targets of one
     shape, which every method's PEFT config can express (ROAD's one `group_size`, ...)."""
-    names = target_names_for(REGISTRY[name], (r"(q|o)_proj$",))
-    params = perturbed(make(name, model, target_names=names), seed=5)
-    if REGISTRY[name].capability(PeftExchange) is None:
+    exchange = REGISTRY[name].capability(PeftExchange)
+    names = target_names_for(REGISTRY[name], (r"(q|o)_proj$",))  # None for ReFT (no PEFT counterpart)
+    params = perturbed(make(name, model, **({"target_names": names} if names else {})), seed=5)
+    if exchange is None:
         with pytest.raises(ValueError, match=rf"variant {name!r} has no PEFT counterpart"):
             lf.to_peft(params, tmp_path)
         return

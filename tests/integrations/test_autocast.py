@@ -2,7 +2,8 @@
 
 The reference is the dense merge run through `functional_call` (no adapter path of lora_func's at all): the
 adapter under autocast must be as close to the float32 reference, in output and in every leaf's gradient, as
-that dense reference under the same autocast is (twice its error, plus a floor of the dtype's rounding).
+that dense reference under the same autocast is (twice its error, plus a floor of the dtype's rounding). A variant
+with no weight form (`Intervention`: ReFT) is referenced by plain forward hooks applying its formula instead.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import torch
 from components import perturbed, qwen3_batch, tiny_qwen3
 
 import lora_func as lf
-from lora_func.variants import REGISTRY
+from lora_func._variant import Intervention
+from lora_func.variants import REGISTRY, variant_for
 
 VARIANTS = sorted(REGISTRY)
 FLOOR = {torch.bfloat16: 4e-3, torch.float16: 5e-4}  # about one rounding of the dtype, relative
@@ -36,9 +38,35 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def dense_reference(model, params, batch, leaves, dtype=None):
     """Logits and leaf gradients of `functional_call(model, lf.merge(...))`, under autocast to `dtype` if given."""
+    if variant_for(params.config).capability(Intervention) is not None:
+        return reft_reference(model, params, batch, leaves, dtype)
     merged = lf.merge(model, params)  # outside autocast: float32 weights, differentiable in the leaves
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         out = torch.func.functional_call(model, merged, (), batch)
+    return out.logits.float(), flat(torch.autograd.grad(out.loss, leaves))
+
+
+def reft_reference(model, params, batch, leaves, dtype=None):
+    """LoReFT (the default config) by plain forward hooks on the blocks: h + Rᵀ(W h + b − R h) at the first and
+    last 3 tokens of the unpadded batch, under autocast to `dtype` if given."""
+    assert params.config.intervention == "loreft" and params.config.positions == "f3+l3"
+
+    def edit(leaves):
+        def hook(module, args, h):
+            R, W, b = leaves["R"], leaves["W"], leaves["b"]
+            picked = torch.zeros(h.shape[1], dtype=torch.bool)
+            picked[:3] = picked[-3:] = True
+            return torch.where(picked[:, None], h + (h @ W.t() + b - h @ R.t()) @ R, h)
+
+        return hook
+
+    handles = [model.get_submodule(p).register_forward_hook(edit(params[p])) for p in params]
+    try:
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
     return out.logits.float(), flat(torch.autograd.grad(out.loss, leaves))
 
 
@@ -100,9 +128,10 @@ def test_merge_and_init_ignore_an_enclosing_autocast(name):
     """`merge` inside an autocast block gives the same float32 weights as outside it (it used to fold in a bf16
     product); `init` builds the same leaves (for a calibrated variant, from the same calibration forward)."""
     model, batch, params = setup(name)
-    merged = lf.merge(model, params)
+    has_weights = REGISTRY[name].capability(Intervention) is None  # ReFT: no weight form, merge refuses it
+    merged = lf.merge(model, params) if has_weights else {}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        inside = lf.merge(model, params)
+        inside = lf.merge(model, params) if has_weights else {}
     assert merged.keys() == inside.keys()
     for key in merged:
         assert inside[key].dtype == merged[key].dtype, key

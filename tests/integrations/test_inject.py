@@ -10,6 +10,7 @@ import torch
 from conftest import assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qwen3, tiny_qwen3_4bit
 
 import lora_func as lf
+from lora_func._variant import Intervention
 from lora_func.variants import REGISTRY
 
 VARIANTS = sorted(REGISTRY)
@@ -109,7 +110,11 @@ def test_eval_mode_without_grad_equals_the_merged_model_and_the_grad_path(name):
     with torch.no_grad():
         with lf.inject(model, adapters[0]):
             got = model(**batch).logits
-        merged = torch.func.functional_call(model, lf.merge(model, adapters[0]), args=(), kwargs=batch).logits
+        merged = (  # ReFT has no weight form: the grad path is the reference
+            with_grad
+            if REGISTRY[name].capability(Intervention) is not None
+            else torch.func.functional_call(model, lf.merge(model, adapters[0]), args=(), kwargs=batch).logits
+        )
         with lf.inject(model, lf.stack(adapters), adapter_ids=[0, 0]):
             rows = model(**batch).logits
     torch.testing.assert_close(got, with_grad, rtol=1e-5, atol=1e-5)

@@ -60,7 +60,7 @@ def _same_grads(params, pairs, rtol=1e-4, atol=1e-6) -> float:
 
 
 def test_registry_and_default_targets():
-    assert set(KINDS) == {"linear", "conv1d", "conv", "embedding", "experts", "norm", "saved"}
+    assert set(KINDS) == {"linear", "conv1d", "conv", "embedding", "experts", "norm", "saved", "block"}
     found = lf.targets(tiny_gpt2(), lf.LoRAConfig(r=4))  # Conv1D is linear-like: targeted by default
     assert {t.kind for t in found} == {"conv1d"} and len(found) == 8
     assert found[0].path == "transformer.h.0.attn.c_attn" and (found[0].d_in, found[0].d_out) == (32, 96)
@@ -72,7 +72,7 @@ def test_registry_and_default_targets():
 # ---- transformers Conv1D: every variant computes what it computes on nn.Linear with the transposed weights ------
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", [n for n in VARIANTS if "conv1d" in REGISTRY[n].kinds])
 def test_conv1d_equals_the_linear_copy(name):
     if "conv1d" not in REGISTRY[name].kinds:
         pytest.skip(f"{name} adapts no Conv1D layer")
@@ -368,6 +368,7 @@ def test_targets_round_trip_through_json_and_bad_rows_name_the_field():
         *lf.targets(tiny_gpt2(), lf.LoRAConfig(r=2, layers=(0,))),
         *lf.targets(tiny_bert_classifier(), lf.LoRAConfig(r=2, target_names=(), modules_to_save=("classifier",))),
         *lf.targets(tiny_bert_classifier(), lf.LNTuningConfig(target_names=(r"LayerNorm$",))),
+        *lf.targets(tiny_qwen3(), lf.ReFTConfig(r=2, layers=(1,))),
     ]
     assert {t.kind for t in found} == set(KINDS)
     for target in found:

@@ -16,7 +16,7 @@ from torch import nn
 import lora_func as lf
 from lora_func.variants import REGISTRY
 
-VARIANTS = sorted(REGISTRY)
+VARIANTS = sorted(n for n, v in REGISTRY.items() if "linear" in v.kinds)  # the default targets: linear layers
 
 
 def encoder(batch_first: bool = True) -> nn.Module:
