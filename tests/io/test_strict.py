@@ -150,7 +150,7 @@ def test_load_refuses_a_key_twice_in_the_config(saved):
         (lambda rows: rows[0].update(roles=["reeder"]), r"stored target 0: target .*`roles` must be one of"),
         (lambda rows: rows[0].update(roles=["inner", "reader"]), r"`roles` must be one of"),
         (lambda rows: rows[0].update(roles="reader"), r"`roles` must be one of"),
-        (lambda rows: rows[0].update(kind="Linear; rm -rf"), r"field `kind` must be one of \['conv'"),
+        (lambda rows: rows[0].update(kind="Linear; rm -rf"), r"field `kind` must be one of \['block', 'conv'"),
         (lambda rows: rows[0].update(kind=7), r"field `kind` must be one of"),
         (lambda rows: rows[0].update(d_in=True), r"field `d_in` must be an int >= 1, got True"),
         (lambda rows: rows[0].update(d_in=0), r"field `d_in` must be an int >= 1, got 0"),
