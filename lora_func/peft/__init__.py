@@ -110,7 +110,7 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
     docstring), DeLoRA, DoRA (PEFT LoRA with `use_dora`), IA3 and IA3-FF (PEFT IA3, `feedforward_modules` none or
     all of the targets), HRA, VeRA (projections stored, `save_projection=True`), ROAD (`group_size=None` written as
     the int it resolves to, where that is one int for all targets), LoHa (linear and Conv1d/2d layers), LoKr, OFT
-    (v2; `r` or `oft_block_size` as set). Layer kinds beyond nn.Linear (transformers
+    (v2; `r` or `oft_block_size` as set), MiSS (`init_weights` true, false or "mini"). Layer kinds beyond nn.Linear (transformers
     Conv1D, convolutions, embeddings, fused experts, `modules_to_save` copies) as `_kinds.py` says; `dropout` as
     `lora_dropout`.
 

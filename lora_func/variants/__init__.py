@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .._config import AdapterConfig
 from .._variant import CAPABILITIES, Dense, LowRank, Variant
-from . import antipasto, delora, dora, eva, hra, ia3, ia3ff, loha, lokr, lora, oft, pissa, road, ssvd, vera
+from . import antipasto, delora, dora, eva, hra, ia3, ia3ff, loha, lokr, lora, miss, oft, pissa, road, ssvd, vera
 
 
 def _registered(*variants: Variant) -> dict[str, Variant]:
@@ -43,6 +43,7 @@ REGISTRY: dict[str, Variant] = _registered(
     loha.VARIANT,
     lokr.VARIANT,
     oft.VARIANT,
+    miss.VARIANT,
 )
 _BY_CONFIG: dict[type, Variant] = {v.config: v for v in REGISTRY.values()}
 
