@@ -45,6 +45,7 @@ from .variants.antipasto import AntiPaSTOConfig as AntiPaSTOConfig
 from .variants.delora import DeLoRAConfig as DeLoRAConfig
 from .variants.dora import DoRAConfig as DoRAConfig
 from .variants.eva import EVAConfig as EVAConfig
+from .variants.fourierft import FourierFTConfig as FourierFTConfig
 from .variants.hra import HRAConfig as HRAConfig
 from .variants.ia3 import IA3Config as IA3Config
 from .variants.ia3ff import IA3FFConfig as IA3FFConfig
@@ -55,5 +56,6 @@ from .variants.miss import MiSSConfig as MiSSConfig
 from .variants.oft import OFTConfig as OFTConfig
 from .variants.pissa import PiSSAConfig as PiSSAConfig
 from .variants.road import ROADConfig as ROADConfig
+from .variants.shira import SHiRAConfig as SHiRAConfig
 from .variants.ssvd import SSVDConfig as SSVDConfig
 from .variants.vera import VeRAConfig as VeRAConfig

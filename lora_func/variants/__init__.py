@@ -4,7 +4,26 @@ from __future__ import annotations
 
 from .._config import AdapterConfig
 from .._variant import CAPABILITIES, Dense, LowRank, Variant
-from . import antipasto, delora, dora, eva, hra, ia3, ia3ff, loha, lokr, lora, miss, oft, pissa, road, ssvd, vera
+from . import (
+    antipasto,
+    delora,
+    dora,
+    eva,
+    fourierft,
+    hra,
+    ia3,
+    ia3ff,
+    loha,
+    lokr,
+    lora,
+    miss,
+    oft,
+    pissa,
+    road,
+    shira,
+    ssvd,
+    vera,
+)
 
 
 def _registered(*variants: Variant) -> dict[str, Variant]:
@@ -44,6 +63,8 @@ REGISTRY: dict[str, Variant] = _registered(
     lokr.VARIANT,
     oft.VARIANT,
     miss.VARIANT,
+    shira.VARIANT,
+    fourierft.VARIANT,
 )
 _BY_CONFIG: dict[type, Variant] = {v.config: v for v in REGISTRY.values()}
 
