@@ -112,6 +112,6 @@ VARIANT = Variant(
     capabilities=(
         LowRank(low_rank_factors),
         PeftExchange("miss"),
-        Recipe(lr=1e-3),
+        Recipe(lr=3e-4),  # MiniLM demo, 50 steps: held-out loss 0.879 -> 0.446 (1e-3: 0.499; 3e-3 diverges)
     ),
 )
