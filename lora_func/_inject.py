@@ -9,7 +9,12 @@ What lives where, and why:
 - Nothing of the model is replaced, not even for a moment: no parameter swap (`functional_call` puts
   tensors into the shared module, where every thread sees them). Base parameters that require grad (a
   freshly loaded HF model) are kept out of the graph by a thread-local `TorchFunctionMode` that hands each
-  op a detached view of them, pushed around each forward of the model that runs with grad on.
+  op a detached view of them, pushed around the forward (with grad on) of each module that owns such a
+  parameter: only those modules' own ops pay for the mode (a Python call per op), not attention, residuals or
+  the adapter's ops, which are most of a launch-bound step's ops. A part of the model called directly is covered
+  the same way. A module that reads another module's parameter in its own forward is covered when it owns one
+  itself (`nn.MultiheadAttention` reads its `out_proj.weight`); one that owns none and reads a descendant's
+  parameter directly is not.
 - Lifetime follows the autograd graph, not the output's Python object. Without gradient checkpointing
   nothing is needed after the block: the graph holds what backward needs. With HF gradient checkpointing,
   backward re-runs each checkpointed layer, after the block (or `apply`) has returned. Each injected call of
@@ -108,18 +113,20 @@ class _Detached(TorchFunctionMode):
         self.table = table
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        table = self.table
-        args = [_swap(a, table) for a in args]
+        # Called for every op of the module's forward: inlined, no call per argument.
+        get = self.table.get
+        args = [_swap(a, get) if type(a) in _SEQUENCES else get(id(a), a) for a in args]
         if kwargs:
-            kwargs = {k: _swap(v, table) for k, v in kwargs.items()}
+            kwargs = {k: _swap(v, get) if type(v) in _SEQUENCES else get(id(v), v) for k, v in kwargs.items()}
             return func(*args, **kwargs)
         return func(*args)
 
 
-def _swap(value: Any, table: dict[int, torch.Tensor]) -> Any:
-    if type(value) in (list, tuple):  # torch.cat([w1, w2]), foreach ops
-        return type(value)(table.get(id(v), v) for v in value)
-    return table.get(id(value), value)
+_SEQUENCES = (list, tuple)  # torch.cat([w1, w2]), foreach ops
+
+
+def _swap(value: list | tuple, get: Callable) -> list | tuple:
+    return type(value)(get(id(v), v) for v in value)
 
 
 def _push_detached(module: nn.Module, injection: Injection | None) -> None:
@@ -129,16 +136,11 @@ def _push_detached(module: nn.Module, injection: Injection | None) -> None:
     if modes:
         _heal(modes)
     depth = private.function_mode_depth()
-    if injection is not None and injection.needs_detach:
-        # FSDP2 swaps its gathered copies in for the registered (sharded) parameters while a layer runs
-        table = injection.detached()
-        for p in module._parameters.values():
-            if p is not None and p.requires_grad and id(p) not in table and _is_plain_parameter(p):
-                table[id(p)] = p.detach()
     if injection is None or not injection.needs_detach or not torch.is_grad_enabled() or _local.detaching:
         modes.append((module, None, depth))
         return
-    mode = _Detached(injection.detached())
+    mode = injection.detaching_mode()
+    injection.cover(module)
     mode.__enter__()
     _local.detaching += 1
     modes.append((module, mode, depth))
@@ -236,13 +238,10 @@ def _output_hook(module, args, *rest):  # rest: (kwargs, output), or (output,) w
     x = args[0] if args else next(iter(rest[0].values()))
     if task == -1:
         _refuse_unseen_checkpoint(injection, module)
-    if not torch.is_grad_enabled():
-        if inference is not None and not module.training:
-            y = inference(x, rest[-1], leaves)
-            if y is not None:
-                return y
-    elif task == -1 and injection.needs_detach and not _local.detaching:
-        injection.refuse_direct_call(module)
+    if inference is not None and not module.training and not torch.is_grad_enabled():
+        y = inference(x, rest[-1], leaves)
+        if y is not None:
+            return y
     return fn(x, rest[-1], leaves, site)
 
 
@@ -256,8 +255,6 @@ def _input_hook(module, args, *rest):  # rest: (kwargs,), or () when registered 
         return None
     if task == -1:
         _refuse_unseen_checkpoint(injection, module)
-        if injection.needs_detach and not _local.detaching and torch.is_grad_enabled():
-            injection.refuse_direct_call(module)
     fn, leaves, site, _ = binding
     if args:
         new_args = (fn(args[0], leaves, site), *args[1:])
@@ -340,20 +337,14 @@ def _parameters_hook(module, args, *rest):
         mode.__exit__(None, None, None)
 
 
-def _root_pre_hook(module, args, *rest):
+def _detach_pre_hook(module, args, *rest):
+    """A module that owns base parameters requiring grad: its ops see them detached, in an injected forward
+    with grad on and in the recompute of an injected call of a checkpointed layer."""
     _push_detached(module, _here(module, _graph_task()))
 
 
-def _root_hook(module, args, *rest):
+def _detach_hook(module, args, *rest):
     _pop_detached(module)
-
-
-def _recompute_pre_hook(module, args, *rest):
-    """A module with trainable base parameters inside a checkpointed layer: in a recompute of an injected
-    call, its ops see the parameters detached, as they did in the forward."""
-    task = _graph_task()
-    call = _recompute_call(task) if task != -1 else None
-    _push_detached(module, None if call is None else call.injection)
 
 
 def _layer_pre_hook(module, args, *rest):
@@ -485,8 +476,8 @@ def _register(module: nn.Module, role: str) -> list:
         return [_Hook(module, _input_hook, pre=True)]
     if role == "layer":
         return [_Hook(module, _layer_pre_hook, pre=True), _Hook(module, _layer_hook, pre=False, always_call=True)]
-    if role == "root":
-        return [_Hook(module, _root_pre_hook, pre=True), _Hook(module, _root_hook, pre=False, always_call=True)]
+    if role == "detach":
+        return [_Hook(module, _detach_pre_hook, pre=True), _Hook(module, _detach_hook, pre=False, always_call=True)]
     if role == "parameters":
         return [
             _Hook(module, _parameters_pre_hook, pre=True),
@@ -494,8 +485,6 @@ def _register(module: nn.Module, role: str) -> list:
         ]
     if role == "done":
         return [_Hook(module, _done_hook, pre=False)]
-    if role == "recompute":
-        return [_Hook(module, _recompute_pre_hook, pre=True), _Hook(module, _root_hook, pre=False, always_call=True)]
     if role == "route":
         own = module.__dict__.get("forward", _MISSING)
         module.forward = partial(_routed, module, own)
@@ -634,7 +623,8 @@ class Injection:
             )
         variant = variant_for(params.config, caller=caller)
         # One pass over the model finds everything this call touches besides the targets.
-        modules, self.layers, quantized, self.needs_detach = _survey(model)
+        modules, self.layers, quantized, owners = _survey(model)
+        self.needs_detach = bool(owners)
         count = check(params, caller, model=model, modules=modules)  # the structure check, before anything runs
         self.rows: AdapterRows | None = None
         if adapter_ids is not None:
@@ -655,7 +645,8 @@ class Injection:
         self.bindings: dict[nn.Module, tuple[Callable, dict, Site, Callable | None]] = {}  # fn, leaves, site, inference
         self.parameter_bindings: dict[nn.Module, list[tuple[Callable, dict, Site]]] = {}  # `form_of`: "parameters"
         form = "input" if self.input_form else "output"
-        roles: list[tuple[nn.Module, str]] = []
+        # First, so that on a target the mode is popped before the adapter's own ops run (they need none).
+        roles: list[tuple[nn.Module, str]] = [(module, "detach") for module in owners]
         rows = self.rows
         for module, site in resolve_sites(model, params, caller, modules):
             leaves = with_shared(params, site.target.path)
@@ -678,19 +669,15 @@ class Injection:
             roles.append((module, form))
         roles += [(module, "parameters") for module in self.parameter_bindings]
         self._detached: dict[int, torch.Tensor] | None = None
+        self._mode: _Detached | None = None
+        self._held: list[torch.Tensor] = []  # parameters added to the table by `cover`
         # the model itself too: one injection per model and thread
-        touched = [model, *self.bindings, *self.parameter_bindings]
-        if self.needs_detach:
-            roles.append((model, "root"))
+        touched = [model, *self.bindings, *self.parameter_bindings, *owners]
         if self.layers:
             roles.append((model, "done"))
         for layer in self.layers:
             roles.append((layer, "layer"))
             touched.append(layer)
-            if self.needs_detach:
-                for module in layer.modules():
-                    if any(p is not None and p.requires_grad for p in module._parameters.values()):
-                        roles.append((module, "recompute"))
         for module in quantized:
             roles.append((module, "route"))
             touched.append(module)
@@ -793,6 +780,23 @@ class Injection:
                 _release(self.roles)
 
     # -- helpers for the dispatchers ---------------------------------------------------------------------------
+    def detaching_mode(self) -> _Detached:
+        """One mode per injection, entered by every module that owns base parameters requiring grad (the mode
+        holds no state of its own: the same object may sit on several threads' stacks)."""
+        if self._mode is None:
+            self._mode = _Detached(self.detached())
+        return self._mode
+
+    def cover(self, module: nn.Module) -> None:
+        """Add the parameters `module` holds now to the detached table: FSDP2 puts unsharded parameters (other
+        objects than the sharded ones the table was built from) on a module for its forward. Each is held until
+        the injection is gone, so its id is not reused by another tensor meanwhile."""
+        table = self.detached()
+        for p in module._parameters.values():
+            if p is not None and id(p) not in table and p.requires_grad and _is_plain_parameter(p):
+                table[id(p)] = p.detach()
+                self._held.append(p)
+
     def detached(self) -> dict[int, torch.Tensor]:
         """{id(base parameter): its detached view} for the parameters that require grad."""
         if self._detached is None:
@@ -815,14 +819,6 @@ class Injection:
             "opened outside the compiled code; compiled code does not see the block's adapter (one layer's "
             "adapter for every layer, or none). Open the block inside the compiled function "
             "(torch.compile(lambda p, b: lf.apply(model, p, b))), or run the model eagerly in the block"
-        )
-
-    def refuse_direct_call(self, module: nn.Module) -> None:
-        raise RuntimeError(
-            f"{self.caller}: {_name(self.model, module)!r} ran with gradients on outside a call of the "
-            f"{type(self.model).__name__} given to {self.caller}, whose base parameters require grad; lora_func "
-            "keeps base gradients out for calls of the model itself. Call the model, or freeze the base "
-            "(model.requires_grad_(False))"
         )
 
     # -- torch.compile -----------------------------------------------------------------------------------------
@@ -881,14 +877,14 @@ def _run_eager(enter: bool) -> bool:
         return False
 
 
-def _survey(model: nn.Module) -> tuple[dict[str, nn.Module], list[nn.Module], list[nn.Module], bool]:
+def _survey(model: nn.Module) -> tuple[dict[str, nn.Module], list[nn.Module], list[nn.Module], list[nn.Module]]:
     """One walk over the model (`apply` pays it on every call, so it reads the module dicts directly, never
     through `nn.Module.__getattr__`): {name: module} as `named_modules` gives it, the layers under HF gradient
-    checkpointing, the bitsandbytes layers, and whether any plain base parameter requires grad."""
+    checkpointing, the bitsandbytes layers, and the modules that own a plain base parameter requiring grad."""
     modules: dict[str, nn.Module] = {}
     layers: list[nn.Module] = []
     quantized: list[nn.Module] = []
-    needs_detach = False
+    owners: list[nn.Module] = []
     seen: set[int] = set()
     stack = [("", model)]
     while stack:
@@ -904,8 +900,8 @@ def _survey(model: nn.Module) -> tuple[dict[str, nn.Module], list[nn.Module], li
             layers.append(module)
         own = module._parameters
         if own:
-            if not needs_detach:
-                needs_detach = any(p is not None and p.requires_grad and _is_plain_parameter(p) for p in own.values())
+            if any(p is not None and p.requires_grad and _is_plain_parameter(p) for p in own.values()):
+                owners.append(module)
             weight = own.get("weight")
             if weight is not None and not _is_plain_parameter(weight) and is_linear_like(module):
                 if quantization(module) is not None:
@@ -913,7 +909,7 @@ def _survey(model: nn.Module) -> tuple[dict[str, nn.Module], list[nn.Module], li
         prefix = name + "." if name else ""
         children = [(prefix + child_name, child) for child_name, child in module._modules.items() if child is not None]
         stack.extend(reversed(children))  # depth first, children in order: named_modules' order
-    return modules, layers, quantized, needs_detach
+    return modules, layers, quantized, owners
 
 
 def _name(model: nn.Module, module: nn.Module) -> str:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _torch_private as private
 from .._kind import BaseLayer, Kind, Target
 from .._sharded import full, is_sharded
 from .._variant import require_rank
@@ -196,20 +197,33 @@ class LowRank(torch.autograd.Function):
 
 
 def _add_low_rank(x, A, B, s: float, y, inference: bool = False) -> torch.Tensor:
-    """y + s · (x Aᵀ) Bᵀ. `inference` (an eval-mode layer, grad off): the fewest ops, ordered as PEFT orders them,
-    y + (x Aᵀ Bᵀ) s; where kernels are small (decoding; a GPU) these launches are the adapter's whole cost per
-    target and call. A training-mode layer always takes the ops of its training path, with grad on or off: under
-    reentrant gradient checkpointing its forward runs without grad, and the recompute must match it bitwise."""
-    if not torch.is_grad_enabled():
-        recorder = getattr(_recording, "record", None)
-        if recorder is not None:  # a forward that records nothing for backward (reentrant checkpointing's first pass)
-            recorder.without_grad(A)
+    """y + s · (x Aᵀ) Bᵀ, in one of two op sequences, chosen by what is computed, never by the grad mode alone:
+    under reentrant gradient checkpointing a training-mode forward runs without grad, and its recompute with
+    grad must match it bitwise.
+    - The fewest ops, ordered as PEFT orders them, y + (x Aᵀ Bᵀ) s, differentiated by autograd: for few rows
+      (`_LAYOUT_ROWS`: a launch-bound step, decoding), off the CPU, and for an eval-mode layer with grad off
+      (`inference`). There the launches and Python frames are the adapter's whole cost per target and call.
+    - Many rows on a CPU, book-keeping per-example norms (`recording`), or saved-tensor hooks (non-reentrant
+      checkpointing, offloading): `LowRank` (its backward's layouts, the recorder's hook, four saved tensors)
+      when something requires grad, else its forward. Under non-reentrant checkpointing the choice is the same
+      in the forward and the recompute (both run under saved-tensor hooks); there, a recompute that fails
+      halfway through autograd's own ops for the adapter keeps the graph alive (measured; `LowRank` does not)."""
+    recorder = getattr(_recording, "record", None)
+    if recorder is not None and not torch.is_grad_enabled():
+        recorder.without_grad(A)  # a forward that records nothing for backward (reentrant checkpointing's first pass)
     if A.dtype != x.dtype:
         A, B = A.to(x.dtype), B.to(x.dtype)
-    if inference and not torch.is_grad_enabled():
-        z = F.linear(F.linear(x, A), B)
+    compiling = torch.compiler.is_compiling()
+    few = (
+        recorder is None
+        and not compiling
+        and (not x.is_cpu or x.numel() < _LAYOUT_ROWS * x.shape[-1])
+        and private.saved_tensors_hooks() is None
+    )
+    if few or (inference and not torch.is_grad_enabled()):
+        z = F.linear(F.linear(x, A), B)  # under autocast, autocast's own casts
         return z * s if y is None else torch.add(y, z, alpha=s)
-    if torch.compiler.is_compiling():  # dynamo cannot trace a Function with a custom jvp; inductor fuses anyway
+    if compiling:  # dynamo cannot trace a Function with a custom jvp; inductor fuses anyway
         return _low_rank_forward(x, A, B, s, y)[0]
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or _requires_grad(y)):
         dtype = autocast_dtype(x)
@@ -222,6 +236,12 @@ def _add_low_rank(x, A, B, s: float, y, inference: bool = False) -> torch.Tensor
                 return LowRank.apply(x.to(dtype), A.to(dtype), B.to(dtype), s, y)[0]
         return LowRank.apply(x, A, B, s, y)[0]
     return _low_rank_forward(x, A, B, s, y)[0]  # nothing to differentiate: skip autograd.Function's overhead
+
+
+# From this many rows on, on a CPU, `LowRank`'s backward layouts pay for its Python overhead (a Python backward
+# and autograd.Function's argument binding on every call). Measured, 1 thread, r 8, forward and backward of one
+# target: 16 rows and d 128..384 take 0.24-0.32 ms in the fewest ops against 0.49-0.71 ms through `LowRank`.
+_LAYOUT_ROWS = 256
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

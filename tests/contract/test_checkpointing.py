@@ -197,15 +197,35 @@ def test_base_parameters_that_require_grad_get_no_gradient_and_keep_their_flags(
         nothing_left(model, before)
 
 
-def test_a_submodule_called_directly_with_grad_on_a_trainable_base_is_refused():
-    """Base gradients are kept out around calls of the model itself; a direct call of a part would compute them."""
+def test_a_submodule_called_directly_on_a_trainable_base_trains_the_adapter_only():
+    """Base gradients are kept out around each module owning a trainable base parameter, so a part of the model
+    called directly inside the block (a probe, a loop over the layers) gets the adapter and gives the base no
+    gradient: outputs and adapter gradients equal those on a frozen copy of the base."""
     model = tiny_qwen3()
     params = make("lora", model)
     x = torch.randn(2, 5, 64)
-    with lf.inject(model, params):
-        with pytest.raises(RuntimeError, match=r"inject: 'model.layers.0.self_attn.q_proj' ran with gradients on"):
-            model.model.layers[0].self_attn.q_proj(x)
-        with torch.no_grad():  # no gradients, nothing to keep out: the adapter acts
-            y = model.model.layers[0].self_attn.q_proj(x)
+
+    def run(m):
+        leaves = lf.trainable_leaves(params)
+        with lf.inject(m, params):
+            y = m.model.layers[0].mlp(m.model.layers[0].self_attn.q_proj(x)[..., :64])
+        y.square().sum().backward()
+        grads = [None if t.grad is None else t.grad.clone() for t in leaves]
+        for t in leaves:
+            t.grad = None
+        return y.detach(), grads
+
+    out, grads = run(model)
+    assert sum(g is not None for g in grads) == 8  # A and B of layer 0's q_proj and its three mlp projections
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    frozen = tiny_qwen3().requires_grad_(False)
+    frozen.load_state_dict(model.state_dict())
+    ref_out, ref_grads = run(frozen)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    assert [g is None for g in grads] == [g is None for g in ref_grads]
+    assert_same([g for g in grads if g is not None], [g for g in ref_grads if g is not None])
     with torch.no_grad():
-        assert not torch.allclose(y, model.model.layers[0].self_attn.q_proj(x))
+        base = model.model.layers[0].self_attn.q_proj(x)
+        with lf.inject(model, params):
+            assert not torch.allclose(base, model.model.layers[0].self_attn.q_proj(x))
