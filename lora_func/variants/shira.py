@@ -124,6 +124,6 @@ VARIANT = Variant(
     capabilities=(
         Dense(),
         PeftExchange("shira"),
-        Recipe(lr=1e-3),
+        Recipe(lr=3e-3),  # MiniLM demo, 50 steps: held-out loss 0.879 -> 0.400 (1e-3: 0.469; 3e-4: 0.565)
     ),
 )
