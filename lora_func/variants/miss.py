@@ -43,9 +43,8 @@ class MiSSConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.init_weights not in INITS:
-            why = " (its update multiplies W's blocks, which lora_func's MiSS does not offer)" * (
-                self.init_weights == "bat"
-            )
+            bat = self.init_weights == "bat"
+            why = " (its update multiplies W's blocks, which lora_func's MiSS does not offer)" if bat else ""
             raise ConfigError(
                 f"MiSSConfig: `init_weights` must be true, false or 'mini', got {self.init_weights!r}{why}"
             )
