@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from components import cnn_batch, qwen3_batch, tiny_cnn, tiny_qwen3
+from components import cnn_batch, perturbed, qwen3_batch, tiny_cnn, tiny_qwen3
 from conftest import tiny_qwen3_4bit
 from torch import nn
 
@@ -118,15 +118,33 @@ def peft_twin(
 ) -> tuple[nn.Module, lf.Params, nn.Module]:
     """`(model, params, peft_model)`: `model` (default: the first of `twins()`) adapted by lora_func with `cfg`, its
     trainable leaves replaced by `draw` (off their init), and `twin` under PEFT's `peft_config` holding the same
-    leaf values."""
+    leaf values; both adapt the same modules."""
     import peft
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     if model is None:
         model, twin = twins()
     params = randomized(lf.init(model, cfg, seed=0), draw)
     peft_model = peft.get_peft_model(twin, peft_config)
+    wrapped = {p for p, m in peft_model.get_base_model().named_modules() if isinstance(m, BaseTunerLayer)}
+    assert {t.path for t in params.targets} == wrapped
     copy_into_peft(peft_model, params, peft_param)
     return model, params, peft_model
+
+
+def identity_then_deltas(model: nn.Module, cfg: lf.AdapterConfig) -> list[tuple[nn.Module, dict, torch.Tensor]]:
+    """Assert that `cfg`'s adapter leaves `model`'s logits bitwise unchanged at init; then, its leaves perturbed,
+    `(module, leaves, ΔW)` per target from `lf.delta_weights`, for a method's test to check against its formula."""
+    params = lf.init(model, cfg, seed=0)
+    batch = qwen3_batch()
+    with torch.no_grad():
+        assert torch.equal(lf.apply(model, params, batch).logits, model(**batch).logits)
+    params = perturbed(params, seed=4)
+    out = []
+    for key, dw in lf.delta_weights(model, params).items():
+        path = key.removesuffix(".weight")
+        out.append((model.get_submodule(path), {k: v.detach() for k, v in params[path].items()}, dw))
+    return out
 
 
 def assert_peft_files_round_trip(tmp_path, peft_config, marker: str, scale: float) -> lf.Params:

@@ -8,8 +8,15 @@ import math
 
 import pytest
 import torch
-from components import perturbed, qwen3_batch, tiny_gpt2, tiny_qwen3
-from peft_parity import PROJECTIONS, assert_peft_files_round_trip, assert_same_as_peft, peft_leaf, peft_twin
+from components import qwen3_batch, tiny_gpt2, tiny_qwen3
+from peft_parity import (
+    PROJECTIONS,
+    assert_peft_files_round_trip,
+    assert_same_as_peft,
+    identity_then_deltas,
+    peft_leaf,
+    peft_twin,
+)
 
 import lora_func as lf
 
@@ -36,16 +43,9 @@ def _dense(c, d_out, d_in, seed, scaling):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_dense_formula_and_identity_at_init(case):
-    model = tiny_qwen3().eval()
     cfg = lf.FourierFTConfig(**CASES[case], target_names=("q_proj", "down_proj"))
-    params = lf.init(model, cfg, seed=0)
-    batch = qwen3_batch()
-    with torch.no_grad():
-        assert torch.equal(lf.apply(model, params, batch).logits, model(**batch).logits)
-    params = perturbed(params, seed=4)
-    for path, dw in lf.delta_weights(model, params).items():
-        module = model.get_submodule(path.removesuffix(".weight"))
-        c = params[path.removesuffix(".weight")]["fourierft_spectrum"].detach()
+    for module, leaves, dw in identity_then_deltas(tiny_qwen3().eval(), cfg):
+        c = leaves["fourierft_spectrum"]
         want = _dense(c, module.out_features, module.in_features, cfg.random_loc_seed, cfg.scaling)
         torch.testing.assert_close(dw.double(), want, rtol=1e-5, atol=1e-7)
 
@@ -57,7 +57,6 @@ def test_matches_peft_outputs_and_gradients(case):
         peft.FourierFTConfig(**CASES[case], target_modules=list(PROJECTIONS)),
         _draw,
     )
-    assert len(params.targets) == sum(hasattr(m, "fourierft_spectrum") for m in peft_model.modules()) == 14
     assert_same_as_peft(model, params, peft_model, peft_leaf)
 
 
@@ -71,7 +70,7 @@ def test_matches_peft_on_conv1d_layers(tmp_path):
         model=tiny_gpt2(),
         twin=tiny_gpt2(),
     )
-    assert len(params.targets) == sum(hasattr(m, "fourierft_spectrum") for m in peft_model.modules()) == 8
+    assert len(params.targets) == 8  # c_proj is both attention's and the MLP's
     assert_same_as_peft(model, params, peft_model, peft_leaf)
     model.eval(), peft_model.eval()
     lf.to_peft(params, tmp_path, model=model)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from components import perturbed, qwen3_batch, tiny_qwen3
+from components import tiny_qwen3
 from peft_parity import (
     PROJECTIONS,
     assert_peft_files_round_trip,
     assert_same_as_peft,
+    identity_then_deltas,
     peft_leaf,
     peft_twin,
     twins,
@@ -39,16 +40,9 @@ def _dense(M, d_out, d_in):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_dense_formula_and_identity_at_init(case):
-    model = tiny_qwen3().eval()
-    params = lf.init(model, lf.MiSSConfig(**CASES[case], target_names=("q_proj", "down_proj")), seed=0)
-    batch = qwen3_batch()
-    with torch.no_grad():
-        assert torch.equal(lf.apply(model, params, batch).logits, model(**batch).logits)
-    params = perturbed(params, seed=4)
-    for path, dw in lf.delta_weights(model, params).items():
-        module = model.get_submodule(path.removesuffix(".weight"))
-        M = params[path.removesuffix(".weight")]["miss_block"].detach()
-        assert torch.equal(dw, _dense(M, module.out_features, module.in_features))
+    cfg = lf.MiSSConfig(**CASES[case], target_names=("q_proj", "down_proj"))
+    for module, leaves, dw in identity_then_deltas(tiny_qwen3().eval(), cfg):
+        assert torch.equal(dw, _dense(leaves["miss_block"], module.out_features, module.in_features))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -58,7 +52,6 @@ def test_matches_peft_outputs_and_gradients(case):
         peft.MissConfig(**CASES[case], target_modules=list(PROJECTIONS)),
         _draw,
     )
-    assert len(params.targets) == sum(hasattr(m, "miss_block") for m in peft_model.modules()) == 14
     assert_same_as_peft(model, params, peft_model, peft_leaf)
 
 

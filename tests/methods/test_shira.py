@@ -7,8 +7,15 @@ import json
 
 import pytest
 import torch
-from components import perturbed, qwen3_batch, tiny_qwen3
-from peft_parity import PROJECTIONS, assert_peft_files_round_trip, assert_same_as_peft, peft_leaf, peft_twin
+from components import tiny_qwen3
+from peft_parity import (
+    PROJECTIONS,
+    assert_peft_files_round_trip,
+    assert_same_as_peft,
+    identity_then_deltas,
+    peft_leaf,
+    peft_twin,
+)
 
 import lora_func as lf
 
@@ -27,18 +34,11 @@ def _draw(path, leaf, tensor, gen):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_dense_formula_and_identity_at_init(case):
-    model = tiny_qwen3().eval()
     cfg = lf.SHiRAConfig(**CASES[case], target_names=("q_proj", "down_proj"))
-    params = lf.init(model, cfg, seed=0)
-    batch = qwen3_batch()
-    with torch.no_grad():
-        assert torch.equal(lf.apply(model, params, batch).logits, model(**batch).logits)
-    params = perturbed(params, seed=4)
-    for path, dw in lf.delta_weights(model, params).items():
-        module = model.get_submodule(path.removesuffix(".weight"))
+    for module, leaves, dw in identity_then_deltas(tiny_qwen3().eval(), cfg):
         mask = random_mask(module, cfg.r, random_seed=cfg.random_seed)
         want = torch.zeros_like(module.weight)
-        want[mask] = params[path.removesuffix(".weight")]["shira_weight"].detach()  # row-major, as torch.where
+        want[mask] = leaves["shira_weight"]  # row-major, as torch.where lists the mask's entries
         assert int(mask.sum()) == cfg.r * (module.in_features + module.out_features)
         assert torch.equal(dw, want)
 
@@ -50,7 +50,6 @@ def test_matches_peft_outputs_and_gradients(case):
         peft.ShiraConfig(**CASES[case], target_modules=list(PROJECTIONS)),
         _draw,
     )
-    assert len(params.targets) == sum(hasattr(m, "shira_weight") for m in peft_model.modules()) == 14
     assert_same_as_peft(model, params, peft_model, peft_leaf)
 
 
