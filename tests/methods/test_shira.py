@@ -1,5 +1,5 @@
 """SHiRA against its formula (ΔW holds the values at the entries of PEFT's `random_mask`, in row-major order, zeros
-elsewhere) and against PEFT's SHiRA given the same leaves: outputs, gradients, and files both ways."""
+elsewhere) and against PEFT's SHiRA given the same leaves: outputs, gradients, and files both ways; a 4-bit base."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from peft_parity import (
     identity_then_deltas,
     peft_leaf,
     peft_twin,
+    twins,
 )
 
 import lora_func as lf
@@ -49,6 +50,19 @@ def test_matches_peft_outputs_and_gradients(case):
         lf.SHiRAConfig(**CASES[case], target_names=PROJECTIONS),
         peft.ShiraConfig(**CASES[case], target_modules=list(PROJECTIONS)),
         _draw,
+    )
+    assert_same_as_peft(model, params, peft_model, peft_leaf)
+
+
+def test_matches_peft_on_a_4bit_base():
+    """PEFT's SHiRA wraps bitsandbytes' Linear4bit: the same base, the same leaves, the same step."""
+    model, twin = twins(bits=4)
+    model, params, peft_model = peft_twin(
+        lf.SHiRAConfig(r=2, target_names=PROJECTIONS),
+        peft.ShiraConfig(r=2, target_modules=list(PROJECTIONS)),
+        _draw,
+        model=model,
+        twin=twin,
     )
     assert_same_as_peft(model, params, peft_model, peft_leaf)
 
