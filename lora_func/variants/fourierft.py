@@ -94,6 +94,6 @@ VARIANT = Variant(
     capabilities=(
         Dense(),
         PeftExchange("fourierft"),
-        Recipe(lr=1e-2, options=(("n_frequency", 1000),)),
+        Recipe(lr=3e-2),  # MiniLM demo, 50 steps: held-out loss 0.879 -> 0.495 (1e-2: 0.568; 3e-3: 0.697)
     ),
 )
