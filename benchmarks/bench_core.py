@@ -8,7 +8,7 @@ with the LM loss; LoRA r=8, alpha=16 on all seven projections of every layer; 2 
 
 Contenders share one process and one set of base weights (deep copies), and are timed alternately by
 the shared harness (`benchmarks/harness.py`: rotating order, warmup, `gc.collect()` outside the timing,
-medians).
+medians); the steps are the shared ones of `benchmarks/steps.py`.
 
 Training step = forward + loss + backward + zeroing the adapter gradients (set to None), with no
 optimizer step for anyone:
@@ -31,8 +31,8 @@ machine shared with other jobs, wall time at 2 threads mostly measures the other
 spin-waiting inflates CPU time too; `--threads 1` and the CPU-time columns are then the better guide
 to relative cost, and the 2-thread wall figures should be re-run on a quiet machine.
 
-Peak training memory: torch's profiler with `profile_memory=True` records every allocation and free
-of torch's CPU allocator with its size. Their running sum over one training step is the exact number
+Peak training memory (`harness.peak_bytes`): torch's profiler with `profile_memory=True` records every allocation
+and free of torch's CPU allocator with its size. Their running sum over one training step is the exact number
 of bytes torch holds above what was resident before the step (model, adapter, batch), and its maximum
 is the step's peak: activations kept for backward, gradients, temporaries. This is deterministic and
 counts only tensors, which is what we want to compare. The alternatives are worse for this:
@@ -47,12 +47,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import platform
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,12 +60,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402  (puts this checkout's lora_func first on the path, not an installed one)
 import torch  # noqa: E402
+from steps import (  # noqa: E402
+    ALPHA,
+    RANK,
+    check_same_loss,
+    ideal_step,
+    lora_func_step,
+    no_grad,
+    peft_model,
+    peft_step,
+    projection_names,
+)
 from torch import nn  # noqa: E402
 
 import lora_func as lf  # noqa: E402
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-RANK, ALPHA = 8, 16
 BATCH, SEQ = 4, 128
 
 # docs/performance.md targets (CPU): contender / reference <= limit.
@@ -105,90 +112,40 @@ def bench_batch(vocab: int = 4096, seed: int = 1, seq: int = SEQ) -> dict[str, t
     return {"input_ids": ids, "labels": ids}
 
 
-def peft_model(base: nn.Module, r: int = RANK, alpha: float = ALPHA, **extra) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(PROJECTIONS), lora_dropout=0.0, **extra)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return get_peft_model(copy.deepcopy(base), cfg)
+# -- contenders (their steps: benchmarks/steps.py) -----------------------------------------------------------
 
 
-# -- step functions -------------------------------------------------------------------------------
+def train_steps(base: nn.Module, frozen: nn.Module, batch: dict, lora: lf.Params, dora: lf.Params):
+    """({contender: training step}, {"peft": model, "peft DoRA": model}): the ideal on `frozen`, lora_func's LoRA
+    and DoRA on `base` as loaded, and PEFT's LoRA and DoRA, each on its own copy of `base`."""
+    pefts = {"peft": peft_model(base).train(), "peft DoRA": peft_model(base, use_dora=True).train()}
+    steps = {
+        "ideal": ideal_step(frozen, batch),
+        "lora_func": lora_func_step(base, lora, batch),
+        "peft": peft_step(pefts["peft"], batch),
+        "lora_func DoRA": lora_func_step(base, dora, batch),
+        "peft DoRA": peft_step(pefts["peft DoRA"], batch),
+    }
+    return steps, pefts
 
 
-def ideal_step(frozen: nn.Module, batch: dict) -> Callable[[], torch.Tensor]:
-    embed = frozen.get_input_embeddings()
-
-    def step():
-        x = embed(batch["input_ids"]).detach().requires_grad_()
-        loss = frozen(inputs_embeds=x, labels=batch["labels"]).loss
-        loss.backward()
-        return loss.detach()
-
-    return step
-
-
-def lora_func_step(model: nn.Module, params: lf.Params, batch: dict) -> Callable[[], torch.Tensor]:
-    leaves = lf.trainable_leaves(params)
-
-    def step():
-        loss = lf.apply(model, params, batch).loss
-        loss.backward()
-        for t in leaves:
-            t.grad = None
-        return loss.detach()
-
-    return step
+def inference_steps(base: nn.Module, params: lf.Params, peft: nn.Module, inputs: dict) -> dict[str, Callable]:
+    """Forwards without grad (the models in eval mode): the base; lora_func unmerged; merged, as deployed (a copy
+    of the model holding `lf.merge`'s weights, computed here once) and through `functional_call`; PEFT unmerged."""
+    merged = {k: v.detach() for k, v in lf.merge(base, params).items()}
+    merged_model = copy.deepcopy(base)
+    loaded = merged_model.load_state_dict(merged, strict=False)  # strict=False: merge returns the adapted weights only
+    assert not loaded.unexpected_keys, loaded.unexpected_keys
+    return {
+        "base": no_grad(lambda: base(**inputs).logits),
+        "lora_func unmerged": no_grad(lambda: lf.apply(base, params, inputs).logits),
+        "merged": no_grad(lambda: merged_model(**inputs).logits),
+        "merged, functional_call": no_grad(lambda: torch.func.functional_call(base, merged, (), inputs).logits),
+        "peft unmerged": no_grad(lambda: peft(**inputs).logits),
+    }
 
 
-def peft_step(model: nn.Module, batch: dict) -> Callable[[], torch.Tensor]:
-    leaves = [p for p in model.parameters() if p.requires_grad]
-
-    def step():
-        loss = model(**batch).loss
-        loss.backward()
-        for t in leaves:
-            t.grad = None
-        return loss.detach()
-
-    return step
-
-
-def no_grad(fn: Callable[[], object]) -> Callable[[], object]:
-    def call():
-        with torch.no_grad():
-            return fn()
-
-    return call
-
-
-# -- measurement (timing: benchmarks/harness.py) ---------------------------------------------------
-
-
-def peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak of torch's CPU allocations during `fn()`, above what was allocated when it started."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-
-    def walk(nodes):
-        for node in nodes:
-            yield node
-            yield from walk(node.children)
-
-    events = prof.profiler.kineto_results.experimental_event_tree()
-    allocations = sorted(
-        (node.start_time_ns, node.extra_fields.alloc_size) for node in walk(events) if node.tag == _EventType.Allocation
-    )
-    live = peak = 0
-    for _, size in allocations:
-        live += size
-        peak = max(peak, live)
-    return peak
+# -- measurement (timing and peak memory: benchmarks/harness.py) ---------------------------------------------------
 
 
 def saved_activation_bytes(fn: Callable[[], object], resident: list[torch.Tensor]) -> int:
@@ -218,57 +175,31 @@ def run(repeats: int, warmup: int) -> dict:
     base.train()
     batch = bench_batch(base.config.vocab_size)
     frozen = copy.deepcopy(base).requires_grad_(False)  # for ideal
-    has_dora = hasattr(lf, "DoRAConfig")
 
-    lora_cfg = lf.LoRAConfig(r=RANK, alpha=ALPHA, target_names=tuple(rf"\.{p}$" for p in PROJECTIONS))
+    lora_cfg = lf.LoRAConfig(r=RANK, alpha=ALPHA, target_names=projection_names())
     params = lf.init(base, lora_cfg, seed=0)
     assert len(params.targets) == 7 * base.config.num_hidden_layers, len(params.targets)
-    peft = peft_model(base).train()
-
-    train = {
-        "ideal": ideal_step(frozen, batch),
-        "lora_func": lora_func_step(base, params, batch),
-        "peft": peft_step(peft, batch),
-    }
+    dora_params = lf.init(base, lf.DoRAConfig(r=RANK, alpha=ALPHA, target_names=lora_cfg.target_names), seed=0)
+    train, pefts = train_steps(base, frozen, batch, params, dora_params)
+    peft = pefts["peft"]
     resident = {
         "ideal": list(frozen.parameters()),
         "lora_func": list(base.parameters()) + [t for _, _, t in params.leaves()],
         "peft": list(peft.parameters()),
+        "lora_func DoRA": list(base.parameters()) + [t for _, _, t in dora_params.leaves()],
+        "peft DoRA": list(pefts["peft DoRA"].parameters()),
     }
-    if has_dora:
-        dora_params = lf.init(base, lf.DoRAConfig(r=RANK, alpha=ALPHA, target_names=lora_cfg.target_names), seed=0)
-        peft_dora = peft_model(base, use_dora=True).train()
-        train["lora_func DoRA"] = lora_func_step(base, dora_params, batch)
-        train["peft DoRA"] = peft_step(peft_dora, batch)
-        resident["lora_func DoRA"] = list(base.parameters()) + [t for _, _, t in dora_params.leaves()]
-        resident["peft DoRA"] = list(peft_dora.parameters())
 
-    # Fairness check: every contender computes the same loss (all adapters are the identity at init).
-    losses = {name: fn().item() for name, fn in train.items()}
-    reference = losses["ideal"]
-    for name, value in losses.items():
-        if abs(value - reference) > 1e-4 * abs(reference):
-            raise RuntimeError(f"bench: {name} computes loss {value}, ideal computes {reference}")
+    check_same_loss(train, 1e-4, "bench_core")  # fair: every adapter is the identity at init
 
     print(f"training steps ({repeats} repeats, {warmup} warmup) ...", file=sys.stderr)
     train_times = harness.alternate(train, repeats, warmup, "train")
-    memory = {name: peak_bytes(fn) for name, fn in train.items()}
+    memory = {name: harness.peak_bytes(fn) for name, fn in train.items()}
     saved = {name: saved_activation_bytes(fn, resident[name]) for name, fn in train.items()}
 
     base.eval()
     peft.eval()
-    inputs = {"input_ids": batch["input_ids"]}
-    merged = {k: v.detach() for k, v in lf.merge(base, params).items()}
-    merged_model = copy.deepcopy(base)
-    loaded = merged_model.load_state_dict(merged, strict=False)  # strict=False: merge returns the adapted weights only
-    assert not loaded.unexpected_keys, loaded.unexpected_keys
-    infer = {
-        "base": no_grad(lambda: base(**inputs).logits),
-        "lora_func unmerged": no_grad(lambda: lf.apply(base, params, inputs).logits),
-        "merged": no_grad(lambda: merged_model(**inputs).logits),
-        "merged, functional_call": no_grad(lambda: torch.func.functional_call(base, merged, (), inputs).logits),
-        "peft unmerged": no_grad(lambda: peft(**inputs).logits),
-    }
+    infer = inference_steps(base, params, peft, {"input_ids": batch["input_ids"]})
     outputs = {name: fn() for name, fn in infer.items()}
     for name, out in outputs.items():
         torch.testing.assert_close(out, outputs["base"], rtol=1e-4, atol=1e-4, msg=f"bench: {name} output differs")
@@ -278,13 +209,8 @@ def run(repeats: int, warmup: int) -> dict:
     clocks = ("wall", "cpu")
     t = {c: {name: median(xs[c]) for name, xs in train_times.items()} for c in clocks}
     i = {c: {name: median(xs[c]) for name, xs in infer_times.items()} for c in clocks}
-    ratios = {c: timing_ratios(t[c], i[c]) for c in clocks}
-    ratios["memory"] = {
-        "memory: lora_func / peft": memory["lora_func"] / memory["peft"],
-        "memory: lora_func / ideal": memory["lora_func"] / memory["ideal"],
-    }
-    if has_dora:
-        ratios["memory"]["memory: lora_func DoRA / peft DoRA"] = memory["lora_func DoRA"] / memory["peft DoRA"]
+    ratios = {c: {**train_ratios(t[c]), **inference_ratios(i[c])} for c in clocks}
+    ratios["memory"] = memory_ratios(memory)
     headline = {**ratios["wall"], **ratios["memory"]}
     return {
         "setup": {
@@ -298,7 +224,6 @@ def run(repeats: int, warmup: int) -> dict:
             "threads": torch.get_num_threads(),
             "repeats": repeats,
             "warmup": warmup,
-            "dora": has_dora,
             "lora_func": str(Path(lf.__file__).parent),
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -329,22 +254,35 @@ def run(repeats: int, warmup: int) -> dict:
     }
 
 
-def timing_ratios(t: dict[str, float], i: dict[str, float]) -> dict[str, float]:
-    """The docs/performance.md ratios from median training-step times `t` and inference times `i`."""
-    ratios = {
+def train_ratios(t: dict[str, float]) -> dict[str, float]:
+    """The docs/performance.md training ratios from median step times `t` (of `train_steps`)."""
+    return {
         "train: lora_func / ideal": t["lora_func"] / t["ideal"],
         "train: lora_func / peft": t["lora_func"] / t["peft"],
         "train: peft / ideal": t["peft"] / t["ideal"],
+        "train: lora_func DoRA / lora_func LoRA": t["lora_func DoRA"] / t["lora_func"],
+        "train: peft DoRA / peft LoRA": t["peft DoRA"] / t["peft"],
+        "train: lora_func DoRA / peft DoRA": t["lora_func DoRA"] / t["peft DoRA"],
+    }
+
+
+def inference_ratios(i: dict[str, float]) -> dict[str, float]:
+    """The docs/performance.md inference ratios from median forward times `i` (of `inference_steps`)."""
+    return {
         "inference: unmerged / base": i["lora_func unmerged"] / i["base"],
         "inference: merged / base": i["merged"] / i["base"],
         "inference: merged via functional_call / base": i["merged, functional_call"] / i["base"],
         "inference: peft unmerged / base": i["peft unmerged"] / i["base"],
     }
-    if "lora_func DoRA" in t:
-        ratios["train: lora_func DoRA / lora_func LoRA"] = t["lora_func DoRA"] / t["lora_func"]
-        ratios["train: peft DoRA / peft LoRA"] = t["peft DoRA"] / t["peft"]
-        ratios["train: lora_func DoRA / peft DoRA"] = t["lora_func DoRA"] / t["peft DoRA"]
-    return ratios
+
+
+def memory_ratios(m: dict[str, int]) -> dict[str, float]:
+    """Peak-memory ratios from the peak bytes `m` of `train_steps`."""
+    return {
+        "memory: lora_func / peft": m["lora_func"] / m["peft"],
+        "memory: lora_func / ideal": m["lora_func"] / m["ideal"],
+        "memory: lora_func DoRA / peft DoRA": m["lora_func DoRA"] / m["peft DoRA"],
+    }
 
 
 def markdown(result: dict) -> str:

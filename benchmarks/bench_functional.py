@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,7 +71,10 @@ def adapters(model: torch.nn.Module, count: int) -> list[lf.Params]:
         params = lf.init(model, cfg, seed=seed)
         gen = torch.Generator().manual_seed(100 + seed)
         entries = {
-            path: {k: (v.detach() + 0.01 * torch.randn(v.shape, generator=gen)).requires_grad_() for k, v in e.items()}
+            path: {
+                k: (v.detach() + 0.01 * torch.randn(v.shape, generator=gen).to(v)).requires_grad_()
+                for k, v in e.items()
+            }
             for path, e in params.items()
         }
         out.append(params.replace(entries))
@@ -95,8 +99,13 @@ def peft_model(model: torch.nn.Module, params: list[lf.Params]) -> torch.nn.Modu
     return peft
 
 
-def k_adapters(model, params, batch, repeats: int) -> dict[str, list[float]]:
-    """Section 1: K adapters, forward+backward."""
+def k_adapters(model, params, batch, repeats: int, **timing) -> dict[str, list[float]]:
+    """Section 1: K adapters, forward+backward; `timing` goes to `harness.alternate` (device, stop_at)."""
+    return harness.alternate_walls(k_adapter_steps(model, params, batch), repeats, label="K adapters", **timing)
+
+
+def k_adapter_steps(model, params, batch) -> dict[str, Callable[[], object]]:
+    """Section 1's contenders: each computes the K adapters' gradients on `batch` (the ideal: K base passes)."""
     stacked = lf.stack(params)
     trainable, frozen = lf.split(stacked)
     peft = peft_model(model, params)
@@ -116,7 +125,7 @@ def k_adapters(model, params, batch, repeats: int) -> dict[str, list[float]]:
 
     k, rows = len(params), batch["input_ids"].shape[0]
     repeated = {name: t.repeat(k, *[1] * (t.dim() - 1)) for name, t in batch.items()}
-    ids = torch.arange(k).repeat_interleave(rows)
+    ids = torch.arange(k, device=batch["input_ids"].device).repeat_interleave(rows)
 
     def mixed_rows():
         # The same K gradients without vmap over the model: the batch repeated K times, block k of rows
@@ -142,26 +151,23 @@ def k_adapters(model, params, batch, repeats: int) -> dict[str, list[float]]:
             x = embed(batch["input_ids"]).detach().requires_grad_()
             model(inputs_embeds=x, labels=batch["labels"]).loss.backward()
 
-    return harness.alternate_walls(
-        {
-            "K x ideal": ideal,
-            "lora_func vmap": vmapped,
-            "lora_func vmap, SDPA math backend": vmapped_math_sdpa,
-            "lora_func adapter_ids on K x batch rows": mixed_rows,
-            "lora_func loop": loop,
-            "PEFT set_adapter loop": peft_loop,
-        },
-        repeats,
-        label="K adapters",
-    )
+    return {
+        "K x ideal": ideal,
+        "lora_func vmap": vmapped,
+        "lora_func vmap, SDPA math backend": vmapped_math_sdpa,
+        "lora_func adapter_ids on K x batch rows": mixed_rows,
+        "lora_func loop": loop,
+        "PEFT set_adapter loop": peft_loop,
+    }
 
 
-def mixed_batch(model, params, repeats: int) -> dict[str, list[float]]:
-    """Section 2: one batch whose rows use different adapters, inference."""
+def mixed_batch(model, params, repeats: int, ids: torch.Tensor | None = None, **timing) -> dict[str, list[float]]:
+    """Section 2: one batch whose rows use different adapters, inference; `ids` are the rows' tokens (default:
+    one row of SEQ tokens per adapter) and `timing` goes to `harness.alternate` (device, stop_at)."""
     rows = len(params)
-    batch = {"input_ids": make_batch(rows, seed=1)["input_ids"]}
+    batch = {"input_ids": make_batch(rows, seed=1)["input_ids"] if ids is None else ids}
     stacked = lf.stack(params)
-    ids = torch.arange(rows)
+    ids = torch.arange(rows, device=batch["input_ids"].device)
     peft = peft_model(model, params)
     names = [f"adapter{k}" for k in range(rows)]
 
@@ -185,13 +191,15 @@ def mixed_batch(model, params, repeats: int) -> dict[str, list[float]]:
             {"base forward": base, "lora_func adapter_ids": lora_func, "PEFT adapter_names": peft_mixed},
             repeats,
             label="mixed batch",
+            **timing,
         )
     finally:
         model.train()
 
 
-def compiled_step(model, params, batch, repeats: int) -> tuple[dict[str, list[float]], dict[str, object]]:
-    """Section 3: eager vs inductor-compiled training step (compiled forward+loss, AOT-compiled backward)."""
+def compiled_step(model, params, batch, repeats: int, **timing) -> tuple[dict[str, list[float]], dict[str, object]]:
+    """Section 3: eager vs inductor-compiled training step (compiled forward+loss, AOT-compiled backward);
+    `timing` goes to `harness.alternate` (device, stop_at)."""
     trainable, frozen = lf.split(params)
     leaves = lf.trainable_leaves(params)
 
@@ -203,6 +211,7 @@ def compiled_step(model, params, batch, repeats: int) -> tuple[dict[str, list[fl
     compiled = torch.compile(loss_fn, fullgraph=True)
     start = time.perf_counter()
     compiled(trainable, batch).backward()
+    harness.synchronize(timing.get("device"))
     compile_s = time.perf_counter() - start
 
     def eager():
@@ -221,7 +230,7 @@ def compiled_step(model, params, batch, repeats: int) -> tuple[dict[str, list[fl
         "first_compiled_call_s": compile_s,
     }
     return harness.alternate_walls(
-        {"eager step": eager, "compiled step (inductor)": inductor}, repeats, label="compile"
+        {"eager step": eager, "compiled step (inductor)": inductor}, repeats, label="compile", **timing
     ), info
 
 

@@ -31,7 +31,6 @@ import os
 import platform
 import pstats
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,12 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402  (puts this checkout's lora_func first on the path)
 import torch  # noqa: E402
+from steps import ALPHA, RANK, check_same_loss, ideal_step, lora_func_step, peft_model, peft_step, projection_names  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lora_func as lf  # noqa: E402
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-RANK, ALPHA = 8, 16
 LAYERS, HIDDEN, SEQ = 24, 128, 16
 
 # docs/performance.md targets: contender / reference <= limit.
@@ -82,71 +80,22 @@ def launch_batch(vocab: int, seed: int = 1) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
-def ideal_step(frozen: nn.Module, batch: dict) -> Callable[[], torch.Tensor]:
-    embed = frozen.get_input_embeddings()
-
-    def step():
-        x = embed(batch["input_ids"]).detach().requires_grad_()
-        loss = frozen(inputs_embeds=x, labels=batch["labels"]).loss
-        loss.backward()
-        return loss.detach()
-
-    return step
-
-
-def lora_func_step(model: nn.Module, params: lf.Params, batch: dict) -> Callable[[], torch.Tensor]:
-    optimizer = torch.optim.AdamW(lf.trainable_leaves(params), lr=1e-4)
-
-    def step():
-        loss = lf.apply(model, params, batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return step
-
-
-def peft_step(model: nn.Module, batch: dict) -> Callable[[], torch.Tensor]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return step
-
-
-def peft_model(base: nn.Module) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(PROJECTIONS), lora_dropout=0.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return get_peft_model(copy.deepcopy(base), cfg).train()
-
-
-def contenders() -> dict[str, Callable[[], torch.Tensor]]:
-    base = launch_model()
-    batch = launch_batch(base.config.vocab_size)
+def contenders(device: torch.device | str = "cpu") -> dict[str, Callable[[], torch.Tensor]]:
+    """The four steps on `device`, each checked to compute the ideal's loss at init."""
+    base = launch_model().to(device)
+    batch = {k: v.to(device) for k, v in launch_batch(base.config.vocab_size).items()}
     frozen = copy.deepcopy(base).requires_grad_(False)
-    cfg = lf.LoRAConfig(r=RANK, alpha=ALPHA, target_names=tuple(rf"\.{p}$" for p in PROJECTIONS))
+    cfg = lf.LoRAConfig(r=RANK, alpha=ALPHA, target_names=projection_names())
     params = lf.init(base, cfg, seed=0)
     assert len(params.targets) == 7 * LAYERS, len(params.targets)
     assert all(p.requires_grad for p in base.parameters())
     steps = {
         "ideal": ideal_step(frozen, batch),
-        "lora_func": lora_func_step(base, params, batch),
-        "lora_func frozen": lora_func_step(frozen, lf.init(frozen, cfg, seed=0), batch),
-        "peft": peft_step(peft_model(base), batch),
+        "lora_func": lora_func_step(base, params, batch, optimizer=True),
+        "lora_func frozen": lora_func_step(frozen, lf.init(frozen, cfg, seed=0), batch, optimizer=True),
+        "peft": peft_step(peft_model(base).train(), batch, optimizer=True),
     }
-    losses = {name: fn().item() for name, fn in steps.items()}  # B = 0 at init: one step leaves B ≠ 0 after
-    for name, value in losses.items():
-        if abs(value - losses["ideal"]) > 1e-4 * abs(losses["ideal"]):
-            raise RuntimeError(f"bench_launch: {name} computes loss {value}, ideal computes {losses['ideal']}")
+    check_same_loss(steps, 1e-4, "bench_launch")  # B = 0 at init: one step leaves B ≠ 0 after
     return steps
 
 

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_core  # noqa: E402
 import harness  # noqa: E402
+import steps  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -57,9 +58,7 @@ def row_losses(ids: torch.Tensor):
 def contenders(model, batch) -> dict:
     ids = batch["input_ids"]
     loss = row_losses(ids)
-    cfg = lf.LoRAConfig(
-        r=bench_core.RANK, alpha=bench_core.ALPHA, target_names=tuple(p + "$" for p in bench_core.PROJECTIONS)
-    )
+    cfg = lf.LoRAConfig(r=steps.RANK, alpha=steps.ALPHA, target_names=tuple(p + "$" for p in steps.PROJECTIONS))
     params = lf.init(model, cfg)
     leaves = lf.trainable_leaves(params)
     generator = torch.Generator().manual_seed(0)
@@ -80,7 +79,7 @@ def contenders(model, batch) -> dict:
         finally:
             _private._book_keeping_applies = saved
 
-    peft = bench_core.peft_model(model)
+    peft = steps.peft_model(model)
     peft_leaves = [p for p in peft.parameters() if p.requires_grad]
 
     def peft_step():
@@ -100,7 +99,7 @@ def opacus_peft(model, ids, loss):
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    peft = bench_core.peft_model(model)
+    peft = steps.peft_model(model)
     optimizer = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.0)
     loader = DataLoader(TensorDataset(ids), batch_size=len(ids))
     with warnings.catch_warnings():
@@ -134,14 +133,13 @@ def main() -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--quick", action="store_true", help="2 repeats: a smoke run, not a measurement")
     args = parser.parse_args()
-    bench_core.PROGRESS = args.progress
+    harness.PROGRESS = args.progress
     torch.set_num_threads(args.threads)
     repeats, warmup = (2, 1) if args.quick else (args.repeats, 2)
 
     model = bench_core.bench_model().train()
     batch = bench_core.bench_batch()
-    steps = contenders(model, batch)
-    samples = harness.alternate(steps, repeats, warmup, "private")
+    samples = harness.alternate(contenders(model, batch), repeats, warmup, "private")
     medians = {name: {clock: statistics.median(v) for clock, v in s.items()} for name, s in samples.items()}
     ratios = {}
     for clock in ("wall", "cpu"):

@@ -24,16 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
 import torch  # noqa: E402
-from bench_core import (  # noqa: E402
-    PROJECTIONS,
-    bench_batch,
-    bench_model,
-    ideal_step,
-    lora_func_step,
-    peak_bytes,
-    peft_model,
-    peft_step,
-)
+from bench_core import bench_batch, bench_model  # noqa: E402
+from steps import ideal_step, lora_func_step, peft_model, peft_step, projection_names  # noqa: E402
 
 import lora_func as lf  # noqa: E402  (bench_core put this checkout first on the path)
 
@@ -44,7 +36,7 @@ SEQS = (64, 128, 256, 512, 1024)
 def point(base: torch.nn.Module, frozen: torch.nn.Module, r: int, seq: int, repeats: int, warmup: int) -> dict:
     """Median step seconds and peak bytes of ideal, lora_func and PEFT at rank r and sequence length seq."""
     batch = bench_batch(base.config.vocab_size, seq=seq)
-    cfg = lf.LoRAConfig(r=r, alpha=2 * r, target_names=tuple(rf"\.{p}$" for p in PROJECTIONS))
+    cfg = lf.LoRAConfig(r=r, alpha=2 * r, target_names=projection_names())
     params = lf.init(base, cfg, seed=0)
     peft = peft_model(base, r=r, alpha=2 * r).train()
     steps = {
@@ -56,7 +48,7 @@ def point(base: torch.nn.Module, frozen: torch.nn.Module, r: int, seq: int, repe
     row = {"r": r, "seq": seq}
     for name, fn in steps.items():
         row[f"{name}_s"] = torch.tensor(times[name]["wall"]).median().item()
-        row[f"{name}_peak_bytes"] = peak_bytes(fn)
+        row[f"{name}_peak_bytes"] = harness.peak_bytes(fn)
     del peft
     return row
 

@@ -13,6 +13,11 @@ every timed call, outside the timing. Each call is timed by two clocks:
 - cpu: process CPU time (all threads). On a machine shared with other jobs, wall time mostly measures
   the other jobs at 2 threads and more; one thread and CPU time are then the better guide to relative cost.
 Medians are the reported figure; a ratio is of two medians taken in the same process.
+
+Peak memory (`peak_bytes`) is the most bytes torch holds during one call above what it held before: on a GPU
+from the CUDA allocator's statistics, on the CPU from torch's profiler, which records every allocation and
+free of torch's CPU allocator with its size (deterministic, and only tensors: `tracemalloc` does not see
+torch's allocator, and process RSS counts the Python heap, caching and fragmentation).
 """
 
 from __future__ import annotations
@@ -106,12 +111,45 @@ def walls(samples: Samples) -> dict[str, list[float]]:
 
 
 def alternate_walls(
-    contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, label: str = "repeats"
+    contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, label: str = "repeats", **timing
 ) -> dict[str, list[float]]:
-    """`alternate`, wall seconds only: {contender: seconds per call}."""
-    return walls(alternate(contenders, repeats, warmup, label))
+    """`alternate`, wall seconds only: {contender: seconds per call}; `timing`: `alternate`'s keywords."""
+    return walls(alternate(contenders, repeats, warmup, label, **timing))
 
 
 def ratio(times: dict[str, float], name: str, reference: str) -> float:
     """times[name] / times[reference], two medians from the same process."""
     return times[name] / times[reference]
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device | None = None) -> int:
+    """Peak bytes torch allocates during `fn()` above what was allocated when it started: the CUDA allocator's
+    statistics on a CUDA `device`, else the running sum of torch's CPU allocations and frees (its profiler)."""
+    gc.collect()
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    events = prof.profiler.kineto_results.experimental_event_tree()
+    allocations = sorted(
+        (node.start_time_ns, node.extra_fields.alloc_size) for node in walk(events) if node.tag == _EventType.Allocation
+    )
+    live = peak = 0
+    for _, size in allocations:
+        live += size
+        peak = max(peak, live)
+    return peak

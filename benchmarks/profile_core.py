@@ -6,8 +6,9 @@ Three views, on the bench model of bench_core.py:
 1. Steps, alternated and timed by process CPU time (min and median): ideal; lora_func with LoRA's
    forward replaced by `y` unchanged on inputs that require grad (all of `apply`'s machinery, no adapter
    math: dispatchers, the detaching mode over base parameters, cleanup); lora_func LoRA; PEFT.
-2. `apply`'s fixed costs per call, timed alone: the survey of the model, the structure check, resolving
-   targets, building the injection and registering and removing its dispatchers, the detached-parameter table.
+2. `apply`'s fixed costs per call, alternated by the shared harness: the survey of the model, the structure
+   check, resolving targets, building the injection and registering and removing its dispatchers, the
+   detached-parameter table.
 3. Operators the lora_func step calls more often than the ideal (profiler, grouped by input shapes,
    each side the min over repeats): the adapter's matmuls, adds, casts, the autograd.Function's own
    overhead, and the extra accumulation of input gradients.
@@ -21,7 +22,6 @@ import copy
 import gc
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 import bench_core as bc  # noqa: E402
 import harness  # noqa: E402
+import steps as st  # noqa: E402
 
 import lora_func as lf  # noqa: E402
 from lora_func.variants import REGISTRY  # noqa: E402
@@ -53,31 +54,24 @@ def machinery_step(model, params, batch):
     return step
 
 
-def per_call_ms(fn, n: int = 100) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n * 1e3
-
-
-def fixed_costs(model, params, batch) -> dict[str, float]:
-    """`apply`'s costs per call besides running the model (lora_func/_inject.py)."""
+def fixed_costs(model, params, batch, repeats: int = 100) -> dict[str, float]:
+    """`apply`'s costs per call besides running the model (lora_func/_inject/): median ms of each, alternated
+    by the shared harness."""
     from lora_func import _inject, _sites, _structure
 
     def hooks_on_and_off():
         with _inject.Injection(model, params, None, "apply"):
             pass
 
-    return {
-        "survey of the model (one walk)": per_call_ms(lambda: _inject._survey(model)),
-        "structure check": per_call_ms(lambda: _structure.check(params, "apply")),
-        "resolve targets": per_call_ms(lambda: _sites.resolve_sites(model, params, "apply")),
-        "whole injection: build, register and remove the dispatchers": per_call_ms(hooks_on_and_off),
-        "detached base-parameter table": per_call_ms(
-            lambda: {id(p): p.detach() for p in model.parameters() if p.requires_grad}
-        ),
+    costs = {
+        "survey of the model (one walk)": lambda: _inject.survey(model),
+        "structure check": lambda: _structure.check(params, "apply"),
+        "resolve targets": lambda: _sites.resolve_sites(model, params, "apply"),
+        "whole injection: build, register and remove the dispatchers": hooks_on_and_off,
+        "detached base-parameter table": lambda: {id(p): p.detach() for p in model.parameters() if p.requires_grad},
     }
+    medians = harness.medians(harness.alternate(costs, repeats, 1, "fixed costs"))
+    return {name: 1e3 * s for name, s in medians.items()}
 
 
 def extra_operators(ideal, adapted, repeats: int) -> list[tuple[float, str, int, str]]:
@@ -117,12 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     model = bc.bench_model().train()
     batch = bc.bench_batch(model.config.vocab_size)
     frozen = copy.deepcopy(model).requires_grad_(False)
-    params = lf.init(model, lf.LoRAConfig(r=bc.RANK, alpha=bc.ALPHA), seed=0)
+    params = lf.init(model, lf.LoRAConfig(r=st.RANK, alpha=st.ALPHA), seed=0)
     steps = {
-        "ideal": bc.ideal_step(frozen, batch),
+        "ideal": st.ideal_step(frozen, batch),
         "lora_func machinery only": machinery_step(model, params, batch),
-        "lora_func LoRA": bc.lora_func_step(model, params, batch),
-        "peft LoRA": bc.peft_step(bc.peft_model(model).train(), batch),
+        "lora_func LoRA": st.lora_func_step(model, params, batch),
+        "peft LoRA": st.peft_step(st.peft_model(model).train(), batch),
     }
     times = harness.alternate(steps, args.repeats * 3, 1, "steps")
     ideal_min, ideal_med = min(times["ideal"]["cpu"]), statistics.median(times["ideal"]["cpu"])
@@ -133,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         lo, med = min(t["cpu"]), statistics.median(t["cpu"])
         print(f"| {name} | {lo:.4f} | {lo / ideal_min:.3f} | {med:.4f} | {med / ideal_med:.3f} |")
 
-    print("\n## apply's fixed costs per call\n\n| part | ms |\n|---|---:|")
+    print("\n## apply's fixed costs per call\n\n| part | median ms |\n|---|---:|")
     for name, ms in fixed_costs(model, params, batch).items():
         print(f"| {name} | {ms:.3f} |")
 

@@ -3,9 +3,8 @@
     python benchmarks/report.py [--results results] [--docs docs]
 
 Reads `bench_core.json`, `launch.json`, `functional.json`, `scaling.json` and `calls.json` (and `gpu.json` when a
-GPU run left one)
-from `--results`; writes `benchmarks.md` and `img/*.png` under `--docs`. A missing input is reported in
-the page as not run, never filled in.
+GPU run, `nox -s gpu`, left one) from `--results`; writes `benchmarks.md` and `img/*.png` under `--docs`. A
+missing input is reported in the page as not run, never filled in.
 """
 
 from __future__ import annotations
@@ -208,16 +207,15 @@ def calls_section(calls: dict) -> list[str]:
 def gpu_section(gpu: dict | None) -> list[str]:
     if gpu is None:
         return [
-            "Not run yet: no GPU was available to the sessions that produced this page. `nox -s gpu` runs "
-            "`benchmarks/gpu.py` (sized for one H200, about 8 minutes) and writes `results/gpu.json`; "
-            "re-running this report then adds its figures here with their date."
+            "Not run yet: no GPU was available to the sessions that produced this page. `nox -s gpu` runs the "
+            "GPU tests and `benchmarks/bench_gpu.py` (its sections share a 7-minute budget), which writes "
+            "`results/gpu.json`; re-running this report then adds its figures here with their date."
         ]
-    from gpu import markdown  # benchmarks/gpu.py renders its own report
+    from bench_gpu import markdown  # benchmarks/bench_gpu.py renders its own report
 
     setup = gpu.get("setup", {})
     when, device = setup.get("date", "an unrecorded date"), setup.get("device_name", "an unrecorded device")
-    smoke = " (smoke run: tiny shapes, not a measurement)" if setup.get("smoke") else ""
-    return [f"Run on {when}, {device}{smoke}.", "", markdown(gpu)]
+    return [f"Run on {when}, {device}.", "", markdown(gpu)]  # markdown says whether it was a --quick run
 
 
 # -- plots ----------------------------------------------------------------------------------------
@@ -334,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *(calls_section(calls) if calls else ["Not run (no results/calls.json)."]),
         "",
-        "## GPU (`nox -s gpu`, `benchmarks/gpu.py`)",
+        "## GPU (`nox -s gpu`, `benchmarks/bench_gpu.py`)",
         "",
         *gpu_section(gpu),
         "",

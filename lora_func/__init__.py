@@ -42,6 +42,7 @@ from ._version import __version__ as __version__
 from .peft import from_peft as from_peft
 from .peft import to_peft as to_peft
 from .variants.antipasto import AntiPaSTOConfig as AntiPaSTOConfig
+from .variants.c3a import C3AConfig as C3AConfig
 from .variants.delora import DeLoRAConfig as DeLoRAConfig
 from .variants.dora import DoRAConfig as DoRAConfig
 from .variants.eva import EVAConfig as EVAConfig
@@ -49,6 +50,7 @@ from .variants.fourierft import FourierFTConfig as FourierFTConfig
 from .variants.hra import HRAConfig as HRAConfig
 from .variants.ia3 import IA3Config as IA3Config
 from .variants.ia3ff import IA3FFConfig as IA3FFConfig
+from .variants.ln_tuning import LNTuningConfig as LNTuningConfig
 from .variants.loha import LoHaConfig as LoHaConfig
 from .variants.lokr import LoKrConfig as LoKrConfig
 from .variants.lora import LoRAConfig as LoRAConfig
@@ -58,4 +60,5 @@ from .variants.pissa import PiSSAConfig as PiSSAConfig
 from .variants.road import ROADConfig as ROADConfig
 from .variants.shira import SHiRAConfig as SHiRAConfig
 from .variants.ssvd import SSVDConfig as SSVDConfig
+from .variants.trainable_tokens import TrainableTokensConfig as TrainableTokensConfig
 from .variants.vera import VeRAConfig as VeRAConfig

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._inject import Injection, _is_plain_parameter
+from ._inject.block import Injection
+from ._inject.detach import is_plain_parameter
 from ._params import Params
 from ._sites import call_args, call_model  # noqa: F401 - call_model: tests reach it here
 
@@ -54,7 +55,7 @@ def apply_call(
     overrides = None
     if torch.compiler.is_compiling() and injection.needs_detach and torch.is_grad_enabled():
         # Under compile nothing else runs in between, and dynamo traces the swap: no base gradients.
-        overrides = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and _is_plain_parameter(p)}
+        overrides = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and is_plain_parameter(p)}
     with injection:
         if overrides:
             return torch.func.functional_call(model, overrides, args, kwargs)

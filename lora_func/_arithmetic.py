@@ -76,16 +76,27 @@ def _needs_weight(variant: Variant) -> bool:
     return low is None or low.reads_weight
 
 
+# Kinds whose ΔW `delta_weights` gives though the rest of adapter arithmetic does not: a normalisation layer's ΔW is
+# the change of its own weight vector (read as a (d, 1) column, returned as the (d,) vector), whatever the layer
+# computes with it (LN Tuning).
+# An embedding's ΔW (Trainable Tokens) is read (d, num_embeddings), returned as its (num_embeddings, d) weight.
+DELTA_ONLY_KINDS = {
+    "norm": lambda delta, own: delta.reshape(own.shape),
+    "embedding": lambda delta, own: delta.t(),
+}
+
+
 # -- checking arguments ------------------------------------------------------------------------------------------
 
 
-def _check_params(params: Any, where: str, caller: str) -> Params:
-    """A whole, unstacked adapter: every declared leaf present, nothing extra, declared shapes."""
+def _check_params(params: Any, where: str, caller: str, kinds: Any = ()) -> Params:
+    """A whole, unstacked adapter: every declared leaf present, nothing extra, declared shapes; targets nn.Linear-style
+    or of `kinds`."""
     if not isinstance(params, Params):
         raise TypeError(f"{caller}: {where} must be lora_func Params, got {type(params).__name__}")
     check(params, caller, stacked=False, name=where.strip("`"))  # whole, unstacked, every leaf as declared
     for target in params.targets:
-        if target.module not in LINEAR_KINDS:
+        if target.module not in LINEAR_KINDS and target.kind not in kinds:
             raise ValueError(
                 f"{caller}: target {target.path!r} of {where} is a {target.module}; adapter arithmetic covers "
                 f"nn.Linear-style targets only ({', '.join(sorted(LINEAR_KINDS))})"
@@ -234,7 +245,8 @@ def _each_delta(params: Params, where: str, caller: str, model: nn.Module | None
         if model is None:
             site = Site(target, config_for(params.config, target.path), None)
         else:
-            _module(model, target, caller)
+            if target.kind not in DELTA_ONLY_KINDS:  # those: located and checked by `site_for`
+                _module(model, target, caller)
             site = site_for(model, target, params.config, caller)
         leaves = {k: v.to(dtype) for k, v in _leaves(params, target.path).items()}
         if low is not None:
@@ -271,18 +283,24 @@ def delta_weights(model: nn.Module, params: Params) -> dict[str, torch.Tensor]:
     Float32 (float64 for float64 adapters), on each layer's device; bitsandbytes bases are dequantized. On a base
     sharded by FSDP2, each ΔW is a `DTensor` placed as its base parameter (this rank's slice), as `lf.merge`'s.
     Differentiable with respect to `params` (a penalty on ‖ΔW‖, say). Pure: the model is not changed.
-    Stacked params (`lf.stack`) are refused: pass each of `lf.unstack(params)`.
+    Stacked params (`lf.stack`) are refused: pass each of `lf.unstack(params)`. A normalisation layer (LN Tuning)
+    gets the change of its weight vector and of its bias, an embedding (Trainable Tokens) its (num_embeddings, d)
+    weight's change.
 
     >>> dw = lf.delta_weights(model, params)
     >>> dw["model.layers.0.self_attn.q_proj.weight"].shape   # (d_out, d_in)
     """
-    params = _check_params(params, "`params`", "delta_weights")
+    params = _check_params(params, "`params`", "delta_weights", kinds=DELTA_ONLY_KINDS)
+    kinds = {t.path: t.kind for t in params.targets}
     out = {}
     for path, delta in _each_delta(params, "`params`", "delta_weights", model):
         for leaf, tensor in (("weight", delta.full()), ("bias", delta.bias)):
             if tensor is not None:  # a sharded base (FSDP2): each rank keeps its slice, placed as the base parameter
                 key = _weight_key(path, leaf)
-                out[key] = placed_like(tensor, parameter(model, key))
+                own = parameter(model, key)
+                if leaf == "weight" and kinds[path] in DELTA_ONLY_KINDS and own is not None:  # in its own layout
+                    tensor = DELTA_ONLY_KINDS[kinds[path]](tensor, own)
+                out[key] = placed_like(tensor, own)
     return out
 
 

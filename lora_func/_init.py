@@ -129,7 +129,7 @@ def init(
     with torch.no_grad():
         for target in found:
             site = site_for(model, target, cfg, "init")
-            ctx = Init(lambda s=site: s.base.weight(), generator, stats.get(target.path))
+            ctx = Init(lambda s=site: s.base.weight(), generator, stats.get(target.path), lambda s=site: s.base.bias)
             leaves[target.path] = create_leaves(variant, site, ctx)
         if variant.create_shared is not None and adapted:
             leaves[SHARED] = variant.create_shared(adapted, cfg, Init(lambda: None, generator))

@@ -81,6 +81,9 @@ class Kind(NamedTuple):
     parameter_form                                injected by replacing module parameters (fused experts, saved
                                                   copies) rather than at the module's output
     by_default                                    targeted when `target_names` is None (linear-like layers)
+    listed_only                                   a target only of variants that list the kind: for others a module
+                                                  of it that `target_names` matches is passed over, not refused (norm
+                                                  layers sit inside the blocks that name patterns select)
     layout_fields: {field: parse}                 the layout's fields; `parse` checks a stored (JSON) value and
                                                   returns it in `Target.layout` form, raising ValueError
     module_path(target) -> path                   the module a parameter target lives on (None: `target.path`)
@@ -109,6 +112,7 @@ class Kind(NamedTuple):
     input_gain: Callable[[BaseLayer, torch.Tensor], torch.Tensor] | None = None
     parameter_form: bool = False
     by_default: bool = False
+    listed_only: bool = False
     layout_fields: Mapping[str, Callable[[Any], Any]] = {}
     module_path: Callable[[Target], str] | None = None
     leaf_shapes: Callable[[Target], dict[str, tuple[int, ...]]] | None = None

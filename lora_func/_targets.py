@@ -9,7 +9,7 @@ from collections import Counter
 from torch import nn
 
 from ._config import AdapterConfig
-from ._kind import Target
+from ._kind import Kind, Target
 from .kinds import KINDS, module_kind, require_support
 from .variants import variant_for
 
@@ -65,6 +65,10 @@ def find_targets(model: nn.Module, cfg: AdapterConfig, *, caller: str = "targets
     def roles(d_in: int, d_out: int) -> tuple[str, ...]:
         return roles_of(d_in, d_out, width)
 
+    def adaptable(module: nn.Module) -> Kind | None:
+        kind = module_kind(module)
+        return None if kind is not None and kind.listed_only and kind.name not in variant.kinds else kind
+
     def kept(path: str, target: Target) -> bool:
         if any(re.search(p, path) for p in cfg.exclude_names):
             return False
@@ -72,6 +76,11 @@ def find_targets(model: nn.Module, cfg: AdapterConfig, *, caller: str = "targets
             return False
         return cfg.target_roles is None or bool(set(cfg.target_roles) & set(target.roles))
 
+    # With `target_names` None: the linear-like layers, or for a variant that adapts none (LN Tuning, Trainable
+    # Tokens), every layer of the kinds it lists.
+    default_kinds = {n for n, k in KINDS.items() if k.by_default}
+    if not default_kinds & set(variant.kinds):
+        default_kinds = set(variant.kinds)
     unread = read_not_called(model)
     saved_roots = [p for p, _ in model.named_modules() if cfg.modules_to_save and _names(p, cfg.modules_to_save)]
     selected: list[Target] = []
@@ -82,9 +91,9 @@ def find_targets(model: nn.Module, cfg: AdapterConfig, *, caller: str = "targets
             if any(True for _ in module.parameters(recurse=False)):
                 selected.append(KINDS["saved"].describe(path, module, roles))
             continue
-        kind = module_kind(module)
+        kind = adaptable(module)
         if cfg.target_names is None:
-            wanted = kind is not None and kind.by_default
+            wanted = kind is not None and kind.name in default_kinds
         else:
             matched = [p for p in cfg.target_names if re.search(p, path)]
             for p in matched:
@@ -112,7 +121,7 @@ def find_targets(model: nn.Module, cfg: AdapterConfig, *, caller: str = "targets
 
     modules = dict(model.named_modules())
     for pattern, paths in name_hits.items():  # a pattern that hits only modules no kind adapts is a mistake
-        if paths and not any(module_kind(modules[p]) is not None for p in paths):
+        if paths and not any(adaptable(modules[p]) is not None for p in paths):
             shown = ", ".join(f"{p} ({type(modules[p]).__name__})" for p in paths[:3])
             raise ValueError(
                 f"{caller}: `target_names` pattern {pattern!r} matches only modules that no layer kind adapts "

@@ -63,6 +63,7 @@ class Init(NamedTuple):
     weight: Callable[[], torch.Tensor]  # the dense base weight (dequantized, float32), computed on call
     generator: torch.Generator | None  # for random leaves; None = torch's global RNG
     inputs: InputStats | None = None  # calibration statistics, for variants with `calibrated=True`
+    bias: Callable[[], torch.Tensor | None] = lambda: None  # the base bias (detached), computed on call
 
 
 WeightFn = Callable[[], torch.Tensor]  # the dense base weight, read on demand

@@ -1,8 +1,4 @@
-"""Model builders and adapter helpers shared by the tests and `benchmarks/gpu.py`.
-
-Plain functions, no pytest: the GPU script imports this module on a machine that may not have pytest.
-`conftest.py` re-exports them for the tests.
-"""
+"""Model builders and adapter helpers shared by the tests: plain functions, which `conftest.py` re-exports."""
 
 from __future__ import annotations
 
@@ -241,3 +237,17 @@ def classification_batch(batch: int = 4, seq: int = 10, vocab: int = 128, labels
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
     return {"input_ids": ids, "labels": torch.randint(0, labels, (batch,), generator=gen)}
+
+
+# -- registry-wide tests on the tiny Qwen3 ------------------------------------------------------------------------
+
+# Layers of the tiny Qwen3 that a variant adapting no linear layer takes where a test names linear projections.
+KIND_TARGETS = {"norm": (r"(input|post_attention)_layernorm$",), "embedding": (r"embed_tokens$",)}
+
+
+def target_names_for(variant, names: tuple[str, ...]) -> tuple[str, ...]:
+    """`names` (linear projections of the tiny Qwen3) for a variant that adapts linear layers; else the layers of
+    the first of its kinds in `KIND_TARGETS` (LN Tuning: the blocks' norms; Trainable Tokens: the embedding)."""
+    if "linear" in variant.kinds:
+        return names
+    return next(KIND_TARGETS[k] for k in variant.kinds if k in KIND_TARGETS)

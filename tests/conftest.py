@@ -29,6 +29,49 @@ from components import (  # noqa: E402, F401
 )
 from torch import nn  # noqa: E402
 
+
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where the device tests (marked `cuda`, tests/integrations/test_gpu.py) run: cuda runs them on the GPU; "
+        "with the default cpu they are skipped",
+    )
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "cuda: needs `--device cuda` and a CUDA device; skipped otherwise")
+
+
+def cuda_skip_reason(config) -> str | None:
+    """Why the `cuda` tests cannot run here, or None when they can."""
+    if config.getoption("--device") != "cuda":
+        return "a CUDA test: run pytest with `--device cuda` on a machine with a CUDA device (`nox -s gpu`)"
+    if not torch.cuda.is_available():
+        return "`--device cuda` was given, but torch sees no CUDA device here (torch.cuda.is_available() is False)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    reason = cuda_skip_reason(config)
+    if reason is not None:
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device `--device` names (cpu by default); a test that asks for cuda where there is none is skipped."""
+    name = request.config.getoption("--device")
+    if name == "cuda":
+        reason = cuda_skip_reason(request.config)
+        if reason is not None:
+            pytest.skip(reason)
+    return torch.device(name)
+
+
 # Two threads, or under pytest-xdist (`nox -s tests` runs `-n 2`) the cores shared among the workers.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, torch.get_num_threads(), (os.cpu_count() or 1) // _WORKERS)))
@@ -128,8 +171,16 @@ def _lm_loss(out) -> torch.Tensor:
     return out.loss
 
 
+def qwen3_subject(device: torch.device | str = "cpu") -> Subject:
+    """The tiny Qwen3 subject, its model and batch on `device`."""
+    if torch.device(device).type == "cpu":
+        return Subject("qwen3", tiny_qwen3, qwen3_batch(), _lm_loss, _logits)
+    batch = {k: v.to(device) for k, v in qwen3_batch().items()}
+    return Subject(f"qwen3-{torch.device(device).type}", lambda: tiny_qwen3().to(device), batch, _lm_loss, _logits)
+
+
 SUBJECTS = {
-    "qwen3": lambda: Subject("qwen3", tiny_qwen3, qwen3_batch(), _lm_loss, _logits),
+    "qwen3": qwen3_subject,
     "minilm": lambda: Subject(
         "minilm", minilm, minilm_batch(), _minilm_loss, _minilm_out, calibration=minilm_calibration()
     ),

@@ -4,7 +4,7 @@ A kind says how to recognise a module, its features and layout, how to read its 
 low-rank family acts on it (see `lora_func/_kind.py`). A variant lists the kinds it supports
 (`Variant.kinds`); `leaf_shapes` refuses the others, naming the variant and the module.
 
-What the injection needs, per target of an adapter (the contract with `lora_func/_inject.py`):
+What the injection needs, per target of an adapter (the contract with `lora_func/_inject/`):
 
     site = site_for(model, target, cfg, caller)      # the target located, checked, with its read-only base view
     form = form_of(variant, site.target)
@@ -30,7 +30,7 @@ from torch import nn
 from .._config import ROLES, AdapterConfig, config_for
 from .._kind import SHARED, BaseLayer, Kind, Target
 from .._variant import Leaves, Site, Variant
-from . import conv, conv1d, embedding, experts, linear, saved
+from . import conv, conv1d, embedding, experts, linear, norm, saved
 
 KINDS: dict[str, Kind] = {
     k.name: k
@@ -40,6 +40,7 @@ KINDS: dict[str, Kind] = {
         conv.KIND,
         embedding.KIND,
         experts.KIND,
+        norm.KIND,
         saved.KIND,
     )
 }

@@ -125,6 +125,8 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
     method = _method_for_variant(variant_for(params.config, caller="to_peft").name, "to_peft")
     if model is not None:
         check_model(model, params.targets, "to_peft")
+        if method.check_model is not None:
+            method.check_model(model, params.targets, "to_peft")
     for target in params.targets:
         check_kind(method, target, "to_peft")
     # Saved module copies are written as they are, whatever the method: the method sees the adapted targets only.
@@ -322,6 +324,8 @@ def _from_peft(directory: str, model: nn.Module) -> Params:
     found = tuple(find_targets(model, cfg, caller="from_peft"))
     for target in found:
         check_kind(method, target, where)
+    if method.check_model is not None:
+        method.check_model(model, found, where)
     adapted = variant_targets(found)
     shared_stored = variant.create_shared is not None and method.shared_stored(fields)
 

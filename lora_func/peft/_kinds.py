@@ -71,7 +71,7 @@ def tensor_key(method: PeftMethod, target: Target, leaf: str, targets: tuple[Tar
     """The full key of a target's leaf in PEFT's tensor file."""
     if target.kind == "saved":
         return f"{KEY_PREFIX}{target.path}.{leaf}"
-    if target.kind == "embedding":
+    if target.kind == "embedding" and leaf in EMBEDDING_KEYS:  # LoRA's factors; other methods' leaves by their names
         return f"{KEY_PREFIX}{target.path}.{EMBEDDING_KEYS[leaf]}"
     if target.kind == "experts":
         module = target.path.rpartition(".")[0]

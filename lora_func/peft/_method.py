@@ -69,6 +69,8 @@ class PeftMethod:
         (an absent one is what PEFT computes from the config too).
     kinds: the layer kinds (`lora_func/kinds/`) PEFT's method adapts as lora_func's variant does (`_kinds.py`).
     conv_dims: with "conv" in `kinds`, the convolutions PEFT's method has a layer for (1: nn.Conv1d, ...).
+    check_model(model, targets, where): raises where PEFT's method would compute something else on this model
+        (Trainable Tokens on an embedding tied to the output head); run by `from_peft`, and by `to_peft` with `model`.
     rebuild receives the target's read-only base-layer view (`lora_func._kind.BaseLayer`): `base.weight()` is the
         dense weight in the kind's layout.
     """
@@ -94,6 +96,7 @@ class PeftMethod:
     derived: Mapping[str, Callable[[Target, AdapterConfig], torch.Tensor]] = field(default_factory=dict)
     kinds: tuple[str, ...] = ("linear",)
     conv_dims: tuple[int, ...] = (1, 2, 3)
+    check_model: Callable[[Any, tuple, str], None] | None = None
 
 
 def refuse(where: str, name: str, value: Any, why: str) -> None:

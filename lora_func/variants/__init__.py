@@ -6,6 +6,7 @@ from .._config import AdapterConfig
 from .._variant import CAPABILITIES, Dense, LowRank, Variant
 from . import (
     antipasto,
+    c3a,
     delora,
     dora,
     eva,
@@ -13,6 +14,7 @@ from . import (
     hra,
     ia3,
     ia3ff,
+    ln_tuning,
     loha,
     lokr,
     lora,
@@ -22,6 +24,7 @@ from . import (
     road,
     shira,
     ssvd,
+    trainable_tokens,
     vera,
 )
 
@@ -65,6 +68,9 @@ REGISTRY: dict[str, Variant] = _registered(
     miss.VARIANT,
     shira.VARIANT,
     fourierft.VARIANT,
+    ln_tuning.VARIANT,
+    trainable_tokens.VARIANT,
+    c3a.VARIANT,
 )
 _BY_CONFIG: dict[type, Variant] = {v.config: v for v in REGISTRY.values()}
 

@@ -39,7 +39,9 @@ def test_freeze_agrees_in_both_training_styles_and_in_the_module(name):
     `AdapterModule.parameters()` and an optimizer step all leave them out, and they do not move."""
     model = tiny_qwen3()
     params = adapter(name, model)
-    chosen = [t.path for t in params.targets[:2]]
+    if len(params.targets) < 2:  # Trainable Tokens: the embedding alone; freezing it would leave nothing to train
+        pytest.skip(f"{name} has one target here")
+    chosen = [t.path for t in params.targets[: min(2, len(params.targets) - 1)]]
     pattern = "|".join(p.replace(".", r"\.") + "$" for p in chosen)
     frozen_params = lf.freeze(params, targets=pattern)
     expected = {(p, leaf) for p, leaf in names(lf.split(params)[0]) if p in chosen}  # their trainable leaves

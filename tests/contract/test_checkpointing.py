@@ -14,10 +14,10 @@ import gc
 
 import pytest
 import torch
+from components import hook_count
 from conftest import assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qwen3
 
 import lora_func as lf
-from lora_func import _inject
 from lora_func.variants import REGISTRY
 
 VARIANTS = sorted(REGISTRY)
@@ -54,8 +54,7 @@ def checkpointed(model, reentrant: bool):
 
 
 def nothing_left(model, before) -> None:
-    assert_untouched(model, before)
-    assert not [key for key in _inject._HOOKED if any(key[0] is m for m in model.modules())]
+    assert_untouched(model, before)  # the model as it was: no dispatcher left on any module, no base gradient
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -175,11 +174,11 @@ def test_a_backward_that_fails_leaves_nothing_behind_once_the_graph_is_freed(mod
     handle.remove()
     with pytest.raises(ZeroDivisionError):
         loss.backward()
-    assert any(ref() is not None for _, refs in _inject._ENTERED.values() for ref in refs)
+    # layer 0's record is held by the graph the failed backward left: the dispatchers stay, inert, until it goes
+    assert hook_count(model) > before["hooks"]
     del loss
     gc.collect()
     nothing_left(model, before)
-    assert not any(ref() is not None for _, refs in _inject._ENTERED.values() for ref in refs)
 
 
 def test_base_parameters_that_require_grad_get_no_gradient_and_keep_their_flags():

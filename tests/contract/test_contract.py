@@ -145,8 +145,10 @@ def test_save_load_is_bitwise(name, subject, tmp_path):
 # random-weight Qwen3 (a flat spectrum: its top-4 directions carry little of the function) 20 steps at
 # 1e-2 lower the loss by only 2-4%; on pretrained MiniLM they pass at 1e-2 (by 30%+). Measured 20-step
 # ratios at these rates, qwen3 / qwen3-4bit / minilm: ROAD 0.90 / 0.90 / 0.63, SSVD 0.92 / 0.92 / 0.65,
-# AntiPaSTO 0.92 / 0.94 / 0.63.
-PROBE_LR = {"ia3": 3e-2, "ia3ff": 3e-2, "road": 3e-2, "ssvd": 1e-1, "antipasto": 3e-1}
+# AntiPaSTO 0.92 / 0.94 / 0.63. LN Tuning trains the norms' gains alone (~600 values here), as IA3 does: 0.97 at
+# 1e-2 on qwen3; at 3e-2, qwen3 / minilm: 0.92 / 0.64. C3A's ΔW is its kernels / d_in: 0.97 at 1e-2 on qwen3, 0.86 at
+# 1e-1.
+PROBE_LR = {"ia3": 3e-2, "ia3ff": 3e-2, "road": 3e-2, "ssvd": 1e-1, "antipasto": 3e-1, "ln_tuning": 3e-2, "c3a": 1e-1}
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -176,7 +178,7 @@ def test_merge_equals_apply(name, subject):
     assert set(merged) >= {f"{t.path}.weight" for t in params.targets}
     with torch.no_grad():
         expected = subject.output(lf.apply(model, params, subject.batch))
-        if subject.name.endswith("bit"):
+        if any(t.module in ("Linear4bit", "Linear8bitLt") for t in params.targets):
             # bnb layers cannot take a float weight: compare each merged layer against its adapted output.
             for target in params.targets:
                 x = torch.randn(3, target.d_in, generator=torch.Generator().manual_seed(0))
@@ -225,9 +227,12 @@ def test_gradient_checkpointing_gives_same_gradients(name, subject, reentrant):
         lf._apply.call_model(model, subject.batch)
     subject.loss(out).backward()
     assert_untouched(model, before)
+    # Non-reentrant checkpointing runs the forward under saved-tensor hooks, where LoRA's low-rank product takes its
+    # autograd.Function (docs/internals.md): another op order than the reference's for few rows, so the two differ
+    # in rounding (at most 1.1e-7 measured on MiniLM's gradients, which reach ~1e-3).
     for key, g in trainable_grads(params).items():
         assert g is not None, f"{key} got no gradient under checkpointing"
-        torch.testing.assert_close(g, reference[key], rtol=1e-5, atol=1e-7, msg=str(key))
+        torch.testing.assert_close(g, reference[key], rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_checkpointing_under_torch_func_is_a_clear_error():

@@ -532,7 +532,7 @@ REFUSED_FIELDS = [
     ("init_lora_weights", "pissa_fast", r"`init_lora_weights`=\"pissa_fast\""),
     ("a_future_field", {"on": True}, r"`a_future_field`=\{\"on\": true\} is not supported: lora_func does not know"),
     ("target_modules", ["embed_tokens"], r"missing keys \['base_model.model.model.embed_tokens.lora_embedding_A'"),
-    ("target_modules", ["norm"], r"`target_modules` selects 'model.norm' \(Qwen3RMSNorm\), no layer kind"),
+    ("target_modules", ["norm"], r"`target_modules` selects 'model.norm' \(Qwen3RMSNorm\), a norm layer;"),
     ("target_modules", ["mlp"], r"`target_modules` selects 'model.layers.0.mlp' \(Qwen3MLP\)"),
     ("target_modules", ["nowhere"], r"`target_modules`=\[\"nowhere\"\] selects no module"),
     ("target_modules", None, r"`target_modules` is null"),

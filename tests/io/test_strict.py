@@ -17,6 +17,7 @@ import typing
 import optree
 import pytest
 import torch
+from components import target_names_for
 from conftest import assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qwen3
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -571,7 +572,8 @@ def test_every_variant_runs_in_the_half_dtypes_its_init_accepts(name, dtype):
     batch = qwen3_batch()
     variant = REGISTRY[name]
     kwargs = {"calibration_data": [batch]} if variant.calibrated else {}
-    params = lf.init(model, variant.config(r=4, dtype=dtype, target_names=("q_proj", "down_proj")), seed=0, **kwargs)
+    names = target_names_for(variant, ("q_proj", "down_proj"))
+    params = lf.init(model, variant.config(r=4, dtype=dtype, target_names=names), seed=0, **kwargs)
     assert all(t.dtype == dtype for _, _, t in params.leaves())
     with torch.no_grad():
         base = model(**batch).logits

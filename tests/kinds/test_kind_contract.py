@@ -1,7 +1,7 @@
 """The invariants (docs/internals.md, "The contract") for every registered layer kind × every variant that
 supports it, each on a small real architecture: a plain MLP (linear), GPT-2 (transformers Conv1D), a ResNet-like
 CNN (convolutions), Qwen3's token embedding, Qwen3-MoE's fused experts, BERT with a fresh classification head
-(`modules_to_save`)."""
+(`modules_to_save`), BERT's LayerNorms (norm)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,7 @@ SUBJECTS = {
         {"target_names": (), "target_parameters": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")},
     ),
     "saved": lambda: KindSubject(tiny_bert_classifier, classification_batch(), {"modules_to_save": ("classifier",)}),
+    "norm": lambda: KindSubject(tiny_bert_classifier, classification_batch(), {"target_names": (r"LayerNorm$",)}),
 }
 CASES = [(kind, name) for kind in KINDS for name in sorted(REGISTRY) if supports(REGISTRY[name], kind)]
 

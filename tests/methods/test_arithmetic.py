@@ -92,6 +92,8 @@ def test_delta_weights_are_merged_minus_base(name):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_delta_weights_on_a_4bit_base_use_the_dequantized_weight(name, qwen3_4bit):
+    if "linear" not in REGISTRY[name].kinds:
+        pytest.skip(f"{name} adapts no linear layer, so no 4-bit one")
     params = make(name, qwen3_4bit)
     before = snapshot(qwen3_4bit)
     delta = lf.delta_weights(qwen3_4bit, params)
@@ -127,6 +129,10 @@ def test_weighted_sum_is_exact_or_refused_by_name(name):
     model = tiny_qwen3().eval()
     a, b = make(name, model, seed=0), make(name, model, seed=1)
     weights = [0.7, -1.3]
+    if "linear" not in REGISTRY[name].kinds:  # LN Tuning: sums are LoRAs of linear layers
+        with pytest.raises(ValueError, match=r"adapter arithmetic covers nn.Linear-style targets only"):
+            lf.weighted_sum([a, b], weights)
+        return
     try:
         lf.weighted_sum([a, b], weights)
     except ValueError as refused:
