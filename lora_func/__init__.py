@@ -46,6 +46,7 @@ from .variants.c3a import C3AConfig as C3AConfig
 from .variants.delora import DeLoRAConfig as DeLoRAConfig
 from .variants.dora import DoRAConfig as DoRAConfig
 from .variants.eva import EVAConfig as EVAConfig
+from .variants.fourierft import FourierFTConfig as FourierFTConfig
 from .variants.hra import HRAConfig as HRAConfig
 from .variants.ia3 import IA3Config as IA3Config
 from .variants.ia3ff import IA3FFConfig as IA3FFConfig
@@ -53,10 +54,12 @@ from .variants.ln_tuning import LNTuningConfig as LNTuningConfig
 from .variants.loha import LoHaConfig as LoHaConfig
 from .variants.lokr import LoKrConfig as LoKrConfig
 from .variants.lora import LoRAConfig as LoRAConfig
+from .variants.miss import MiSSConfig as MiSSConfig
 from .variants.oft import OFTConfig as OFTConfig
 from .variants.pissa import PiSSAConfig as PiSSAConfig
 from .variants.reft import ReFTConfig as ReFTConfig
 from .variants.road import ROADConfig as ROADConfig
+from .variants.shira import SHiRAConfig as SHiRAConfig
 from .variants.ssvd import SSVDConfig as SSVDConfig
 from .variants.trainable_tokens import TrainableTokensConfig as TrainableTokensConfig
 from .variants.vera import VeRAConfig as VeRAConfig

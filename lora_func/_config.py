@@ -136,7 +136,8 @@ def describe(hint: Any) -> str:
     """What an annotation asks for, in words: `a tuple of strings or None`."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(describe(a) for a in args if a is not type(None)) + " or None"
+        arms = " or ".join(describe(a) for a in args if a is not type(None))
+        return arms + " or None" if type(None) in args else arms
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         item = typing.get_args(args[0])
         if typing.get_origin(args[0]) is tuple and len(item) == 2:
@@ -167,13 +168,12 @@ def normalize(value: Any, hint: Any, name: str, owner: str, *, stored: bool = Fa
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        arms = [a for a in args if a is not type(None)]
-        if len(arms) != 1:
-            raise TypeError(f"{owner}: `{name}` has an annotation lora_func cannot check: {hint!r}")
-        try:
-            return normalize(value, arms[0], name, owner, stored=stored)
-        except ConfigError:
-            raise wrong() from None
+        for arm in (a for a in args if a is not type(None)):  # the first arm it fits (`bool | str`: MiSS's init)
+            try:
+                return normalize(value, arm, name, owner, stored=stored)
+            except ConfigError:
+                continue
+        raise wrong()
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         item = args[0]
         pairs = typing.get_origin(item) is tuple and len(typing.get_args(item)) == 2

@@ -66,6 +66,18 @@ def quantize(model: nn.Module, bits: int, device: torch.device | str = "cpu") ->
     return model.to(device)
 
 
+# Fields a variant needs on the tests' tiny layers (8 -> 16, 16 -> 16): FourierFT's default 1000 frequencies exceed
+# their entries, which PEFT refuses too.
+TINY_FIELDS = {"fourierft": {"n_frequency": 100}}
+
+
+def tiny_config(name: str, **fields) -> lf.AdapterConfig:
+    """The registered variant `name`'s config with `fields`, sized for tiny layers (`TINY_FIELDS`)."""
+    from lora_func.variants import REGISTRY
+
+    return REGISTRY[name].config(**{**TINY_FIELDS.get(name, {}), **fields})
+
+
 def perturbed(params: lf.Params, scale: float = 0.05, seed: int = 3) -> lf.Params:
     """Every trainable leaf moved off its init (B ≠ 0, λ changed), so that every leaf acts on the output and
     gets a gradient. The noise is drawn on the CPU from `seed`, then put on the leaf's device and dtype."""

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .._config import AdapterConfig
+from .._config import AdapterConfig, config_for
 from .._init import assemble
 from .._params import SHARED, Params
 from .._serialize import AdapterFileError, check_model
@@ -110,7 +110,8 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
     docstring), DeLoRA, DoRA (PEFT LoRA with `use_dora`), IA3 and IA3-FF (PEFT IA3, `feedforward_modules` none or
     all of the targets), HRA, VeRA (projections stored, `save_projection=True`), ROAD (`group_size=None` written as
     the int it resolves to, where that is one int for all targets), LoHa (linear and Conv1d/2d layers), LoKr, OFT
-    (v2; `r` or `oft_block_size` as set). Layer kinds beyond nn.Linear (transformers
+    (v2; `r` or `oft_block_size` as set), MiSS (`init_weights` true, false or "mini"), SHiRA (its random mask's
+    `shira_indices` written too), FourierFT (linear and Conv1D layers). Layer kinds beyond nn.Linear (transformers
     Conv1D, convolutions, embeddings, fused experts, `modules_to_save` copies) as `_kinds.py` says; `dropout` as
     `lora_dropout`.
 
@@ -160,6 +161,9 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
     for path, entry in copies.items():
         for leaf, tensor in entry.items():
             tensors[f"{KEY_PREFIX}{path}.{leaf}"] = tensor.detach().to("cpu").contiguous()
+    for target in targets if method.derived else ():
+        for name, make in method.derived.items():
+            tensors[f"{KEY_PREFIX}{target.path}.{name}"] = make(target, config_for(cfg, target.path)).contiguous()
 
     fields: dict[str, Any] = {
         "peft_type": method.peft_type,
@@ -345,6 +349,7 @@ def _from_peft(directory: str, model: nn.Module) -> Params:
     if shared_stored:
         expected |= set(method.shared_keys.values())
     _check_base_weights(tensors, found, model, where_weights)
+    _check_derived(tensors, method, found, cfg, where_weights)
     missing = sorted(expected - set(tensors))
     unexpected = sorted(set(tensors) - expected)
     if missing or unexpected:
@@ -391,6 +396,24 @@ def _from_peft(directory: str, model: nn.Module) -> Params:
             leaves = variant.create_shared(adapted, cfg, Init(lambda: None, None))  # as `lf.init` draws them
         entries[SHARED] = leaves
     return assemble(cfg, found, entries, model, "from_peft")
+
+
+def _check_derived(
+    tensors: dict[str, torch.Tensor], method: PeftMethod, found: tuple, cfg: AdapterConfig, where: str
+) -> None:
+    """Read (and drop) the tensors PEFT stores that lora_func computes (`PeftMethod.derived`): each must be exactly
+    what lora_func computes from the config, else lora_func would not compute what PEFT does."""
+    for target in found if method.derived else ():
+        for name, make in method.derived.items():
+            key = f"{KEY_PREFIX}{target.path}.{name}"
+            if key not in tensors:
+                continue
+            stored, want = tensors.pop(key), make(target, config_for(cfg, target.path))
+            if stored.shape != want.shape or not torch.equal(stored.to(want.dtype), want):
+                raise ValueError(
+                    f"{where} key {key!r} is not what lora_func's {method.variant} computes from the config "
+                    f"({method.peft_type} made with other settings or a custom function), which it cannot read"
+                )
 
 
 def _check_base_weights(tensors: dict[str, torch.Tensor], found: tuple, model: nn.Module, where: str) -> None:

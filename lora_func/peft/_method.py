@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .._config import AdapterConfig
-from .._kind import BaseLayer
+from .._kind import BaseLayer, Target
 from .._params import Params
 from .._variant import Leaves
 
@@ -63,6 +63,10 @@ class PeftMethod:
     shared_keys: leaf of the shared entry (`SHARED`) -> its full PEFT tensor key (VeRA: "A" -> "base_model.vera_A").
     shared_stored(fields): whether an imported file holds the shared leaves; where not, they are made as `lf.init`
         makes them (the variant's `create_shared`).
+    derived: PEFT tensor name after the module path -> `make(target, cfg)`, cfg the target's resolved config: tensors
+        PEFT stores per target that are no leaves, lora_func computing them from the config and the target's shape
+        (SHiRA's mask indices). Written on export; on import each must be what `make` gives, or the file is refused
+        (an absent one is what PEFT computes from the config too).
     kinds: the layer kinds (`lora_func/kinds/`) PEFT's method adapts as lora_func's variant does (`_kinds.py`).
     conv_dims: with "conv" in `kinds`, the convolutions PEFT's method has a layer for (1: nn.Conv1d, ...).
     check_model(model, targets, where): raises where PEFT's method would compute something else on this model
@@ -89,6 +93,7 @@ class PeftMethod:
     tensor_in: Callable[[str, torch.Tensor, tuple[int, ...]], torch.Tensor] = lambda leaf, tensor, shape: tensor
     shared_keys: Mapping[str, str] = field(default_factory=dict)
     shared_stored: Callable[[Mapping[str, Any]], bool] = lambda fields: True
+    derived: Mapping[str, Callable[[Target, AdapterConfig], torch.Tensor]] = field(default_factory=dict)
     kinds: tuple[str, ...] = ("linear",)
     conv_dims: tuple[int, ...] = (1, 2, 3)
     check_model: Callable[[Any, tuple, str], None] | None = None

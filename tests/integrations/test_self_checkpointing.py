@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from components import tiny_config
 from conftest import assert_untouched, changes, perturbed, qwen3_batch, snapshot, tiny_qwen3
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -62,7 +63,7 @@ BATCH = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
 def make(name, model):
     variant = REGISTRY[name]
     calibration = [BATCH] if variant.calibrated else None
-    cfg = variant.config(r=4, exclude_names=("head",))
+    cfg = tiny_config(name, r=4, exclude_names=("head",))
     return perturbed(lf.init(model, cfg, seed=0, calibration_data=calibration))
 
 

@@ -20,6 +20,7 @@ from components import (
     snapshot,
     tiny_bert_classifier,
     tiny_cnn,
+    tiny_config,
     tiny_gpt2,
     tiny_qwen3,
     tiny_qwen3_moe,
@@ -100,7 +101,7 @@ def test_kind_contract(kind, name, tmp_path):
     subject = _subject(kind)
     model = subject.build()
     variant = REGISTRY[name]
-    cfg = variant.config(r=4, **subject.config)
+    cfg = tiny_config(name, r=4, **subject.config)
     before = snapshot(model)
     with torch.no_grad():
         base = subject.output(call_model(model, subject.batch))

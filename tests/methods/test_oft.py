@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from components import qwen3_batch, tiny_qwen3
-from peft_parity import PROJECTIONS, assert_same_as_peft, copy_into_peft, randomized, twins
+from peft_parity import PROJECTIONS, assert_peft_files_round_trip, assert_same_as_peft, peft_twin, randomized
 
 import lora_func as lf
 
@@ -83,49 +83,31 @@ def test_dense_formula_and_identity_at_init(case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_peft_outputs_and_gradients(case):
-    model, twin = twins()
-    params = randomized(lf.init(model, lf.OFTConfig(**CASES[case], target_names=PROJECTIONS), seed=0), _draw)
-    peft_model = peft.get_peft_model(
-        twin, peft.OFTConfig(**_peft_fields(CASES[case]), target_modules=list(PROJECTIONS))
+    model, params, peft_model = peft_twin(
+        lf.OFTConfig(**CASES[case], target_names=PROJECTIONS),
+        peft.OFTConfig(**_peft_fields(CASES[case]), target_modules=list(PROJECTIONS)),
+        _draw,
+        _peft_leaf,
     )
     assert len(params.targets) == sum(hasattr(m, "oft_R") for m in peft_model.modules()) == 14
-    copy_into_peft(peft_model, params, _peft_leaf)
-    worst = assert_same_as_peft(model, params, peft_model, _peft_leaf)
-    assert worst["logits"] <= 1e-5
+    assert_same_as_peft(model, params, peft_model, _peft_leaf)
 
 
 @pytest.mark.parametrize("case", ["default", "r blocks, 3 terms"])
 def test_from_peft_gives_peft_logits_and_to_peft_loads_in_peft(case, tmp_path):
-    model, twin = twins()
-    model.eval(), twin.eval()
     cfg = peft.OFTConfig(**_peft_fields(CASES[case]), target_modules=["q_proj", "v_proj", "down_proj"])
-    peft_model = peft.get_peft_model(twin, cfg)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "oft_R" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    peft_model.save_pretrained(tmp_path / "peft")
-    batch = qwen3_batch()
-    with torch.no_grad():
-        ref = peft_model(**batch).logits
-    params = lf.from_peft(tmp_path / "peft", model)
-    with torch.no_grad():
-        torch.testing.assert_close(lf.apply(model, params, batch).logits, ref, rtol=0, atol=1e-5)
-
-    lf.to_peft(params, tmp_path / "back", model=model)
-    loaded = peft.PeftModel.from_pretrained(twins()[1].eval(), tmp_path / "back")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, ref, rtol=0, atol=1e-5)
+    assert_peft_files_round_trip(tmp_path, cfg, "oft_R", 0.05)
 
 
 def test_a_block_size_that_does_not_divide_d_in_is_moved_as_peft_moves_it():
     """Block size 24 on d_in 64 and 128: PEFT (with a warning) and lora_func both use 16, the nearest divisor."""
-    model, twin = twins()
-    params = randomized(lf.init(model, lf.OFTConfig(oft_block_size=24, target_names=PROJECTIONS), seed=0), _draw)
     with pytest.warns(UserWarning, match="Adjusted `oft_block_size`"):
-        peft_model = peft.get_peft_model(twin, peft.OFTConfig(oft_block_size=24, target_modules=list(PROJECTIONS)))
+        model, params, peft_model = peft_twin(
+            lf.OFTConfig(oft_block_size=24, target_names=PROJECTIONS),
+            peft.OFTConfig(oft_block_size=24, target_modules=list(PROJECTIONS)),
+            _draw,
+            _peft_leaf,
+        )
     for path in params:
         assert params[path]["oft_R"].shape == _peft_leaf(peft_model.get_base_model().get_submodule(path), "").shape
-    copy_into_peft(peft_model, params, _peft_leaf)
     assert_same_as_peft(model, params, peft_model, _peft_leaf)
