@@ -15,6 +15,7 @@ from torch import nn
 
 import lora_func as lf
 from lora_func._arithmetic import target_seed
+from lora_func._variant import Intervention
 from lora_func.kinds.linear import dense_weight
 from lora_func.variants import REGISTRY
 
@@ -79,6 +80,11 @@ def test_delta_weights_are_merged_minus_base(name):
     model = tiny_qwen3(attention_bias=True).eval()
     params = make(name, model)
     before, leaves = snapshot(model), leaves_of(params)
+    if REGISTRY[name].capability(Intervention) is not None:  # ReFT edits hidden states: no ΔW, said by name
+        with pytest.raises(ValueError, match=rf"delta_weights: target {params.targets[0].path!r}"):
+            lf.delta_weights(model, params)
+        assert_untouched(model, before)
+        return
     delta = lf.delta_weights(model, params)
     assert_untouched(model, before)
     assert_leaves_unchanged(params, leaves)
