@@ -6,8 +6,12 @@ and zero for the rest, so a training loop written with them works for every vari
     for step, batch in enumerate(batches):
         loss = lf.apply(model, params, batch).loss + lf.regularizer(params)
         loss.backward()
-        params, state = lf.schedule(params, state, step)   # between backward() and zero_grad(): reads .grad
-        optimizer.step(); optimizer.zero_grad()
+        optimizer.step()
+        params, state = lf.schedule(params, state, step)   # after the step, before zero_grad(): reads .grad
+        optimizer.zero_grad()
+
+After the optimizer step, as PEFT's AdaLoRA calls its allocator: a schedule that fixes up a leaf (ReFT retracts R to
+orthonormal rows, in place, so the optimizer keeps updating the same tensor) sees the step's result.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ def schedule(params: Params, state: Any, step: int, *, grads: Params | None = No
     """One step of the variant's training-time schedule: `(params, state)` after step `step` (an int >= 0).
 
     `grads`: the gradients of the trainable leaves, as `lf.split(params)[0]` holds them (the torch.func style);
-    None reads the leaves' `.grad` (a torch.optim loop, between `backward()` and `zero_grad()`). A variant without
-    a schedule returns `params` and `state` as they are.
+    None reads the leaves' `.grad` (a torch.optim loop: after `optimizer.step()`, before `zero_grad()`). A variant
+    without a schedule returns `params` and `state` as they are.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"schedule: `step` must be an int >= 0, got {step!r}")

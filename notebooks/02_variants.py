@@ -90,7 +90,9 @@ print(f"zero-shot held-out accuracy {zero_shot['accuracy']:.1%} (loss {zero_shot
 # %%
 def train(name, **options):
     variant, recipe = REGISTRY[name], RECIPES.get(name) or demo.RECIPES[name]
-    cfg = dataclasses.replace(demo.config_for(variant, recipe), layers=LAYERS, **options)
+    # Trainable Tokens adapts the word embedding, which lies outside the blocks that `layers` counts
+    layers = None if set(variant.kinds) <= {"embedding"} else LAYERS
+    cfg = dataclasses.replace(demo.config_for(variant, recipe), layers=layers, **options)
     calibration = demo.calibration_batches(task, BATCH, SEED) if variant.calibrated else None
     start = time.perf_counter()
     params = lf.init(model, cfg, seed=SEED, calibration_data=calibration, progress=False)

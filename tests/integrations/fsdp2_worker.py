@@ -41,6 +41,7 @@ from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 import lora_func as lf  # noqa: E402
+from lora_func._variant import Intervention  # noqa: E402
 from lora_func.variants import REGISTRY  # noqa: E402
 
 WORLD = 2
@@ -105,6 +106,30 @@ def sgd(params):
             t -= 0.5 * t.grad
 
 
+def _refuses(fn, model, params) -> bool:
+    try:
+        fn(model, params)
+    except ValueError:
+        return True
+    return False
+
+
+def merge_results(sharded, trained, reference, ref, local) -> dict:
+    """`merge` and `delta_weights` of the sharded base against the unsharded ones, and the merged model's forward."""
+    found = {}
+    with torch.no_grad():
+        merged = lf.merge(sharded, trained)
+        found["merge_placed"] = all(
+            isinstance(v, DTensor) and v.placements == sharded.get_parameter(k).placements for k, v in merged.items()
+        )
+        found["merge"] = dict_diff(merged, lf.merge(reference, ref))
+        found["delta"] = dict_diff(lf.delta_weights(sharded, trained), lf.delta_weights(reference, ref))
+        copy = models_copy(sharded)
+        copy.load_state_dict(merged, strict=False)
+        found["merged_forward"] = max_diff(copy(**local).logits, lf.apply(sharded, trained, local).logits)
+    return found
+
+
 def compare_variant(name, rank, models, global_batch, local, scratch) -> dict:
     reference, sharded, frozen, checkpointed = models
     found: dict[str, float | int | str] = {}
@@ -126,16 +151,13 @@ def compare_variant(name, rank, models, global_batch, local, scratch) -> dict:
             trained = p
 
     # merge and delta_weights before the step (the reference's leaves are those of `trained`)
-    with torch.no_grad():
-        merged = lf.merge(sharded, trained)
-        found["merge_placed"] = all(
-            isinstance(v, DTensor) and v.placements == sharded.get_parameter(k).placements for k, v in merged.items()
-        )
-        found["merge"] = dict_diff(merged, lf.merge(reference, ref))
-        found["delta"] = dict_diff(lf.delta_weights(sharded, trained), lf.delta_weights(reference, ref))
-        copy = models_copy(sharded)
-        copy.load_state_dict(merged, strict=False)
-        found["merged_forward"] = max_diff(copy(**local).logits, lf.apply(sharded, trained, local).logits)
+    if REGISTRY[name].capability(Intervention) is not None:  # ReFT: no weight form, refused on both bases
+        for fn in (lf.merge, lf.delta_weights):
+            refused = [_refuses(fn, model, p) for model, p in ((sharded, trained), (reference, ref))]
+            assert refused == [True, True], (name, fn.__name__, refused)
+        found["merge"] = found["delta"] = "no weight form"
+    else:
+        found.update(merge_results(sharded, trained, reference, ref, local))
 
     sgd(trained)
     sgd(ref)

@@ -125,9 +125,10 @@ def test_merge_delta_weights_save_and_to_peft(measured, name):
     One SGD step on the averaged gradients then `save`/`to_peft` write what the whole-batch reference writes."""
     for rank in measured:
         found = rank["variants"][name]
-        assert found["merge_placed"], f"{name}: merged weights are not placed as the base parameters"
-        assert found["merge"] <= 1e-6 and found["delta"] <= 1e-6, (name, found["merge"], found["delta"])
-        assert found["merged_forward"] <= 1e-5, (name, found["merged_forward"])
+        if found["merge"] != "no weight form":  # ReFT: refused on both bases (checked in the worker)
+            assert found["merge_placed"], f"{name}: merged weights are not placed as the base parameters"
+            assert found["merge"] <= 1e-6 and found["delta"] <= 1e-6, (name, found["merge"], found["delta"])
+            assert found["merged_forward"] <= 1e-5, (name, found["merged_forward"])
         assert found["moved"] > 1e-2, f"{name}: the SGD step did not move the adapter"
         assert found["save"] <= 1e-6, (name, found["save"])
         assert found["load"] == 0.0, (name, "lf.load against the sharded base", found["load"])
