@@ -11,7 +11,7 @@
 # ---
 
 # %% [markdown]
-# # ReFT against LoRA on SmolLM2 (a draft: not yet in `notebooks/run.py`'s numbered set)
+# # ReFT against LoRA on SmolLM2 (outside `notebooks/run.py`'s numbered set: it takes minutes)
 #
 # LoReFT (Wu et al. 2024) edits the hidden states that blocks output, at the first and last tokens of each
 # prompt: `h + Rᵀ(W h + b − R h)`, rank r per block. LoRA edits weights. Both train here on the demo's main task
@@ -21,7 +21,8 @@
 # torch's orthogonal parametrization of R instead of `lf.schedule`'s retraction after each step.
 #
 # `REFT_STEPS` (default 30) and `REFT_HELD_OUT` (default 32) size the run; on a free 2-core CPU expect minutes per
-# run. The learning rates are first guesses, not sweeps. Run: `python notebooks/reft_vs_lora_smollm2.py`.
+# run (about 6 minutes for all three). The learning rates are first guesses, not sweeps; docs/reft.md records a
+# run. Run: `python notebooks/reft_vs_lora_smollm2.py`.
 
 # %%
 import os
