@@ -20,6 +20,7 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.multiprocessing as mp
+from components import tiny_qwen3
 
 import lora_func as lf
 
@@ -77,19 +78,7 @@ def context() -> dict:
     """The names the pages' blocks take from their surroundings: the training guide's tiny Qwen3 and rows, a batch
     of 4 (`batch`), a loader of two batches, one prompt and four, an adapter (`params`) and four LoRA adapters with
     non-zero updates for the arithmetic page."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-    )
-    model = Qwen3ForCausalLM(config)
+    model = tiny_qwen3(seed=0)  # the suite's tiny Qwen3 (2 layers, hidden 64, vocab 128)
     ids = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
     rows = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x} for x in ids]
 
