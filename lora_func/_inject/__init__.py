@@ -9,6 +9,7 @@ One file per job, all of the mutable state in `state.py`:
     replace.py     targets injected by parameters (fused experts, `modules_to_save`): replacement tensors
     checkpoint.py  HF gradient checkpointing: layer-call records that live with the autograd graph
     quantized.py   bitsandbytes layers routed through `QuantizedLinear` under torch.func and mixed batches
+    positions.py   the model call's attention mask, for variants that edit some positions only (ReFT)
     compiled.py    torch.compile: hooks swapped in for the traced call; compiled code run eagerly in a block
     unwind.py      what an exception (KeyboardInterrupt too) leaves on the thread, undone
     state.py       the process-wide tables and the per-thread stacks
