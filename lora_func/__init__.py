@@ -54,6 +54,7 @@ from .variants.ln_tuning import LNTuningConfig as LNTuningConfig
 from .variants.loha import LoHaConfig as LoHaConfig
 from .variants.lokr import LoKrConfig as LoKrConfig
 from .variants.lora import LoRAConfig as LoRAConfig
+from .variants.lora_ga import LoRAGAConfig as LoRAGAConfig
 from .variants.miss import MiSSConfig as MiSSConfig
 from .variants.oft import OFTConfig as OFTConfig
 from .variants.pissa import PiSSAConfig as PiSSAConfig

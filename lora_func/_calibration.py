@@ -1,4 +1,5 @@
-"""Calibration for data-driven variants: one pass over whole-model batches, keeping Xᵀ X per target.
+"""Calibration for data-driven variants: one pass over whole-model batches, keeping Xᵀ X per target (EVA,
+AntiPaSTO: `collect_input_stats`) or the mean weight gradient dL/dW (LoRA-GA: `collect_weight_gradients`).
 
 Temporary forward pre-hooks see each target's input X (padding tokens dropped where the batch carries
 a 2-D `attention_mask`) and accumulate, in float64, its Gram matrix Xᵀ X, its column sum 1ᵀ X and its
@@ -11,7 +12,7 @@ The model runs in eval mode (dropout off), bitsandbytes layers excepted (see bel
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from ._kind import Target
 from ._progress import progress as progress_bar
-from ._variant import InputStats
+from ._variant import InputStats, WeightGradient
 from .kinds.linear import is_linear_like, quantization
 
 _CHUNK_ROWS = 4096  # rows cast to float64 at a time, to bound the transient copy of a long batch
@@ -120,11 +121,7 @@ def collect_input_stats(
     """
     from ._sites import call_model
 
-    if isinstance(batches, (torch.Tensor, Mapping)) or not isinstance(batches, Iterable):
-        raise TypeError(
-            f"{caller}: `calibration_data` must be an iterable of batches (e.g. a list or a DataLoader), "
-            f"got {type(batches).__name__}"
-        )
+    _checked_batches(batches, caller)
     collector = _Collector()
     mask: list[torch.Tensor | None] = [None]
 
@@ -163,3 +160,122 @@ def collect_input_stats(
     if not stats:
         raise ValueError(f"{caller}: `calibration_data` is empty, or no target ran during calibration")
     return stats
+
+
+def _checked_batches(batches: Any, caller: str) -> None:
+    if isinstance(batches, (torch.Tensor, Mapping)) or not isinstance(batches, Iterable):
+        raise TypeError(
+            f"{caller}: `calibration_data` must be an iterable of batches (e.g. a list or a DataLoader), "
+            f"got {type(batches).__name__}"
+        )
+
+
+def _output_loss(model: nn.Module, batch: Any) -> Any:
+    """The default calibration loss: the model's own `loss` (a Hugging Face model given `labels`), or its output
+    where that is the loss itself."""
+    from ._sites import call_model
+
+    out = call_model(model, batch)
+    if isinstance(out, torch.Tensor):
+        return out
+    value = getattr(out, "loss", None)
+    if value is None and isinstance(out, Mapping):
+        value = out.get("loss")
+    return value
+
+
+def collect_weight_gradients(
+    model: nn.Module,
+    targets: Iterable[Target],
+    batches: Iterable[Any],
+    loss: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    *,
+    caller: str = "init",
+    progress: bool = True,
+) -> dict[str, WeightGradient]:
+    """dL/dW of every target over `batches`, averaged over its calls (PEFT's LoRA-GA `estimate_gradients`).
+
+    Each batch runs `loss(model, batch)` (default: the output's `loss`, as a Hugging Face model computes it from the
+    batch's `labels`) forward and backward once. A forward hook adds to each target's output y a zero z (a new leaf
+    per call): dL/dz = dL/dy even where nothing upstream requires grad, and the call's weight gradient is
+    (dL/dy)ᵀ x over its token rows (x: the target's input; y = x Wᵀ + b for the linear-like kinds), summed in
+    float32 over calls and batches, then divided by the number of calls, as PEFT divides its accumulated
+    `weight.grad` by its backward-hook count. `torch.autograd.grad` differentiates with respect to the z's alone: no
+    parameter's `.grad` is written and no `requires_grad` flag is touched, and W is never read, so quantized layers
+    take part. The model runs in train mode, as PEFT's does (dropout as in training); every module's `training`
+    flag is restored afterwards and the hooks removed, even when the model or the loss raises.
+    Targets that never ran are absent from the result.
+    """
+    _checked_batches(batches, caller)
+    if loss is not None and not callable(loss):
+        raise TypeError(f"{caller}: `calibration_loss` must be a function (model, batch) -> loss, got {loss!r}")
+    run = loss if loss is not None else _output_loss
+    sums: dict[str, torch.Tensor] = {}
+    calls: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    ran: set[str] = set()
+    pending: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []  # this batch's calls
+    mask: list[torch.Tensor | None] = [None]
+
+    def make_hook(path: str):
+        def hook(module, args, kwargs, output):
+            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.is_floating_point():
+                return None
+            x = args[0] if args else next(iter(kwargs.values()))
+            z = torch.zeros_like(output, requires_grad=True)
+            pending.append((path, x.detach(), z, mask[0]))
+            return output + z
+
+        return hook
+
+    modes = {module: module.training for module in model.modules()}
+    handles = []
+    try:
+        for target in targets:
+            module = model.get_submodule(target.path)
+            handles.append(module.register_forward_hook(make_hook(target.path), with_kwargs=True))
+        for module in modes:
+            module.training = True
+        with torch.enable_grad():
+            for index, batch in enumerate(progress_bar(batches, progress, "calibration")):
+                attention = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                mask[0] = attention if isinstance(attention, torch.Tensor) and attention.dim() == 2 else None
+                value = run(model, batch)
+                if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
+                    raise ValueError(
+                        f"{caller}: calibration batch {index} gave no scalar loss (got {type(value).__name__}): give "
+                        "batches with `labels` for a model that computes its loss, or `calibration_loss`"
+                    )
+                if pending and value.requires_grad:
+                    grads = torch.autograd.grad(value, [z for _, _, z, _ in pending], allow_unused=True)
+                else:
+                    grads = (None,) * len(pending)
+                for (path, x, _, rows_mask), g in zip(pending, grads):
+                    ran.add(path)
+                    if g is None:  # this call's output did not reach the loss (PEFT's backward hook does not fire)
+                        continue
+                    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+                    g2 = g.reshape(-1, g.shape[-1]).to(torch.float32)
+                    contribution = (x2.T @ g2).T  # as autograd's linear backward: (xᵀ g)ᵀ
+                    if path in sums:
+                        sums[path] += contribution
+                    else:
+                        sums[path] = contribution.contiguous()
+                    calls[path] = calls.get(path, 0) + 1
+                    counts[path] = counts.get(path, 0) + _token_rows(x, rows_mask).shape[0]
+                pending.clear()
+    finally:
+        pending.clear()
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    if not ran:
+        raise ValueError(f"{caller}: `calibration_data` is empty, or no target ran during calibration")
+    unreached = sorted(ran - set(sums))
+    if unreached:
+        raise ValueError(
+            f"{caller}: the calibration loss does not depend on the output of {unreached[:3]}"
+            f"{' ...' if len(unreached) > 3 else ''}: there is no gradient to initialise them from"
+        )
+    return {path: WeightGradient(total / calls[path], calls[path], counts[path]) for path, total in sums.items()}

@@ -8,13 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._calibration import collect_input_stats
+from ._calibration import collect_input_stats, collect_weight_gradients
 from ._config import AdapterConfig, config_for
 from ._kind import Target
 from ._params import SHARED, Params
 from ._structure import check, declared_shapes, fits, growing_dims
 from ._targets import find_targets
-from ._variant import Init, Variant
+from ._variant import GradientCalibration, Init, Variant
 from .kinds import create_leaves, device_of, frozen_leaves, locate, refuse_offloaded, site_for, variant_targets
 from .variants import variant_for
 
@@ -90,6 +90,7 @@ def init(
     cfg: AdapterConfig,
     *,
     calibration_data: Any = None,
+    calibration_loss: Any = None,
     seed: int | None = None,
     progress: bool = True,
 ) -> Params:
@@ -97,7 +98,9 @@ def init(
 
     `seed` makes random leaves reproducible (else torch's global RNG is used). `calibration_data` is an
     iterable of whole-model batches (same convention as `apply`'s `batch`), required by the data-driven
-    variants (EVA, AntiPaSTO) and refused by the others; `progress` shows a bar over it.
+    variants (EVA, AntiPaSTO, LoRA-GA) and refused by the others; `progress` shows a bar over it.
+    `calibration_loss(model, batch) -> scalar`: the training loss of one batch, for the variants initialised
+    from gradients (LoRA-GA); by default the model's output's `loss` (a Hugging Face model given `labels`).
 
     >>> params = lf.init(model, lf.LoRAConfig(r=8, alpha=16), seed=0)
     """
@@ -112,7 +115,14 @@ def init(
     if variant.calibrated:
         if calibration_data is None:
             raise ValueError(f"init: {type(cfg).__name__} needs `calibration_data` (an iterable of batches)")
-        stats = collect_input_stats(model, adapted, calibration_data, caller="init", progress=progress)
+        if variant.capability(GradientCalibration) is not None:
+            stats = collect_weight_gradients(
+                model, adapted, calibration_data, calibration_loss, caller="init", progress=progress
+            )
+        elif calibration_loss is not None:
+            raise ValueError(f"init: {type(cfg).__name__} calibrates on layer inputs: it takes no `calibration_loss`")
+        else:
+            stats = collect_input_stats(model, adapted, calibration_data, caller="init", progress=progress)
         for target in adapted:
             seen = stats[target.path].count if target.path in stats else 0
             r = config_for(cfg, target.path).r
@@ -124,12 +134,22 @@ def init(
             adapted = variant_targets(found)
     elif calibration_data is not None:
         raise ValueError(f"init: {type(cfg).__name__} takes no `calibration_data`")
+    elif calibration_loss is not None:
+        raise ValueError(f"init: {type(cfg).__name__} takes no `calibration_loss`")
+    gradients = variant.capability(GradientCalibration) is not None
 
     leaves: dict[str, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         for target in found:
             site = site_for(model, target, cfg, "init")
-            ctx = Init(lambda s=site: s.base.weight(), generator, stats.get(target.path), lambda s=site: s.base.bias)
+            data = stats.get(target.path)
+            ctx = Init(
+                lambda s=site: s.base.weight(),
+                generator,
+                None if gradients else data,
+                lambda s=site: s.base.bias,
+                data if gradients else None,
+            )
             leaves[target.path] = create_leaves(variant, site, ctx)
         if variant.create_shared is not None and adapted:
             leaves[SHARED] = variant.create_shared(adapted, cfg, Init(lambda: None, generator))

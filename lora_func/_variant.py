@@ -14,6 +14,8 @@ capabilities in `Variant.capabilities`, one small record each, and nothing outsi
     Recipe         the learning rate and config fields the MiniLM demo and notebook 02 train it with
     Schedule       a step that changes the adapter during training (`lf.schedule`: AdaLoRA's rank budget)
     Regularizer    an extra loss the method needs (`lf.regularizer`: AdaLoRA's orthogonality)
+    GradientCalibration  `init` calibrates on each target's mean weight gradient (`Init.gradient`, LoRA-GA)
+                   rather than on its input statistics
 
 `Variant.capability(LowRank)` returns the record or None.
 """
@@ -59,6 +61,14 @@ class InputStats(NamedTuple):
         return self.gram - torch.outer(self.total, self.total) / self.count
 
 
+class WeightGradient(NamedTuple):
+    """What gradient calibration keeps of a target: the mean over its calls of dL/dW, not the activations."""
+
+    mean: torch.Tensor  # dL/dW summed over the calibration batches, divided by `calls`; (d_out, d_in), float32
+    calls: int  # how many calls of the target the loss depended on (one a batch for a layer run once per forward)
+    count: int  # n, the number of calibration tokens that reached the target
+
+
 class Init(NamedTuple):
     """What `create` may read besides the target and config."""
 
@@ -66,6 +76,7 @@ class Init(NamedTuple):
     generator: torch.Generator | None  # for random leaves; None = torch's global RNG
     inputs: InputStats | None = None  # calibration statistics, for variants with `calibrated=True`
     bias: Callable[[], torch.Tensor | None] = lambda: None  # the base bias (detached), computed on call
+    gradient: WeightGradient | None = None  # the mean weight gradient, for variants with `GradientCalibration`
 
 
 WeightFn = Callable[[], torch.Tensor]  # the dense base weight, read on demand
@@ -137,7 +148,24 @@ class Regularizer(NamedTuple):
     loss: Callable[[Any], torch.Tensor]
 
 
-CAPABILITIES = (LowRank, Dense, Intervention, Positions, Padding, PeftExchange, Recipe, Schedule, Regularizer)
+class GradientCalibration(NamedTuple):
+    """`init`'s calibration runs the training loss forward and backward on each batch and keeps each target's mean
+    weight gradient dL/dW (`Init.gradient`, `lora_func/_calibration.py`), as PEFT's LoRA-GA `preprocess_loraga`; the
+    variant also sets `calibrated=True`."""
+
+
+CAPABILITIES = (
+    LowRank,
+    Dense,
+    Intervention,
+    Positions,
+    Padding,
+    PeftExchange,
+    Recipe,
+    Schedule,
+    Regularizer,
+    GradientCalibration,
+)
 
 
 class Variant(NamedTuple):
@@ -156,7 +184,7 @@ class Variant(NamedTuple):
     shared_shapes(targets, cfg) -> {leaf: shape}    leaves stored once for all targets (VeRA), or None
     create_shared(targets, cfg, init) -> leaves     their initial values
     kinds                                           the layer kinds it adapts (`lora_func/kinds/`); others are refused
-    calibrated                                      `init` needs `calibration_data` (EVA, AntiPaSTO)
+    calibrated                                      `init` needs `calibration_data` (EVA, AntiPaSTO, LoRA-GA)
     allocate(targets, cfg, stats) -> (cfg, targets) after calibration, a refined config and the targets
                                                     that keep an adapter (EVA's rank redistribution)
     capabilities                                    what else it can do, one record each (see the module docstring)

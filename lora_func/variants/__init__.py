@@ -18,6 +18,7 @@ from . import (
     loha,
     lokr,
     lora,
+    lora_ga,
     miss,
     oft,
     pissa,
@@ -75,6 +76,7 @@ REGISTRY: dict[str, Variant] = _registered(
     trainable_tokens.VARIANT,
     c3a.VARIANT,
     reft.VARIANT,
+    lora_ga.VARIANT,
 )
 _BY_CONFIG: dict[type, Variant] = {v.config: v for v in REGISTRY.values()}
 
