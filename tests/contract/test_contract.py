@@ -11,7 +11,7 @@ from conftest import NOT_IDENTITY_AT_INIT, assert_untouched, perturbed, snapshot
 
 import lora_func as lf
 from lora_func._params import SHARED
-from lora_func._variant import Intervention
+from lora_func._variant import GradientCalibration, Intervention
 from lora_func.variants import REGISTRY
 
 VARIANTS = sorted(REGISTRY)
@@ -24,7 +24,11 @@ def call(model, batch):
 def make_params(name, subject, model, seed=0):
     cfg = REGISTRY[name].config(r=4)
     if REGISTRY[name].calibrated:  # data-driven variants calibrate on the subject's calibration batches
-        return lf.init(model, cfg, seed=seed, calibration_data=subject.calibration_data(), progress=False)
+        loss = None  # LoRA-GA's gradients: of the subject's own loss (MiniLM's output has none)
+        if REGISTRY[name].capability(GradientCalibration) is not None:
+            loss = lambda m, batch: subject.loss(call(m, batch))  # noqa: E731
+        data = subject.calibration_data()
+        return lf.init(model, cfg, seed=seed, calibration_data=data, calibration_loss=loss, progress=False)
     return lf.init(model, cfg, seed=seed)
 
 
