@@ -10,7 +10,8 @@ adapter: no classification head, no learned temperature. Held-out accuracy is me
 after training on docstrings never seen in training (nor their near-twins; see `_demo_data.py`).
 
 Every variant in `lora_func.variants.REGISTRY` runs, each from the same base model, seed and batches.
-Data-driven variants (`Variant.calibrated`) get their calibration batches from the training split only.
+Data-driven variants (`Variant.calibrated`) get their calibration batches from the training split only; LoRA-GA's
+gradients are those of this task's loss (`calibration_loss`).
 Per-variant learning rates are each variant's `Recipe` (in its own file), gathered in `RECIPES`.
 Writes `results.json` and `loss_curves.png` to `--out`.
 """
@@ -35,7 +36,7 @@ from torch import nn
 import lora_func as lf
 from lora_func._demo_data import Dataset, Example, build_dataset
 from lora_func._progress import progress as progress_bar
-from lora_func._variant import Recipe
+from lora_func._variant import GradientCalibration, Recipe
 from lora_func.variants import REGISTRY, Variant
 
 # How each variant trains here (AdamW lr, config fields beyond the shared ones), declared in its own file
@@ -83,15 +84,16 @@ class Task:
         return self.tokenize([e.text for e in examples]), torch.tensor([e.label for e in examples])
 
 
-def embed(model: nn.Module, params: lf.Params, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean of the adapted model's token states over the attention mask, L2-normalised: (n, d)."""
-    out = lf.apply(model, params, batch)
+def embed(model: nn.Module, params: lf.Params | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean of the adapted model's token states over the attention mask, L2-normalised: (n, d); the base model's
+    without `params`."""
+    out = lf.apply(model, params, batch) if params is not None else model(**batch)
     mask = batch["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)  # (n, T, 1)
     pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
     return F.normalize(pooled, dim=-1)
 
 
-def logits(model: nn.Module, params: lf.Params, task: Task, docs: dict[str, torch.Tensor]) -> torch.Tensor:
+def logits(model: nn.Module, params: lf.Params | None, task: Task, docs: dict[str, torch.Tensor]) -> torch.Tensor:
     """SCALE · cos(docstring, label description): (n_docs, n_labels)."""
     return SCALE * embed(model, params, docs) @ embed(model, params, task.label_batch).T
 
@@ -122,11 +124,23 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[list[int
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
-def calibration_batches(task: Task, batch_size: int, seed: int, count: int = 4) -> list[dict[str, torch.Tensor]]:
-    """`count` shuffled batches of training docstrings: held-out data never reaches `init` either."""
+def calibration_batches(task: Task, batch_size: int, seed: int, count: int = 4, labels: bool = False) -> list[Any]:
+    """`count` shuffled batches of training docstrings (with `labels`: (docstrings, labels) pairs, for
+    `calibration_loss`): held-out data never reaches `init` either."""
     train = task.data.train
     order = batch_order(len(train), count, batch_size, seed + 1)
-    return [task.batch([train[i] for i in indices])[0] for indices in order]
+    batches = [task.batch([train[i] for i in indices]) for indices in order]
+    return batches if labels else [docs for docs, _ in batches]
+
+
+def calibration_loss(task: Task):
+    """The task's loss on one (docstrings, labels) batch of the base model: what LoRA-GA's gradients are of."""
+
+    def loss(model: nn.Module, batch: tuple[dict[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        docs, y = batch
+        return F.cross_entropy(logits(model, None, task, docs), y)
+
+    return loss
 
 
 # -- one variant ----------------------------------------------------------------------------------
@@ -150,8 +164,10 @@ def run_variant(
     recipe = RECIPES[name]
     cfg = config_for(variant, recipe)
     torch.manual_seed(seed)  # dropout
-    calibration = calibration_batches(task, batch_size, seed) if variant.calibrated else None
-    params = lf.init(model, cfg, seed=seed, calibration_data=calibration, progress=progress)
+    gradients = variant.capability(GradientCalibration) is not None
+    calibration = calibration_batches(task, batch_size, seed, labels=gradients) if variant.calibrated else None
+    loss_fn = calibration_loss(task) if gradients else None
+    params = lf.init(model, cfg, seed=seed, calibration_data=calibration, calibration_loss=loss_fn, progress=progress)
     trainable = lf.trainable_leaves(params)
     before = evaluate(model, params, task)
 
