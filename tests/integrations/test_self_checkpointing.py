@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import lora_func as lf
+from lora_func._variant import GradientCalibration
 from lora_func.variants import REGISTRY
 
 VARIANTS = sorted(REGISTRY)
@@ -63,8 +64,11 @@ BATCH = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
 def make(name, model):
     variant = REGISTRY[name]
     calibration = [BATCH] if variant.calibrated else None
+    loss = None  # LoRA-GA's gradients: of the mean-square loss the test trains with
+    if variant.capability(GradientCalibration) is not None:
+        loss = lambda m, batch: m(batch).pow(2).mean()  # noqa: E731
     cfg = tiny_config(name, r=4, exclude_names=("head",))
-    return perturbed(lf.init(model, cfg, seed=0, calibration_data=calibration))
+    return perturbed(lf.init(model, cfg, seed=0, calibration_data=calibration, calibration_loss=loss))
 
 
 def grads(params, run):

@@ -30,7 +30,7 @@ from torch import nn
 
 import lora_func as lf
 from lora_func._sites import call_model
-from lora_func._variant import Intervention
+from lora_func._variant import GradientCalibration, Intervention
 from lora_func.kinds import KINDS, supports
 from lora_func.variants import REGISTRY
 
@@ -106,7 +106,10 @@ def test_kind_contract(kind, name, tmp_path):
     with torch.no_grad():
         base = subject.output(call_model(model, subject.batch))
     calibration = [subject.batch] if variant.calibrated else None
-    params = lf.init(model, cfg, seed=0, calibration_data=calibration, progress=False)
+    loss = None  # LoRA-GA's gradients: of the subject's loss
+    if variant.capability(GradientCalibration) is not None:
+        loss = lambda m, batch: subject.loss(call_model(m, batch))  # noqa: E731
+    params = lf.init(model, cfg, seed=0, calibration_data=calibration, calibration_loss=loss, progress=False)
     assert any(t.kind == kind for t in params.targets), [t.kind for t in params.targets]
     assert_untouched(model, before)
 

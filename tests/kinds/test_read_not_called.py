@@ -14,6 +14,7 @@ from components import perturbed
 from torch import nn
 
 import lora_func as lf
+from lora_func._variant import GradientCalibration
 from lora_func.variants import REGISTRY
 
 VARIANTS = sorted(n for n, v in REGISTRY.items() if "linear" in v.kinds)  # the default targets: linear layers
@@ -27,6 +28,8 @@ def encoder(batch_first: bool = True) -> nn.Module:
 
 def adapter(name: str, model: nn.Module, x: torch.Tensor, **fields) -> lf.Params:
     kwargs = {"calibration_data": [x], "progress": False} if REGISTRY[name].calibrated else {}
+    if REGISTRY[name].capability(GradientCalibration) is not None:  # LoRA-GA: gradients of a mean-square loss
+        kwargs["calibration_loss"] = lambda m, batch: m(batch).square().mean()
     return perturbed(lf.init(model, REGISTRY[name].config(r=4, **fields), seed=0, **kwargs), scale=0.3)
 
 
