@@ -84,7 +84,7 @@ print(f"zero-shot held-out accuracy {zero_shot['accuracy']:.1%} (loss {zero_shot
 #
 # The same loop for all of them: config from the variant's class (rank 8 unless the demo's recipe says
 # otherwise), calibration batches from the training split for the data-driven variants (EVA,
-# AntiPaSTO), AdamW over `lf.trainable_leaves`.
+# AntiPaSTO; LoRA-GA with their labels and the task's loss), AdamW over `lf.trainable_leaves`.
 
 
 # %%
@@ -93,9 +93,9 @@ def train(name, **options):
     # Trainable Tokens adapts the word embedding, which lies outside the blocks that `layers` counts
     layers = None if set(variant.kinds) <= {"embedding"} else LAYERS
     cfg = dataclasses.replace(demo.config_for(variant, recipe), layers=layers, **options)
-    calibration = demo.calibration_batches(task, BATCH, SEED) if variant.calibrated else None
+    calibration = demo.calibration(variant, task, BATCH, SEED)  # LoRA-GA's: batches with labels, the task's loss
     start = time.perf_counter()
-    params = lf.init(model, cfg, seed=SEED, calibration_data=calibration, progress=False)
+    params = lf.init(model, cfg, seed=SEED, progress=False, **calibration)
     optimizer = torch.optim.AdamW(lf.trainable_leaves(params), lr=recipe.lr, weight_decay=0.0)
     state = lf.schedule_state(params)  # ReFT's: R kept orthonormal after each step
     curve = []

@@ -19,6 +19,7 @@ from .minilm import SCALE as SCALE
 from .minilm import Recipe as Recipe
 from .minilm import Task as Task
 from .minilm import batch_order as batch_order
+from .minilm import calibration as calibration
 from .minilm import calibration_batches as calibration_batches
 from .minilm import config_for as config_for
 from .minilm import embed as embed

@@ -143,6 +143,19 @@ def calibration_loss(task: Task):
     return loss
 
 
+def calibration(variant: Variant, task: Task, batch_size: int, seed: int) -> dict[str, Any]:
+    """`lf.init`'s calibration keywords for `variant`: none, training batches (EVA, AntiPaSTO), or training batches
+    with their labels and this task's loss (LoRA-GA, initialised from its gradients)."""
+    if not variant.calibrated:
+        return {}
+    if variant.capability(GradientCalibration) is None:
+        return {"calibration_data": calibration_batches(task, batch_size, seed)}
+    return {
+        "calibration_data": calibration_batches(task, batch_size, seed, labels=True),
+        "calibration_loss": calibration_loss(task),
+    }
+
+
 # -- one variant ----------------------------------------------------------------------------------
 
 
@@ -164,10 +177,7 @@ def run_variant(
     recipe = RECIPES[name]
     cfg = config_for(variant, recipe)
     torch.manual_seed(seed)  # dropout
-    gradients = variant.capability(GradientCalibration) is not None
-    calibration = calibration_batches(task, batch_size, seed, labels=gradients) if variant.calibrated else None
-    loss_fn = calibration_loss(task) if gradients else None
-    params = lf.init(model, cfg, seed=seed, calibration_data=calibration, calibration_loss=loss_fn, progress=progress)
+    params = lf.init(model, cfg, seed=seed, progress=progress, **calibration(variant, task, batch_size, seed))
     trainable = lf.trainable_leaves(params)
     before = evaluate(model, params, task)
 
