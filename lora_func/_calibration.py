@@ -184,6 +184,25 @@ def _output_loss(model: nn.Module, batch: Any) -> Any:
     return value
 
 
+class _Tap(torch.autograd.Function):
+    """y' = y (a copy) that hands (dL/dy, x) to `sink` in backward. `anchor`, a scalar leaf that requires grad, makes
+    y' require grad where nothing upstream does; differentiating with respect to it alone runs every tap whose
+    output reaches the loss, and writes no parameter's `.grad`. x is an autograd saved tensor, so it lives with
+    the graph and no longer."""
+
+    @staticmethod
+    def forward(ctx, y, x, anchor, sink):
+        ctx.save_for_backward(x)
+        ctx.sink = sink
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        ctx.sink(g, x)
+        return g, None, None, None  # the anchor's gradient: zero, as None
+
+
 def collect_weight_gradients(
     model: nn.Module,
     targets: Iterable[Target],
@@ -196,13 +215,14 @@ def collect_weight_gradients(
     """dL/dW of every target over `batches`, averaged over its calls (PEFT's LoRA-GA `estimate_gradients`).
 
     Each batch runs `loss(model, batch)` (default: the output's `loss`, as a Hugging Face model computes it from the
-    batch's `labels`) forward and backward once. A forward hook adds to each target's output y a zero z (a new leaf
-    per call): dL/dz = dL/dy even where nothing upstream requires grad, and the call's weight gradient is
-    (dL/dy)ᵀ x over its token rows (x: the target's input; y = x Wᵀ + b for the linear-like kinds), summed in
-    float32 over calls and batches, then divided by the number of calls, as PEFT divides its accumulated
-    `weight.grad` by its backward-hook count. `torch.autograd.grad` differentiates with respect to the z's alone: no
-    parameter's `.grad` is written and no `requires_grad` flag is touched, and W is never read, so quantized layers
-    take part. The model runs in train mode, as PEFT's does (dropout as in training); every module's `training`
+    batch's `labels`) forward and backward once. A forward hook passes each target's output y through `_Tap`, whose
+    backward receives dL/dy and the target's input x: the call's weight gradient is (dL/dy)ᵀ x over its token rows
+    (y = x Wᵀ + b for the linear-like kinds), summed in float32 over calls and batches, then divided by the number
+    of calls whose output reached the loss, as PEFT divides its accumulated `weight.grad` by its backward-hook
+    count. `torch.autograd.grad` differentiates with respect to a scalar anchor alone: no parameter's `.grad` is
+    written, no `requires_grad` flag is touched, and W is never read, so quantized layers take part. The model runs
+    in train mode as PEFT's does (dropout as in training), with HF gradient checkpointing switched off (reentrant
+    checkpointing does not allow `torch.autograd.grad`); every module's `training` and `gradient_checkpointing`
     flag is restored afterwards and the hooks removed, even when the model or the loss raises.
     Targets that never ran are absent from the result.
     """
@@ -214,21 +234,35 @@ def collect_weight_gradients(
     calls: dict[str, int] = {}
     counts: dict[str, int] = {}
     ran: set[str] = set()
-    pending: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []  # this batch's calls
     mask: list[torch.Tensor | None] = [None]
+    anchor = torch.zeros((), requires_grad=True)
+
+    def make_sink(path: str, rows_mask: torch.Tensor | None):
+        def sink(g: torch.Tensor, x: torch.Tensor) -> None:
+            x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            g2 = g.reshape(-1, g.shape[-1]).to(torch.float32)
+            contribution = (x2.T @ g2).T  # as autograd's linear backward computes dL/dW: (xᵀ g)ᵀ
+            if path in sums:
+                sums[path] += contribution
+            else:
+                sums[path] = contribution.contiguous()
+            calls[path] = calls.get(path, 0) + 1
+            counts[path] = counts.get(path, 0) + _token_rows(x, rows_mask).shape[0]
+
+        return sink
 
     def make_hook(path: str):
         def hook(module, args, kwargs, output):
             if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.is_floating_point():
                 return None
             x = args[0] if args else next(iter(kwargs.values()))
-            z = torch.zeros_like(output, requires_grad=True)
-            pending.append((path, x.detach(), z, mask[0]))
-            return output + z
+            ran.add(path)
+            return _Tap.apply(output, x.detach(), anchor, make_sink(path, mask[0]))
 
         return hook
 
     modes = {module: module.training for module in model.modules()}
+    checkpointed = [m for m in model.modules() if m.__dict__.get("gradient_checkpointing") is True]
     handles = []
     try:
         for target in targets:
@@ -236,6 +270,8 @@ def collect_weight_gradients(
             handles.append(module.register_forward_hook(make_hook(target.path), with_kwargs=True))
         for module in modes:
             module.training = True
+        for module in checkpointed:
+            module.gradient_checkpointing = False
         with torch.enable_grad():
             for index, batch in enumerate(progress_bar(batches, progress, "calibration")):
                 attention = batch.get("attention_mask") if isinstance(batch, Mapping) else None
@@ -246,28 +282,14 @@ def collect_weight_gradients(
                         f"{caller}: calibration batch {index} gave no scalar loss (got {type(value).__name__}): give "
                         "batches with `labels` for a model that computes its loss, or `calibration_loss`"
                     )
-                if pending and value.requires_grad:
-                    grads = torch.autograd.grad(value, [z for _, _, z, _ in pending], allow_unused=True)
-                else:
-                    grads = (None,) * len(pending)
-                for (path, x, _, rows_mask), g in zip(pending, grads):
-                    ran.add(path)
-                    if g is None:  # this call's output did not reach the loss (PEFT's backward hook does not fire)
-                        continue
-                    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
-                    g2 = g.reshape(-1, g.shape[-1]).to(torch.float32)
-                    contribution = (x2.T @ g2).T  # as autograd's linear backward: (xᵀ g)ᵀ
-                    if path in sums:
-                        sums[path] += contribution
-                    else:
-                        sums[path] = contribution.contiguous()
-                    calls[path] = calls.get(path, 0) + 1
-                    counts[path] = counts.get(path, 0) + _token_rows(x, rows_mask).shape[0]
-                pending.clear()
+                if value.requires_grad:
+                    torch.autograd.grad(value, anchor, allow_unused=True)
+                del value
     finally:
-        pending.clear()
         for handle in handles:
             handle.remove()
+        for module in checkpointed:
+            module.gradient_checkpointing = True
         for module, training in modes.items():
             module.training = training
     if not ran:

@@ -236,6 +236,23 @@ def test_init_leaves_the_model_untouched():
     assert {n: m.training for n, m in model.named_modules()} == modes
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_hf_gradient_checkpointing_is_off_for_calibration_and_back_on_after(reentrant):
+    """The same gradients with the model's HF gradient checkpointing on (switched off for the calibration passes:
+    reentrant checkpointing refuses `torch.autograd.grad`), and the flag as it was afterwards."""
+    model, plain = tiny_qwen3(), tiny_qwen3()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    flags = {n: m.__dict__.get("gradient_checkpointing") for n, m in model.named_modules()}
+    found = find_targets(model, lf.LoRAGAConfig())
+    got = collect_weight_gradients(model, found, BATCHES, progress=False)
+    want = collect_weight_gradients(plain, found, BATCHES, progress=False)
+    assert {n: m.__dict__.get("gradient_checkpointing") for n, m in model.named_modules()} == flags
+    assert model.model.layers[0].gradient_checkpointing
+    for target in found:
+        assert torch.equal(got[target.path].mean, want[target.path].mean), target.path
+
+
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_an_error_mid_calibration_leaves_nothing_behind(error):
     model = tiny_qwen3()
