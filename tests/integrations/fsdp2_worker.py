@@ -15,13 +15,15 @@ what it measured to OUT_DIR/rank<r>.json; the test asserts on the numbers. Maxim
   with the merged weights loaded (`load_state_dict`) against `lf.apply`.
 - save: after one SGD step on the averaged gradients, the saved file against the reference's after its step on
   the global batch; to_peft: the PEFT tensors, likewise (variants PEFT has).
-- trainer (its own launch): HF Trainer over `lf.AdapterModule` on a sharded base, see `trainer`.
+- trainer (its own launch): HF Trainer over `lf.AdapterModule` on a sharded base, with DDP and with accelerate's
+  FSDP2 plugin, see `trainer`.
 - memory: the peak resident bytes above the start during `merge`, `delta_weights` and `init` on a larger Qwen3,
   against the whole model's, the result's and the largest target weight's bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -393,23 +395,70 @@ def memory(mesh, layers: int = 8) -> dict:
     return found
 
 
+def shard_like_accelerate(model, mesh):
+    """FSDP2 units in the layout accelerate's FSDP2 plugin gives a model: the input embedding, each decoder layer,
+    [final norm, output head] (kept gathered after forward), then the root. A base sharded so before it is wrapped in
+    `lf.AdapterModule`: accelerate finds these pieces already sharded and leaves them."""
+    fully_shard(model.model.embed_tokens, mesh=mesh)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard([model.model.norm, model.lm_head], mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+@contextlib.contextmanager
+def accelerate_fsdp_on_cpu():
+    """Accelerate's FSDP plugin, honoured on CPU processes.
+
+    Stock accelerate (1.15) turns FSDP on only for accelerator devices: on CPU processes `AcceleratorState` keeps
+    `DistributedType.MULTI_CPU` and drops the plugin (HF Trainer then wraps in DDP, FSDP settings ignored). Here,
+    where it dropped a plugin it was given, the state is set as it is on GPUs (`DistributedType.FSDP`, the plugin
+    kept); everything after that (`fsdp2_prepare_model`, the optimizer, checkpoints) is accelerate's own code."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    AcceleratorState.__init__ = init
+    try:
+        yield
+    finally:
+        AcceleratorState.__init__ = original
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def trainer(rank, mesh, out_dir) -> dict:
-    """HF Trainer over `lf.AdapterModule` on a base sharded by FSDP2 beforehand: accelerate (2 CPU processes) wraps
-    the module in DDP, which averages the adapter's gradients. Against the same run on the whole base; a run
-    resumed from its step-1 checkpoint against the uninterrupted one; the checkpoint's tensors."""
+    """HF Trainer (2 CPU processes) over `lf.AdapterModule` on a base sharded by FSDP2 beforehand, two ways:
+
+    - "ddp": no FSDP settings; accelerate wraps the module in DDP, which averages the adapter's gradients.
+    - "fsdp": accelerate's FSDP2 plugin (`fsdp_version: 2`); accelerate makes the module an FSDP unit (the adapter
+      gathered for each forward, its gradients averaged by reduce-scatter) and leaves the base's units as they are.
+
+    Each against the same DDP run on the whole base; a run resumed from its step-1 checkpoint against the
+    uninterrupted one; the checkpoint's tensors (whole, every leaf). And the plugin over a base not sharded
+    beforehand: refused by name at the first step."""
     from safetensors.torch import load_file
     from test_trainer import collate, dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class Probe(TrainerCallback):
-        def __init__(self, base):
-            self.base, self.sharded = base, []
+        def __init__(self, base, module):
+            self.base, self.module, self.seen = base, module, []
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.sharded.append(isinstance(self.base.model.layers[0].self_attn.q_proj.weight, DTensor))
+            q = self.base.model.layers[0].self_attn.q_proj.weight
+            adapter = [type(p).__name__ for p in self.module.parameters()]
+            self.seen.append((isinstance(q, DTensor), sorted(set(adapter))))
 
-    def run(sharded: bool, name: str, resume: str | None = None):
-        base = shard_model(tiny_qwen3(), mesh) if sharded else tiny_qwen3()
+    def run(base, name: str, fsdp: bool = False, resume: str | None = None):
         module = lf.AdapterModule(base, lf.init(base, lf.LoRAConfig(r=4, alpha=8), seed=0))
         args = TrainingArguments(
             output_dir=os.path.join(out_dir, name),
@@ -425,28 +474,59 @@ def trainer(rank, mesh, out_dir) -> dict:
             seed=0,
             disable_tqdm=True,
             dataloader_num_workers=0,
+            **(dict(fsdp="full_shard", fsdp_config={"version": 2}) if fsdp else {}),
         )
-        probe = Probe(base)
+        probe = Probe(base, module)
         run = Trainer(model=module, args=args, train_dataset=dataset(8), data_collator=collate, callbacks=[probe])
+        if fsdp:
+            assert run.accelerator.is_fsdp2, "accelerate did not take the FSDP2 plugin"
         run.train(resume_from_checkpoint=resume)
-        return module, probe.sharded, type(run.model_wrapped).__name__
+        return module, probe.seen, type(run.model_wrapped).__name__, run
 
-    sharded, seen, wrapper = run(True, "sharded")
-    whole, _, _ = run(False, "whole")
-    resumed, _, _ = run(True, "resumed", resume=os.path.join(out_dir, "sharded", "checkpoint-1"))
-    final = leaf_dict(sharded.params)
-    saved = load_file(os.path.join(out_dir, "sharded", "checkpoint-2", "model.safetensors"))
-    return {
-        "wrapper": wrapper,
-        "base_sharded_while_training": all(seen) and len(seen) == 2,
-        "vs_whole_base": dict_diff(final, leaf_dict(whole.params)),
-        "resumed": dict_diff(final, leaf_dict(resumed.params)),
-        "moved": dict_diff(final, leaf_dict(lf.init(tiny_qwen3(), lf.LoRAConfig(r=4, alpha=8), seed=0))),
-        "checkpoint": dict_diff(
+    def final(module) -> dict:  # the whole adapter (FSDP's units hold shards between steps)
+        return {(p, leaf): t.full_tensor() if isinstance(t, DTensor) else t for p, leaf, t in module.params.leaves()}
+
+    def checkpoint(name, step, values) -> float:
+        saved = load_file(os.path.join(out_dir, name, f"checkpoint-{step}", "model.safetensors"))
+        return dict_diff(
             {k.removeprefix("adapter."): v for k, v in saved.items()},
-            {f"{p}.{leaf}": t for (p, leaf), t in final.items()},
-        ),
+            {f"{p}.{leaf}": t for (p, leaf), t in values.items()},
+        )
+
+    start = leaf_dict(lf.init(tiny_qwen3(), lf.LoRAConfig(r=4, alpha=8), seed=0))
+    found = {}
+    whole, _, _, _ = run(tiny_qwen3(), "whole")
+    reference = leaf_dict(whole.params)
+    ddp, seen, wrapper, _ = run(shard_model(tiny_qwen3(), mesh), "ddp")
+    ckpt = os.path.join(out_dir, "ddp", "checkpoint-1")
+    resumed, _, _, _ = run(shard_model(tiny_qwen3(), mesh), "ddp-resumed", resume=ckpt)
+    found["ddp"] = {
+        "wrapper": wrapper,
+        "seen": seen,
+        "vs_whole_base": dict_diff(leaf_dict(ddp.params), reference),
+        "resumed": dict_diff(leaf_dict(ddp.params), leaf_dict(resumed.params)),
+        "moved": dict_diff(leaf_dict(ddp.params), start),
+        "checkpoint": checkpoint("ddp", 2, leaf_dict(ddp.params)),
     }
+    with accelerate_fsdp_on_cpu():
+        fsdp, seen, wrapper, _ = run(shard_like_accelerate(tiny_qwen3(), mesh), "fsdp", fsdp=True)
+        values = final(fsdp)
+        ckpt = os.path.join(out_dir, "fsdp", "checkpoint-1")
+        resumed, _, _, _ = run(shard_like_accelerate(tiny_qwen3(), mesh), "fsdp-resumed", fsdp=True, resume=ckpt)
+        found["fsdp"] = {
+            "wrapper": wrapper,
+            "seen": seen,
+            "vs_whole_base": dict_diff(values, reference),
+            "resumed": dict_diff(values, final(resumed)),
+            "moved": dict_diff(values, start),
+            "checkpoint": checkpoint("fsdp", 2, values),
+        }
+        try:
+            run(tiny_qwen3(), "fsdp-unsharded", fsdp=True)
+            found["fsdp"]["unsharded_base"] = "trained"
+        except ValueError as e:
+            found["fsdp"]["unsharded_base"] = str(e)
+    return found
 
 
 def local_state(model) -> dict:

@@ -194,15 +194,40 @@ def test_merge_delta_weights_and_init_gather_one_layer_at_a_time(measured):
                 assert transient <= 12 * layer, (cfg, fn, transient / MiB)
 
 
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    """HF Trainer runs over `lf.AdapterModule` (2 CPU processes under torchrun, one launch): see the tests below."""
+    return launch(tmp_path_factory.mktemp("trainer"), "trainer")
+
+
 @pytest.mark.slow
-def test_trainer_over_adapter_module_on_a_sharded_base(tmp_path):
-    """HF Trainer (accelerate, 2 CPU processes) trains `lf.AdapterModule` over a base sharded by FSDP2 beforehand:
-    accelerate wraps the module in DDP, the base's parameters are DTensors while it trains, the adapter ends where
-    the same run on the whole base ends, the checkpoint holds the whole adapter, and resuming from the step-1
-    checkpoint ends where the uninterrupted run does."""
-    for rank in launch(tmp_path, "trainer"):
-        assert rank["wrapper"] == "DistributedDataParallel"
-        assert rank["base_sharded_while_training"]
-        assert rank["moved"] > 1e-3
-        assert rank["vs_whole_base"] <= 1e-6 and rank["resumed"] <= 1e-6, rank
-        assert rank["checkpoint"] == 0.0
+def test_trainer_over_adapter_module_on_a_sharded_base(trainer_runs):
+    """HF Trainer without FSDP settings over `lf.AdapterModule` on a base sharded by FSDP2 beforehand: accelerate
+    wraps the module in DDP, the base's parameters are DTensors while it trains, the adapter ends where the same run
+    on the whole base ends, the checkpoint holds the whole adapter, and resuming from the step-1 checkpoint ends
+    where the uninterrupted run does."""
+    for rank in trainer_runs:
+        found = rank["ddp"]
+        assert found["wrapper"] == "DistributedDataParallel"
+        assert found["seen"] == [[True, ["Parameter"]]] * 2, found["seen"]  # base sharded, adapter plain
+        assert found["moved"] > 1e-3
+        assert found["vs_whole_base"] <= 1e-6 and found["resumed"] <= 1e-6, found
+        assert found["checkpoint"] == 0.0
+
+
+@pytest.mark.slow
+def test_trainer_with_accelerates_fsdp2_plugin(trainer_runs):
+    """HF Trainer with `fsdp_config={"version": 2}` (accelerate's FSDP2 plugin, honoured on CPU processes as on GPUs:
+    see `accelerate_fsdp_on_cpu` in the worker) over `lf.AdapterModule` on a base sharded beforehand: accelerate makes
+    the module an FSDP unit (the adapter's parameters DTensors between steps, like the base's), the adapter ends
+    where the DDP run on the whole base ends, the step-2 checkpoint holds the whole adapter (every leaf at full shape,
+    not one rank's shard), resuming from step 1 ends where the uninterrupted run does; and the plugin over a base
+    not sharded beforehand is refused by name at the first step."""
+    for rank in trainer_runs:
+        found = rank["fsdp"]
+        assert found["wrapper"] == "FSDPAdapterModule"
+        assert found["seen"] == [[True, ["DTensor"]]] * 2, found["seen"]  # FSDP ran: base and adapter DTensors
+        assert found["moved"] > 1e-3
+        assert found["vs_whole_base"] <= 1e-6 and found["resumed"] <= 1e-6, found
+        assert found["checkpoint"] == 0.0
+        assert "sharded but the base model itself is not" in found["unsharded_base"], found["unsharded_base"]
