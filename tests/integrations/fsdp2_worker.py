@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -180,6 +181,9 @@ def compare_variant(name, rank, models, global_batch, local, scratch) -> dict:
         expected = lf.from_peft(os.path.join(scratch, f"{name}-peft-reference"), reference)
         found["from_peft"] = dict_diff(leaf_dict(back), leaf_dict(expected))
 
+    # torch.func: the gradient pytree of the trainable half (leaves requiring grad, as init gives them), averaged
+    found["func_grads"] = func_grad_diff(sharded, reference, sh_init, ref_init, global_batch, local)
+
     # mixed adapters per row: two perturbed adapters and the base model
     ids = torch.tensor([0, 1, -1, 1])
     ref_stack = lf.stack([perturbed(ref_init, seed=5), perturbed(ref_init, seed=6)])
@@ -192,6 +196,20 @@ def compare_variant(name, rank, models, global_batch, local, scratch) -> dict:
     found["mixed_out"] = max_diff(out.logits, ref_out.logits[mine])
     found["mixed_grads"] = grad_diff(sh_stack, ref_stack)
     return found
+
+
+def func_grads(model, params, batch) -> lf.Params:
+    """`torch.func.grad` of the loss over the trainable half of `params` (the frozen half held fixed)."""
+    trainable, frozen = lf.split(params)
+    return torch.func.grad(lambda t: lf.apply(model, lf.combine(t, frozen), batch).loss)(trainable)
+
+
+def func_grad_diff(sharded, reference, sh_init, ref_init, global_batch, local) -> float:
+    """The sharded base's `torch.func.grad` on this rank's rows, averaged by `lf.all_reduce_grads`, against the
+    whole base's on the global batch."""
+    expected = func_grads(reference, perturbed(ref_init), global_batch)
+    found = lf.all_reduce_grads(func_grads(sharded, perturbed(sh_init), local))
+    return max(max_diff(a, b) for (_, _, a), (_, _, b) in zip(found.leaves(), expected.leaves()))
 
 
 IDIOMS = {  # the ways real loops call backward (invariant 10): each returns the gradients of the trainable leaves
@@ -295,12 +313,135 @@ def qlora(rank, mesh, global_batch, local) -> dict:
         logits = train_step(sharded, p, local, world_sync=True)
         with torch.no_grad():
             merge = dict_diff(lf.merge(sharded, p), lf.merge(reference, ref))
+        ids = torch.tensor([0, 1, -1, 1])
+        ref_stack = lf.stack([perturbed(ref_init, seed=5), perturbed(ref_init, seed=6)])
+        sh_stack = lf.stack([perturbed(sh_init, seed=5), perturbed(sh_init, seed=6)])
+        ref_out = lf.apply(reference, ref_stack, global_batch, adapter_ids=ids)
+        ref_out.loss.backward()
+        out = lf.apply(sharded, sh_stack, local, adapter_ids=ids[mine])
+        out.loss.backward()
+        lf.all_reduce_grads(sh_stack)
         found[name] = {
             "init": dict_diff(leaf_dict(sh_init), leaf_dict(ref_init)),
             "out": max_diff(logits, ref_logits[mine]),
             "grads": grad_diff(p, ref),
             "merge": merge,
             "base_grads": base_grads(sharded),
+            "func_grads": func_grad_diff(sharded, reference, sh_init, ref_init, global_batch, local),
+            "mixed_out": max_diff(out.logits, ref_out.logits[mine]),
+            "mixed_grads": grad_diff(sh_stack, ref_stack),
+        }
+    return found
+
+
+def other_kinds(rank, mesh) -> dict:
+    """`modules_to_save` (a BERT classifier's fresh head, trained as a full copy: its parameters sit in the root's
+    FSDP2 unit) and `target_parameters` (the 3-D expert weights of a Qwen3-MoE's fused experts), each decoder or
+    encoder layer and the root sharded, against the same model whole on the global batch: init (the head's copy
+    gathered whole: plain leaves), outputs, gradients after `all_reduce_grads`, `torch.func.grad`, `merge`."""
+    from components import classification_batch, tiny_bert_classifier, tiny_qwen3_moe
+
+    def sharded(model, layers):
+        for layer in layers(model):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    bert_layers, moe_layers = (lambda m: m.bert.encoder.layer), (lambda m: m.model.layers)
+    experts = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    cases = {
+        "modules_to_save_lora": (
+            tiny_bert_classifier,
+            bert_layers,
+            classification_batch(batch=ROWS * WORLD),
+            lf.LoRAConfig(r=4, modules_to_save=("classifier",)),
+        ),
+        "modules_to_save_dora": (
+            tiny_bert_classifier,
+            bert_layers,
+            classification_batch(batch=ROWS * WORLD),
+            lf.DoRAConfig(r=4, modules_to_save=("classifier",)),
+        ),
+        "target_parameters_lora": (
+            tiny_qwen3_moe,
+            moe_layers,
+            qwen3_batch(batch=ROWS * WORLD, seq=12),
+            lf.LoRAConfig(r=2, target_names=(), target_parameters=experts),
+        ),
+    }
+    mine = slice(rank * ROWS, (rank + 1) * ROWS)
+    found = {}
+    for label, (build, layers, global_batch, cfg) in cases.items():
+        local = rows(global_batch, rank)
+        reference, model = build(), sharded(build(), layers)
+        ref_init, sh_init = lf.init(reference, cfg, seed=0), lf.init(model, cfg, seed=0)
+        ref, p = perturbed(ref_init), perturbed(sh_init)
+        ref_out = lf.apply(reference, ref, global_batch)
+        ref_out.loss.backward()
+        out = lf.apply(model, p, local)
+        out.loss.backward()
+        lf.all_reduce_grads(p)
+        with torch.no_grad():
+            merged = lf.merge(model, p)
+            merge = dict_diff(merged, lf.merge(reference, ref))
+        found[label] = {
+            "kinds": sorted({t.kind for t in p.targets}),
+            "plain_leaves": all(type(t) is torch.Tensor for _, _, t in sh_init.leaves()),
+            "init": dict_diff(leaf_dict(sh_init), leaf_dict(ref_init)),
+            "out": max_diff(out.logits, ref_out.logits[mine]),
+            "grads": grad_diff(p, ref),
+            "func_grads": func_grad_diff(model, reference, sh_init, ref_init, global_batch, local),
+            "base_grads": base_grads(model),
+            "merge": merge,
+            "merge_placed": all(isinstance(v, DTensor) for v in merged.values()),
+        }
+    return found
+
+
+def mixed_precision(rank, mesh, global_batch, local) -> dict:
+    """FSDP2's `MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)` on each decoder layer and the root
+    of the float32 base (as loaded), against the whole base with its parameters cast to bfloat16 (its float buffers,
+    the rotary frequencies, kept float32 as FSDP2 keeps them): the same float32 adapter on both, logits and adapter
+    gradients after `all_reduce_grads`, against the whole base on the global batch and, to separate the bfloat16
+    rounding of each rank's partial sums, on this rank's rows averaged the same way; `lf.apply` and
+    `torch.func.grad`."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    sharded = tiny_qwen3()
+    for layer in sharded.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(sharded, mesh=mesh, mp_policy=policy)
+    reference = tiny_qwen3()
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.data = param.data.to(torch.bfloat16)
+    mine = slice(rank * ROWS, (rank + 1) * ROWS)
+    found: dict = {"sharded_dtype": str(sharded.model.layers[0].mlp.up_proj.weight.dtype)}
+    for name in ("lora", "dora"):
+        start = make(name, tiny_qwen3(), global_batch)  # float32 leaves, read from the float32 weights
+        ref, p = perturbed(start), perturbed(start)
+        ref_out = lf.apply(reference, ref, global_batch)
+        ref_out.loss.backward()
+        out = lf.apply(sharded, p, local)
+        out.loss.backward()
+        lf.all_reduce_grads(p)
+        same_rows = perturbed(start)  # the whole base on this rank's rows, averaged the same way
+        lf.apply(reference, same_rows, local).loss.backward()
+        lf.all_reduce_grads(same_rows)
+        scale = max(t.grad.abs().max().item() for t in lf.trainable_leaves(ref))
+        found[name] = {
+            "logits_dtype": str(out.logits.dtype),
+            "out": max_diff(out.logits, ref_out.logits[mine]),
+            "out_scale": ref_out.logits.abs().max().item(),
+            "grads": grad_diff(p, ref),
+            "grads_same_rows": grad_diff(p, same_rows),
+            "grad_scale": scale,
+            "func_grads": func_grad_diff(sharded, reference, start, start, global_batch, local),
+            "base_grads": base_grads(sharded),
+            "leaf_dtypes": sorted(
+                {str(t.dtype) for t in lf.trainable_leaves(p)} | {str(t.grad.dtype) for t in lf.trainable_leaves(p)}
+            ),
         }
     return found
 
@@ -582,20 +723,37 @@ def main(out_dir: str, mode: str) -> None:
             checkpointed["reentrant" if reentrant else "nonreentrant"] = shard_model(model, mesh)
         models = (reference, sharded, frozen, checkpointed)
         before = local_state(sharded)
-        results: dict = {"variants": {}}
+        results: dict = {"variants": {}, "seconds": {}}
+        clock = time.perf_counter()
+
+        def timed(section: str) -> None:  # wall seconds per section, for the record (the tests assert no times)
+            nonlocal clock
+            now = time.perf_counter()
+            results["seconds"][section] = round(now - clock, 2)
+            clock = now
+
         with tempfile.TemporaryDirectory() as scratch:
             box = [scratch]
             dist.broadcast_object_list(box, src=0)  # one scratch folder (rank 0's) for the files both compare
             for name in sorted(REGISTRY):
                 results["variants"][name] = compare_variant(name, rank, models, global_batch, local, box[0])
             dist.barrier()
+        timed("variants")
         results["frameworks"] = {
             n: frameworks(n, rank, reference, sharded, global_batch, local) for n in ("lora", "dora")
         }
+        timed("frameworks")
         results["idioms"] = {n: idioms(n, reference, checkpointed, global_batch, local) for n in ("lora", "dora")}
+        timed("idioms")
         results["untouched"] = untouched(sharded, before)
         results["qlora"] = qlora(rank, mesh, global_batch, local)
+        timed("qlora")
+        results["mixed_precision"] = mixed_precision(rank, mesh, global_batch, local)
+        timed("mixed_precision")
+        results["kinds"] = other_kinds(rank, mesh)
+        timed("kinds")
         results["memory"] = memory(mesh)
+        timed("memory")
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f, indent=1)
     finally:

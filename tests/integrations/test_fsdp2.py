@@ -119,6 +119,53 @@ def test_outputs_and_global_batch_gradients(measured, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_torch_func_grad_on_a_sharded_base(measured, name):
+    """`torch.func.grad` over `lf.split(params)[0]` (leaves requiring grad, as `init` gives them) on this rank's rows
+    of the sharded base, averaged by `lf.all_reduce_grads`, equals it on the whole base and the global batch."""
+    for rank in measured:
+        assert rank["variants"][name]["func_grads"] <= 1e-6, (name, rank["variants"][name]["func_grads"])
+
+
+@pytest.mark.slow
+def test_modules_to_save_and_target_parameters_on_a_sharded_base(measured):
+    """A classifier head trained as a full copy (`modules_to_save`; the copy is gathered whole at init, plain leaves)
+    with LoRA and DoRA, and LoRA on a fused MoE layer's 3-D expert weights (`target_parameters`), each layer and the
+    root sharded: init, outputs, gradients (autograd and torch.func) and merge equal the whole model's."""
+    for rank in measured:
+        found = rank["kinds"]
+        assert found["modules_to_save_lora"]["kinds"] == ["linear", "saved"]
+        assert found["target_parameters_lora"]["kinds"] == ["experts"]
+        for label, m in found.items():
+            assert m["plain_leaves"] and m["init"] == 0.0, (label, m)
+            assert m["out"] <= 1e-6 and m["grads"] <= 1e-6 and m["func_grads"] <= 1e-6, (label, m)
+            assert m["merge"] <= 1e-6 and m["merge_placed"] and m["base_grads"] == 0, (label, m)
+
+
+@pytest.mark.slow
+def test_mixed_precision_policy(measured):
+    """FSDP2's `MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)` on a float32 base as loaded: the
+    forward runs in bfloat16 (logits bfloat16), the adapter stays float32 (leaves and gradients), the base gets no
+    gradient. Against the whole base with its parameters cast to bfloat16 (float buffers kept float32, as FSDP2
+    keeps them) and the same float32 adapter: the logits are equal (measured bitwise; allowed one bfloat16 step,
+    2**-8 relative); the averaged gradients equal the whole base's on the same rows averaged the same way (measured
+    within 1e-8 relative; allowed 1e-5), and its gradients on the global batch within two bfloat16 steps (2**-7 of
+    their scale; measured 3.7e-3 of it): the adapter's products run in the activations' dtype, so each rank's
+    partial sum over its rows is rounded to bfloat16 before the float32 average."""
+    for rank in measured:
+        found = rank["mixed_precision"]
+        assert found["sharded_dtype"] == "torch.float32"  # at rest: FSDP2 keeps the float32 shards
+        for name in ("lora", "dora"):
+            m = found[name]
+            assert m["logits_dtype"] == "torch.bfloat16" and m["leaf_dtypes"] == ["torch.float32"], (name, m)
+            assert m["out"] <= 2**-8 * m["out_scale"], (name, m)
+            assert m["grads_same_rows"] <= 1e-5 * m["grad_scale"], (name, m)
+            assert m["grads"] <= 2**-7 * m["grad_scale"], (name, m)
+            assert m["func_grads"] <= 2**-7 * m["grad_scale"], (name, m)
+            assert m["base_grads"] == 0, (name, m)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_merge_delta_weights_save_and_to_peft(measured, name):
     """`merge`/`delta_weights` of the sharded base, gathered, equal the unsharded results; each merged weight is a
     DTensor placed as its base parameter, and a sharded model loaded with them computes what `lf.apply` does.
@@ -167,13 +214,16 @@ def test_generate_adapter_module_and_ddp(measured, name):
 def test_qlora_on_a_sharded_4bit_base(measured, name):
     """QLoRA + FSDP2: bitsandbytes nf4 layers with float32 `quant_storage`, their packed weights sharded by FSDP2,
     give the whole 4-bit model's init (DoRA and PiSSA dequantize each layer's gathered weight), outputs, adapter
-    gradients and merged weights."""
+    gradients and merged weights; `torch.func.grad` and mixed `adapter_ids` batches (both run bnb's layers through
+    lora_func's transformable route, the sharded ones too) likewise."""
     for rank in measured:
         found = rank["qlora"]
         assert found["packed_sharded"], "FSDP2 did not shard the packed 4-bit weights"
         m = found[name]
         assert m["init"] == 0.0 and m["out"] <= 1e-6 and m["grads"] <= 1e-6 and m["merge"] <= 1e-6, m
         assert m["base_grads"] == 0
+        assert m["func_grads"] <= 1e-6, ("torch.func.grad", m)
+        assert m["mixed_out"] <= 1e-6 and m["mixed_grads"] <= 1e-6, ("adapter_ids", m)
 
 
 @pytest.mark.slow
