@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -20,30 +21,68 @@ TIMEOUT_S = 420  # about 2 minutes on 2 busy cores
 MiB = 2**20
 
 
-def launch(out, *mode: str) -> list[dict]:
-    """Run the worker on 2 gloo processes (torchrun, a fresh interpreter each); what each rank wrote."""
-    root = os.path.dirname(os.path.dirname(lf.__file__))
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
-        MALLOC_MMAP_THRESHOLD_="65536",  # resident memory follows the live tensors (see `peak_bytes`)
-        OMP_NUM_THREADS="1",
-    )
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER]
-    try:
-        done = subprocess.run([*command, str(out), *mode], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the FSDP2 workers did not finish within {TIMEOUT_S} s")
-    if done.returncode != 0:
-        pytest.fail(f"the FSDP2 workers failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
-    name = mode[0] if mode else "rank"
-    return [json.loads((out / f"{name}{r}.json").read_text()) for r in range(2)]
+class Launch:
+    """The worker on 2 gloo processes (torchrun, a fresh interpreter each), started at once; `results()` waits for
+    it and reads what each rank wrote. Both launches of this file run side by side (each is idle much of the time,
+    waiting on the other rank)."""
+
+    def __init__(self, out, *mode: str) -> None:
+        root = os.path.dirname(os.path.dirname(lf.__file__))
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+            MALLOC_MMAP_THRESHOLD_="65536",  # resident memory follows the live tensors (see `peak_bytes`)
+            OMP_NUM_THREADS="1",
+        )
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER]
+        self.out, self.name = out, mode[0] if mode else "rank"
+        self.log = open(out / "log.txt", "w+")
+        self.process = subprocess.Popen(
+            [*command, str(out), *mode], env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def results(self) -> list[dict]:
+        try:
+            code = self.process.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"the FSDP2 workers did not finish within {TIMEOUT_S} s")
+        if code != 0:
+            self.log.seek(0)
+            pytest.fail(f"the FSDP2 workers failed:\n{self.log.read()[-12000:]}")
+        return [json.loads((self.out / f"{self.name}{r}.json").read_text()) for r in range(2)]
+
+    def stop(self) -> None:
+        """End this launch (torchrun and its workers: the session it leads) if it is still running."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
 
 
 @pytest.fixture(scope="module")
-def measured(tmp_path_factory):
-    """What each of the two ranks measured: {"variants": {name: {...}}, "frameworks", "qlora", "memory"}."""
-    return launch(tmp_path_factory.mktemp("fsdp2"))
+def launches(request, tmp_path_factory):
+    """The launches that the selected tests read, started together when the first of them needs one; each is
+    ended at teardown if still running (a test that failed early)."""
+    used = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
+    started = {}
+    if "measured" in used:
+        started["variants"] = Launch(tmp_path_factory.mktemp("fsdp2"))
+    if "trainer_runs" in used:
+        started["trainer"] = Launch(tmp_path_factory.mktemp("trainer"), "trainer")
+    yield started
+    for launch in started.values():
+        launch.stop()
+
+
+@pytest.fixture(scope="module")
+def measured(launches):
+    """What each of the two ranks measured: {"variants": {name: {...}}, "frameworks", "qlora", "memory", ...}."""
+    return launches["variants"].results()
 
 
 @pytest.mark.slow
@@ -245,9 +284,9 @@ def test_merge_delta_weights_and_init_gather_one_layer_at_a_time(measured):
 
 
 @pytest.fixture(scope="module")
-def trainer_runs(tmp_path_factory):
+def trainer_runs(launches):
     """HF Trainer runs over `lf.AdapterModule` (2 CPU processes under torchrun, one launch): see the tests below."""
-    return launch(tmp_path_factory.mktemp("trainer"), "trainer")
+    return launches["trainer"].results()
 
 
 @pytest.mark.slow
