@@ -398,13 +398,14 @@ def other_kinds(rank, mesh) -> dict:
     return found
 
 
-def mixed_precision(rank, mesh, global_batch, local) -> dict:
+def mixed_precision(rank, mesh, global_batch, local, plain_sharded, reference_fp32) -> dict:
     """FSDP2's `MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)` on each decoder layer and the root
     of the float32 base (as loaded), against the whole base with its parameters cast to bfloat16 (its float buffers,
     the rotary frequencies, kept float32 as FSDP2 keeps them): the same float32 adapter on both, logits and adapter
     gradients after `all_reduce_grads`, against the whole base on the global batch and, to separate the bfloat16
     rounding of each rank's partial sums, on this rank's rows averaged the same way; `lf.apply` and
-    `torch.func.grad`."""
+    `torch.func.grad`. And `torch.autocast` (bfloat16) instead of a policy: the float32 sharded base against the
+    float32 whole base under the same autocast."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -442,6 +443,26 @@ def mixed_precision(rank, mesh, global_batch, local) -> dict:
             "leaf_dtypes": sorted(
                 {str(t.dtype) for t in lf.trainable_leaves(p)} | {str(t.grad.dtype) for t in lf.trainable_leaves(p)}
             ),
+        }
+    for name in ("lora", "dora"):  # autocast instead of a policy: the float32 base sharded, and whole
+        start = make(name, tiny_qwen3(), global_batch)
+        ref, p, same_rows = perturbed(start), perturbed(start), perturbed(start)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_out = lf.apply(reference_fp32, ref, global_batch)
+            ref_out.loss.backward()
+            out = lf.apply(plain_sharded, p, local)
+            out.loss.backward()
+            lf.apply(reference_fp32, same_rows, local).loss.backward()
+        lf.all_reduce_grads(p)
+        lf.all_reduce_grads(same_rows)
+        found[f"autocast_{name}"] = {
+            "logits_dtype": str(out.logits.dtype),
+            "out": max_diff(out.logits, ref_out.logits[mine]),
+            "out_scale": ref_out.logits.abs().max().item(),
+            "grads": grad_diff(p, ref),
+            "grads_same_rows": grad_diff(p, same_rows),
+            "grad_scale": max(t.grad.abs().max().item() for t in lf.trainable_leaves(ref)),
+            "base_grads": base_grads(plain_sharded),
         }
     return found
 
@@ -585,7 +606,7 @@ def trainer(rank, mesh, out_dir) -> dict:
 
     Each against the same DDP run on the whole base; a run resumed from its step-1 checkpoint against the
     uninterrupted one; the checkpoint's tensors (whole, every leaf). And the plugin over a base not sharded
-    beforehand: refused by name at the first step."""
+    beforehand, and with `cpu_ram_efficient_loading`: refused by name at the first step."""
     from safetensors.torch import load_file
     from test_trainer import collate, dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -599,7 +620,7 @@ def trainer(rank, mesh, out_dir) -> dict:
             adapter = [type(p).__name__ for p in self.module.parameters()]
             self.seen.append((isinstance(q, DTensor), sorted(set(adapter))))
 
-    def run(base, name: str, fsdp: bool = False, resume: str | None = None):
+    def run(base, name: str, fsdp: bool = False, resume: str | None = None, **fsdp_config):
         module = lf.AdapterModule(base, lf.init(base, lf.LoRAConfig(r=4, alpha=8), seed=0))
         args = TrainingArguments(
             output_dir=os.path.join(out_dir, name),
@@ -615,7 +636,7 @@ def trainer(rank, mesh, out_dir) -> dict:
             seed=0,
             disable_tqdm=True,
             dataloader_num_workers=0,
-            **(dict(fsdp="full_shard", fsdp_config={"version": 2}) if fsdp else {}),
+            **(dict(fsdp="full_shard", fsdp_config={"version": 2, **fsdp_config}) if fsdp else {}),
         )
         probe = Probe(base, module)
         run = Trainer(model=module, args=args, train_dataset=dataset(8), data_collator=collate, callbacks=[probe])
@@ -667,6 +688,11 @@ def trainer(rank, mesh, out_dir) -> dict:
             found["fsdp"]["unsharded_base"] = "trained"
         except ValueError as e:
             found["fsdp"]["unsharded_base"] = str(e)
+        try:  # the plugin moves the module (the base with it) to meta and reloads its state_dict: the adapter only
+            run(shard_like_accelerate(tiny_qwen3(), mesh), "fsdp-meta", fsdp=True, cpu_ram_efficient_loading=True)
+            found["fsdp"]["cpu_ram_efficient_loading"] = "trained"
+        except ValueError as e:
+            found["fsdp"]["cpu_ram_efficient_loading"] = str(e)
     return found
 
 
@@ -748,7 +774,7 @@ def main(out_dir: str, mode: str) -> None:
         results["untouched"] = untouched(sharded, before)
         results["qlora"] = qlora(rank, mesh, global_batch, local)
         timed("qlora")
-        results["mixed_precision"] = mixed_precision(rank, mesh, global_batch, local)
+        results["mixed_precision"] = mixed_precision(rank, mesh, global_batch, local, sharded, reference)
         timed("mixed_precision")
         results["kinds"] = other_kinds(rank, mesh)
         timed("kinds")

@@ -204,6 +204,22 @@ def test_mixed_precision_policy(measured):
 
 
 @pytest.mark.slow
+def test_autocast_on_a_sharded_base(measured):
+    """`torch.autocast("cpu", bfloat16)` over a float32 sharded base (no policy) against the float32 whole base under
+    the same autocast: bfloat16 logits equal (allowed one bfloat16 step), averaged gradients equal to the whole
+    base's on the same rows (allowed 1e-5 of their scale) and within two bfloat16 steps of its gradients on the
+    global batch, for the same reason as under the policy."""
+    for rank in measured:
+        for name in ("lora", "dora"):
+            m = rank["mixed_precision"][f"autocast_{name}"]
+            assert m["logits_dtype"] == "torch.bfloat16", (name, m)
+            assert m["out"] <= 2**-8 * m["out_scale"], (name, m)
+            assert m["grads_same_rows"] <= 1e-5 * m["grad_scale"], (name, m)
+            assert m["grads"] <= 2**-7 * m["grad_scale"], (name, m)
+            assert m["base_grads"] == 0, (name, m)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_merge_delta_weights_save_and_to_peft(measured, name):
     """`merge`/`delta_weights` of the sharded base, gathered, equal the unsharded results; each merged weight is a
@@ -311,7 +327,8 @@ def test_trainer_with_accelerates_fsdp2_plugin(trainer_runs):
     the module an FSDP unit (the adapter's parameters DTensors between steps, like the base's), the adapter ends
     where the DDP run on the whole base ends, the step-2 checkpoint holds the whole adapter (every leaf at full shape,
     not one rank's shard), resuming from step 1 ends where the uninterrupted run does; and the plugin over a base
-    not sharded beforehand is refused by name at the first step."""
+    not sharded beforehand is refused by name at the first step, and so is the plugin's `cpu_ram_efficient_loading`
+    (it moves the module, the base with it, to the meta device and reloads only the module's state: the adapter)."""
     for rank in trainer_runs:
         found = rank["fsdp"]
         assert found["wrapper"] == "FSDPAdapterModule"
@@ -320,3 +337,4 @@ def test_trainer_with_accelerates_fsdp2_plugin(trainer_runs):
         assert found["vs_whole_base"] <= 1e-6 and found["resumed"] <= 1e-6, found
         assert found["checkpoint"] == 0.0
         assert "sharded but the base model itself is not" in found["unsharded_base"], found["unsharded_base"]
+        assert "on the meta device" in found["cpu_ram_efficient_loading"], found["cpu_ram_efficient_loading"]
