@@ -64,10 +64,10 @@ class Launch:
         self.log.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def launches(request, tmp_path_factory):
-    """The launches that the selected tests read, started together when the first of them needs one; each is
-    ended at teardown if still running (a test that failed early)."""
+    """The launches that the selected tests read, started together before the module's first test (which runs in
+    this process meanwhile); each is ended at teardown if still running (a test that failed early)."""
     used = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
     started = {}
     if "measured" in used:
@@ -83,27 +83,6 @@ def launches(request, tmp_path_factory):
 def measured(launches):
     """What each of the two ranks measured: {"variants": {name: {...}}, "frameworks", "qlora", "memory", ...}."""
     return launches["variants"].results()
-
-
-@pytest.mark.slow
-def test_ranks_agree_and_every_variant_ran(measured):
-    zero, one = measured
-    assert sorted(zero["variants"]) == sorted(REGISTRY)
-    for name in REGISTRY:  # both ranks compared the same whole results (gathered) with the same reference
-        for key in ("init", "merge", "delta", "save", "to_peft", "mixed_grads"):
-            assert zero["variants"][name][key] == one["variants"][name][key], (name, key)
-
-
-@pytest.mark.slow
-def test_the_sharded_model_is_untouched(measured):
-    """Invariants 1 and 13 on the sharded base as loaded, after every variant's init, apply, backward, merge,
-    generate, AdapterModule and DDP ran on it: the same shards, flags and hooks; and a plain forward + backward
-    then trains every base parameter, with the gradients of a model lora_func never touched."""
-    for rank in measured:
-        found = rank["untouched"]
-        assert found["same"], "the sharded model changed"
-        assert found["plain_call_grads"] == found["parameters"], found
-        assert found["plain_call_grad_diff"] == 0.0, found
 
 
 @pytest.mark.slow  # DTensor's first use sets up its dispatch: seconds
@@ -128,6 +107,27 @@ def test_dtensor_leaves_are_refused_by_name(tmp_path):
         assert not (tmp_path / "a.safetensors").exists()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_agree_and_every_variant_ran(measured):
+    zero, one = measured
+    assert sorted(zero["variants"]) == sorted(REGISTRY)
+    for name in REGISTRY:  # both ranks compared the same whole results (gathered) with the same reference
+        for key in ("init", "merge", "delta", "save", "to_peft", "mixed_grads"):
+            assert zero["variants"][name][key] == one["variants"][name][key], (name, key)
+
+
+@pytest.mark.slow
+def test_the_sharded_model_is_untouched(measured):
+    """Invariants 1 and 13 on the sharded base as loaded, after every variant's init, apply, backward, merge,
+    generate, AdapterModule and DDP ran on it: the same shards, flags and hooks; and a plain forward + backward
+    then trains every base parameter, with the gradients of a model lora_func never touched."""
+    for rank in measured:
+        found = rank["untouched"]
+        assert found["same"], "the sharded model changed"
+        assert found["plain_call_grads"] == found["parameters"], found
+        assert found["plain_call_grad_diff"] == 0.0, found
 
 
 @pytest.mark.slow
