@@ -68,6 +68,8 @@ class AdapterModule(nn.Module):
     The trainable leaves of `params` become the module's `nn.Parameter`s (sharing their storage); from then
     on `module.params` is the adapter, holding those very parameters: save it, merge it, export it from there.
     `model` is not modified and is in no `parameters()` or `state_dict()`; `.to()` and `.train()` reach it.
+    Under accelerate's FSDP2 plugin (`fsdp_version: 2`) the module is one FSDP unit over the adapter: shard the
+    base with `fully_shard` beforehand (docs/distributed.md), since the plugin cannot reach it.
 
     >>> module = lf.AdapterModule(model, lf.init(model, lf.LoRAConfig(r=8)))
     >>> trainer = transformers.Trainer(model=module, args=args, train_dataset=data)
