@@ -10,6 +10,8 @@ what it measured to OUT_DIR/rank<r>.json; the test asserts on the numbers. Maxim
   against the reference on the global batch; for the base as loaded (requires_grad=True), frozen, and as
   loaded under HF gradient checkpointing (reentrant and not); base gradients counted (must be none).
 - mixed: two stacked adapters and the base, one per row (`adapter_ids`), logits and gradients.
+- func_grads: `torch.func.grad` over the trainable half, averaged by `lf.all_reduce_grads`, against the
+  reference's on the global batch.
 - merge/delta: `lf.merge` / `lf.delta_weights` of the sharded base (DTensors placed as the base parameters,
   gathered here for the comparison) against the unsharded results; `merged_forward`: a sharded copy of the base
   with the merged weights loaded (`load_state_dict`) against `lf.apply`.
@@ -17,6 +19,9 @@ what it measured to OUT_DIR/rank<r>.json; the test asserts on the numbers. Maxim
   the global batch; to_peft: the PEFT tensors, likewise (variants PEFT has).
 - trainer (its own launch): HF Trainer over `lf.AdapterModule` on a sharded base, with DDP and with accelerate's
   FSDP2 plugin, see `trainer`.
+- qlora: LoRA, DoRA, PiSSA on a bitsandbytes 4-bit base sharded by FSDP2, against it whole (also torch.func and
+  adapter_ids batches); mixed_precision: FSDP2's MixedPrecisionPolicy (bf16 params, fp32 reduce) and autocast;
+  kinds: modules_to_save and target_parameters (fused MoE experts).
 - memory: the peak resident bytes above the start during `merge`, `delta_weights` and `init` on a larger Qwen3,
   against the whole model's, the result's and the largest target weight's bytes.
 """
