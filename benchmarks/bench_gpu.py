@@ -33,7 +33,6 @@ Exit status 0 when every section ran; targets that are not met are reported, not
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -334,17 +333,13 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.arguments(__doc__, "results/gpu.json", threads=None)  # --quick: tiny shapes, few repeats
     parser.add_argument("--device", default="cuda", help="cuda (default), or cpu with --quick")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: a smoke run")
-    parser.add_argument("--out", type=Path, default=Path("results/gpu.json"))
     parser.add_argument(
         "--budget-s", type=float, default=None, help="all sections together, seconds (420; 60 with --quick)"
     )
     parser.add_argument("--sections", nargs="+", choices=tuple(SECTIONS), default=tuple(SECTIONS))
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    args = parser.parse_args(argv)
-    harness.PROGRESS = args.progress
+    args = harness.parse(parser, argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here: run on a GPU machine, or use --device cpu --quick")
@@ -356,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(2)  # as the CPU benchmarks: a machine shared with other jobs
     bench = Bench(device, args.quick, args.budget_s)
+    if args.repeats:
+        bench.repeats = args.repeats
     result: dict[str, Any] = {
         "setup": {
             **bench.setup(),

@@ -94,7 +94,7 @@ def skew(q: torch.Tensor, size: int) -> torch.Tensor:
     """(k, b(b−1)/2) -> (k, b, b): U − Uᵀ with U's strict upper triangle q (row-major, as PEFT's `triu_indices`)."""
     rows, cols = torch.triu_indices(size, size, 1, device=q.device)
     upper = torch.zeros(size, size, q.shape[0], dtype=q.dtype, device=q.device).index_put((rows, cols), q.t())
-    upper = upper.permute(2, 0, 1)
+    upper = upper.permute(2, 0, 1).contiguous()  # blocks first in memory: the series' bmm then runs on whole blocks
     return upper - upper.transpose(-2, -1)
 
 
