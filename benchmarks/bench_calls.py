@@ -250,12 +250,7 @@ def main() -> None:
     for section, rows in medians.items():
         for name, value in rows.items():
             print(f"| {section} | {name} | {1000 * value:.2f} |")
-    print("\n| ratio | value | target |")
-    print("|---|---:|---|")
-    for name, value in ratios.items():
-        t = targets.get(name)
-        shown = "" if t is None else f"{t.get('sense', '<=')} {t['target']:.2f} ({'met' if t['met'] else 'NOT met'})"
-        print(f"| {name} | {value:.3f} | {shown} |")
+    harness.print_ratios(ratios, targets)
 
     report = {
         "setup": {

@@ -299,12 +299,7 @@ def main() -> None:
     for section, entries in results.items():
         for name, entry in entries.items():
             print(f"| {section} | {name} | {1000 * entry['median_s']:.1f} | {1000 * entry['min_s']:.1f} |")
-    print("\n| ratio | value | target |")
-    print("|---|---:|---|")
-    for name, value in ratios.items():
-        target = targets.get(name)
-        shown = "" if target is None else f"<= {target['target']:.2f} ({'met' if target['met'] else 'NOT met'})"
-        print(f"| {name} | {value:.3f} | {shown} |")
+    harness.print_ratios(ratios, targets)
     if compile_info is not None:
         print(
             f"\ncompile: {compile_info['graph_count']} graph(s), {compile_info['graph_break_count']} graph break(s), "

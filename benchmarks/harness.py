@@ -80,6 +80,17 @@ def write_json(result: dict, path: Path, **dump) -> None:
     print(f"\nwrote {path}", file=sys.stderr)
 
 
+def print_ratios(ratios: dict[str, float], targets: dict[str, dict]) -> None:
+    """The markdown table of `ratios` against their `targets` ({"target": limit, "met": bool, "sense": "<=" unless
+    given}), on stdout."""
+    print("\n| ratio | value | target |")
+    print("|---|---:|---|")
+    for name, value in ratios.items():
+        t = targets.get(name)
+        shown = "" if t is None else f"{t.get('sense', '<=')} {t['target']:.2f} ({'met' if t['met'] else 'NOT met'})"
+        print(f"| {name} | {value:.3f} | {shown} |")
+
+
 def rounds(repeats: int, label: str) -> Iterable[int]:
     """range(repeats), under a progress bar when PROGRESS is on."""
     return progress(range(repeats), PROGRESS, label)
