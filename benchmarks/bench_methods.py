@@ -113,10 +113,18 @@ def method_row(name: str, variant: Variant, base: nn.Module, batch: dict, repeat
 
 
 def run(names: list[str], repeats: int, warmup: int, seq: int) -> dict:
+    """Every method of `names` in turn; one that fails (its export, PEFT's loading, a loss that differs) is recorded
+    with its error and the others still run."""
     base = bench_model(max_positions=seq).train()
     batch = bench_batch(base.config.vocab_size, seq=seq)
     known = methods()
-    rows = {name: method_row(name, known[name], base, batch, repeats, warmup) for name in names}
+    rows = {}
+    for name in names:
+        try:
+            rows[name] = method_row(name, known[name], base, batch, repeats, warmup)
+        except Exception as e:
+            rows[name] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"{name:>18}: failed, {rows[name]['error']}", file=sys.stderr)
     return {
         "setup": {
             "model": "Qwen3ForCausalLM hidden 512, 6 layers, intermediate 1408, vocab 4096, heads 8/4 x 64",
@@ -143,6 +151,9 @@ def markdown(result: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for name, row in result["methods"].items():
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error'].splitlines()[0]} | | | | | | | **no** |")
+            continue
         mine, peft = row["step_s"]["lora_func"], row["step_s"]["peft"]
         met = "yes" if row["ratio"] <= result["limit"] else "**no**"
         lines.append(
@@ -165,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     result = run(list(args.methods), repeats, warmup, seq)
     print(markdown(result))
     harness.write_json(result, args.out)
+    if any("error" in row for row in result["methods"].values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

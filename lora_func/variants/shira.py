@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .._config import AdapterConfig, ConfigError
 from .._kind import Target
@@ -106,6 +107,11 @@ def delta(w: torch.Tensor, site: Site) -> torch.Tensor:
 
 def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
     dw = delta(leaves["shira_weight"], site)
+    module = site.base.module
+    if type(module) is nn.Linear and y.dtype == dw.dtype:
+        # PEFT's form, x (W + ΔW)ᵀ + b: one product forward and two backward where y + x ΔWᵀ takes two and three (the
+        # base output y is not used, so nothing differentiates through it).
+        return F.linear(x.to(dw.dtype), site.base.weight().to(dw.dtype) + dw, site.base.bias)
     return y + F.linear(x.to(dw.dtype), dw).to(y.dtype)
 
 
