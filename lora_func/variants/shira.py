@@ -9,8 +9,10 @@ a fresh generator, whose seed is torch's fixed default), sorted, as `torch.where
 are no leaves: a function of the target's shape, `r` and `random_seed`, computed once per shape and device
 (`positions`), so PEFT's `shira_indices` are written on export and checked on import. The leaf `shira_weight`
 (n,) holds the values. ΔW is sparse, not low rank: adapter arithmetic needs the base model (`Dense`).
-As PEFT, the forward builds ΔW (dense, d_out × d_in); PEFT adds it to W first (x (W + ΔW)ᵀ), so outputs agree
-to rounding. Identity at init: w = 0 (PEFT's `init_weights=True`); `init_weights=False` draws w ~ N(0, 1).
+As PEFT, the forward builds ΔW (dense, d_out × d_in) and, on a float `nn.Linear` computing in the leaves' dtype,
+adds it to W first, x (W + ΔW)ᵀ + b, as PEFT does (the base output is left unused: one product less than
+y + x ΔWᵀ, forward and backward); on other layers (bitsandbytes, Conv1D, another dtype) y + x ΔWᵀ, equal to
+rounding. Identity at init: w = 0 (PEFT's `init_weights=True`); `init_weights=False` draws w ~ N(0, 1).
 Bhardwaj et al. 2024, arXiv 2406.13175. Reference: peft/tuners/shira/layer.py (`Linear.get_delta_weight`,
 `forward`), mask_functions.py (`random_mask`).
 """
