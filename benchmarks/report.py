@@ -208,12 +208,15 @@ def methods_section(methods: dict) -> list[str]:
     from bench_methods import markdown  # benchmarks/bench_methods.py renders its own table
 
     setup = methods["setup"]
+    load = setup.get("load_average")
+    machine = "" if load is None else f"; load average {load:.1f} on {setup['cpus']} CPUs (wall time counts other jobs)"
     return [
         f"Each method with a PEFT mapping, configured as the MiniLM demo configures it (its `Recipe`), on the seven "
         f"projections of every layer (LN Tuning: the norms; Trainable Tokens: the input embedding); both hold the "
         f"same leaves (`lf.to_peft`, then PEFT's `from_pretrained`) and compute the same loss. Training step: forward, "
         f"loss, backward, no optimizer; sequence {setup['seq']}, {setup['threads']} thread(s), medians of "
-        f"{setup['repeats']} alternating repeats. Limit (docs/performance.md): step ≤ {methods['limit']:.1f} × PEFT's.",
+        f"{setup['repeats']} alternating repeats{machine}. Limit (docs/performance.md): step ≤ "
+        f"{methods['limit']:.1f} × PEFT's.",
         "",
         markdown(methods),
     ]
