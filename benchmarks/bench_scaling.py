@@ -15,7 +15,6 @@ every point all the same, so each point's ratios come from one alternating run.
 from __future__ import annotations
 
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -77,9 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (2 if args.quick else 7)
     sweeps = {"ranks": RANKS[:2], "seqs": SEQS[:2]} if args.quick else {}
     result = run(repeats, 1, **sweeps)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}", file=sys.stderr)
+    harness.write_json(result, args.out)
 
 
 if __name__ == "__main__":
