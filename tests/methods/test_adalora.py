@@ -1,0 +1,211 @@
+"""AdaLoRA against its dense formula and against PEFT's AdaLoRA: outputs and gradients given the same leaves, the
+orthogonality term, files both ways (with the `rank_pattern` PEFT saves after its allocator ran), and whole training
+runs with the rank allocator, where lora_func and PEFT must remove the same ranks at the same steps. Also: training
+on without `lf.schedule` is refused, in both training styles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from components import qwen3_batch, tiny_qwen3
+from peft_parity import (
+    PROJECTIONS,
+    assert_same_as_peft,
+    peft_layer,
+    peft_twin,
+    twins,
+)
+
+import lora_func as lf
+
+peft = pytest.importorskip("peft")
+
+# lora_func fields, as PEFT's AdaLoraConfig takes them (plus PEFT's required `total_step`).
+CASES = {
+    "default": {},
+    "init_r 4, alpha 16": {"init_r": 4, "alpha": 16.0},
+}
+
+
+def _peft_fields(fields, **more):
+    out = {("lora_alpha" if k == "alpha" else k): v for k, v in fields.items()}
+    return {"total_step": 10, "target_r": 2, **out, **more}
+
+
+def _peft_leaf(layer, leaf):
+    return getattr(layer, leaf)["default"]
+
+
+def _draw(path, leaf, tensor, gen):
+    return 0.2 * torch.randn(tensor.shape, generator=gen)
+
+
+def test_dense_formula_and_identity_at_init():
+    """ΔW = α B (A ⊙ E) / (init_r + 1e-5), in float64 from the leaves; exactly the base model at init (E = 0)."""
+    model = tiny_qwen3().eval()
+    cfg = lf.AdaLoRAConfig(init_r=5, alpha=3.0)
+    params = lf.init(model, cfg, seed=0)
+    batch = qwen3_batch()
+    with torch.no_grad():
+        assert torch.equal(lf.apply(model, params, batch).logits, model(**batch).logits)
+    params = lf.combine(*_perturbed_with_mask(params))
+    for key, dw in lf.delta_weights(model, params).items():
+        leaves = {k: v.detach().double() for k, v in params[key.removesuffix(".weight")].items()}
+        mask = leaves["rank_mask"]
+        want = 3.0 * leaves["lora_B"] @ (leaves["lora_A"] * leaves["lora_E"] * mask) / (5 + 1e-5)
+        torch.testing.assert_close(dw.double(), want, rtol=1e-5, atol=1e-7)
+    merged = lf.merge(model, params)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torch.func.functional_call(model, merged, (batch["input_ids"],)).logits,
+            lf.apply(model, params, batch).logits,
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def _perturbed_with_mask(params):
+    """Trainable leaves drawn N(0, 0.2²), and rank 1 of every target removed in `rank_mask`."""
+    gen = torch.Generator().manual_seed(2)
+    trainable, frozen = lf.split(params)
+    moved = {p: {k: 0.2 * torch.randn(v.shape, generator=gen) for k, v in e.items()} for p, e in trainable.items()}
+    masks = {p: {"rank_mask": e["rank_mask"].clone().index_fill_(0, torch.tensor([1]), 0.0)} for p, e in frozen.items()}
+    return trainable.replace(moved), frozen.replace(masks)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_peft_outputs_and_gradients(case):
+    model, params, peft_model = peft_twin(
+        lf.AdaLoRAConfig(**CASES[case], target_names=PROJECTIONS),
+        peft.AdaLoraConfig(**_peft_fields(CASES[case]), target_modules=list(PROJECTIONS)),
+        _draw,
+        _peft_leaf,
+    )
+    assert len(params.targets) == sum(hasattr(m, "lora_E") for m in peft_model.modules()) == 14
+    worst = assert_same_as_peft(model, params, peft_model, _peft_leaf, atol=1e-5)
+    assert worst["logits"] <= 1e-5 and worst["grad"] <= 1e-5
+
+
+def test_matches_peft_on_a_4bit_base():
+    """PEFT's AdaLoRA wraps bitsandbytes' Linear4bit (`SVDLinear4bit`): the same base, leaves, step."""
+    model, twin = twins(bits=4)
+    twin.is_loaded_in_4bit = True  # as from_pretrained's quantization sets it: PEFT picks its bitsandbytes layer
+    model, params, peft_model = peft_twin(
+        lf.AdaLoRAConfig(init_r=4, target_names=PROJECTIONS),
+        peft.AdaLoraConfig(**_peft_fields({"init_r": 4}), target_modules=list(PROJECTIONS)),
+        _draw,
+        _peft_leaf,
+        model=model,
+        twin=twin,
+    )
+    assert type(peft_layer(peft_model, params.targets[0].path)).__name__ == "SVDLinear4bit"
+    assert_same_as_peft(model, params, peft_model, _peft_leaf)
+
+
+def test_regularizer_is_peft_orthogonality_term():
+    """lf.regularizer is what AdaLoraModel.forward adds to the loss: the losses and their gradients agree."""
+    model, params, peft_model = peft_twin(
+        lf.AdaLoRAConfig(init_r=4, orth_reg_weight=0.3, target_names=PROJECTIONS),
+        peft.AdaLoraConfig(**_peft_fields({"init_r": 4, "orth_reg_weight": 0.3}), target_modules=list(PROJECTIONS)),
+        _draw,
+        _peft_leaf,
+    )
+    batch = qwen3_batch()
+    plain = lf.apply(model, params, batch).loss
+    ours = plain + lf.regularizer(params)
+    theirs = peft_model.base_model(**batch).loss  # AdaLoraModel.forward: the loss with its orthogonality term
+    assert (ours - plain).item() > 0.1
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    ours.backward()
+    theirs.backward()
+    for path, leaf, tensor in lf.split(params)[0].leaves():
+        expected = _peft_leaf(peft_layer(peft_model, path), leaf).grad
+        torch.testing.assert_close(tensor.grad, expected, rtol=1e-4, atol=1e-6, msg=f"{path}.{leaf}")
+    # the term itself, from its definition
+    want = sum(
+        torch.linalg.matrix_norm(P - torch.eye(P.shape[0]))
+        for e in params.values()
+        for P in (e["lora_A"] @ e["lora_A"].T, e["lora_B"].T @ e["lora_B"])
+    ) / (2 * len(params.targets))
+    torch.testing.assert_close(lf.regularizer(params), 0.3 * want, rtol=1e-6, atol=1e-6)
+
+
+# -- training with the rank allocator ----------------------------------------------------------------------------
+
+SCHEDULE = {"init_r": 6, "target_r": 2, "tinit": 2, "tfinal": 3, "deltaT": 2, "total_step": 12}
+STEPS = 15  # through the final allocation (step 9) and into the final phase
+
+
+def _removed(masks_of_E: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    return {path: torch.nonzero(E.view(-1) == 0).view(-1).tolist() for path, E in masks_of_E.items()}
+
+
+def _train_both(torch_func: bool = False):
+    """lora_func and PEFT trained from the same adapter on the same batches, each with its allocator; returns the
+    removed ranks per step of each, the final logits of each, and both adapters."""
+    model, params, peft_model = peft_twin(
+        lf.AdaLoRAConfig(**SCHEDULE, target_names=PROJECTIONS),
+        peft.AdaLoraConfig(**SCHEDULE, target_modules=list(PROJECTIONS)),
+        lambda path, leaf, t, gen: t + (0.05 * torch.randn(t.shape, generator=gen) if leaf == "lora_E" else 0),
+        _peft_leaf,
+    )
+    paths = [t.path for t in params.targets]
+    ours_opt = None if torch_func else torch.optim.AdamW(lf.trainable_leaves(params), lr=2e-2)
+    trained = [p for p in peft_model.parameters() if p.requires_grad]
+    theirs_opt = torch.optim.SGD(trained, lr=2e-2) if torch_func else torch.optim.AdamW(trained, lr=2e-2)
+    state = lf.schedule_state(params)
+    trainable, frozen = lf.split(params)
+    history = {"ours": [], "theirs": []}
+
+    def loss_fn(trainable, batch):
+        p = lf.combine(trainable, frozen)
+        return lf.apply(model, p, batch).loss + lf.regularizer(p)
+
+    for step in range(STEPS):
+        batch = qwen3_batch(seed=100 + step)
+        if torch_func:  # SGD in the torch.func style on our side, the same SGD by torch.optim.SGD on PEFT's
+            grads = torch.func.grad(loss_fn)(trainable, batch)
+            trainable = trainable.replace(
+                {p: {k: torch.add(v, grads[p][k], alpha=-2e-2) for k, v in e.items()} for p, e in trainable.items()}
+            )
+            params, state = lf.schedule(lf.combine(trainable, frozen), state, step, grads=grads)
+            trainable, frozen = lf.split(params)
+        else:
+            loss = lf.apply(model, params, batch).loss + lf.regularizer(params)
+            loss.backward()
+            ours_opt.step()
+            params, state = lf.schedule(params, state, step)
+            ours_opt.zero_grad()
+        theirs = peft_model.base_model(**batch).loss
+        theirs.backward()
+        theirs_opt.step()
+        peft_model.base_model.update_and_allocate(step)
+        theirs_opt.zero_grad()
+        history["ours"].append(_removed({p: params[p]["lora_E"].detach() for p in paths}))
+        history["theirs"].append(_removed({p: _peft_leaf(peft_layer(peft_model, p), "lora_E") for p in paths}))
+    with torch.no_grad():
+        batch = qwen3_batch(seed=7)
+        logits = (lf.apply(model, params, batch).logits, peft_model(**batch).logits)
+    return history, logits, params, peft_model
+
+
+def test_trained_with_the_allocator_removes_peft_ranks_and_gives_peft_logits():
+    history, (ours, theirs), params, peft_model = _train_both()
+    assert history["ours"] == history["theirs"]
+    changed = [s for s in range(1, STEPS) if history["ours"][s] != history["ours"][s - 1]]
+    assert len(changed) >= 2, f"the allocation changed at steps {changed} only"
+    total = sum(len(r) for r in history["ours"][-1].values())
+    assert total == (6 - 2) * 14, "the final budget is target_r ranks per target on average"
+    final = peft_model.peft_config["default"].rank_pattern
+    for target in params.targets:
+        kept = (params[target.path]["rank_mask"].view(-1) == 1).tolist()
+        assert kept == final[f"{target.path}.lora_E.default"]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_torch_func_style_allocates_as_peft():
+    """The same run with SGD: `torch.func.grad` and `grads=` on lora_func's side, torch.optim.SGD on PEFT's."""
+    history, (ours, theirs), _, _ = _train_both(torch_func=True)
+    assert history["ours"] == history["theirs"]
+    assert sum(len(r) for r in history["ours"][-1].values()) == (6 - 2) * 14
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
