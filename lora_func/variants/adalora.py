@@ -32,7 +32,7 @@ model.py (`AdaLoraModel.forward`, `update_and_allocate`), config.py, bnb.py (`SV
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -64,6 +64,8 @@ class AdaLoRAConfig(AdapterConfig):
     `rank_pattern` / `alpha_pattern` (LoRA's per-target overrides) are refused: PEFT's AdaLoRA has one init_r and
     lora_alpha for all targets, and its `rank_pattern` is the allocator's result (the `rank_mask` leaves here).
     """
+
+    RANK_ALIASES: ClassVar[tuple[str, ...]] = ("init_r",)  # `r` under PEFT's name (`lf.stack` compares ranks)
 
     r: int | None = None
     alpha: float = 8.0

@@ -5,11 +5,16 @@ on without `lf.schedule` is refused, in both training styles."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import warnings
+
 import pytest
 import torch
 from components import qwen3_batch, tiny_qwen3
 from peft_parity import (
     PROJECTIONS,
+    assert_peft_files_round_trip,
     assert_same_as_peft,
     peft_layer,
     peft_twin,
@@ -189,8 +194,14 @@ def _train_both(torch_func: bool = False):
     return history, logits, params, peft_model
 
 
-def test_trained_with_the_allocator_removes_peft_ranks_and_gives_peft_logits():
-    history, (ours, theirs), params, peft_model = _train_both()
+@pytest.fixture(scope="module")
+def trained():
+    return _train_both()
+
+
+@pytest.mark.slow
+def test_trained_with_the_allocator_removes_peft_ranks_and_gives_peft_logits(trained):
+    history, (ours, theirs), params, peft_model = trained
     assert history["ours"] == history["theirs"]
     changed = [s for s in range(1, STEPS) if history["ours"][s] != history["ours"][s - 1]]
     assert len(changed) >= 2, f"the allocation changed at steps {changed} only"
@@ -203,9 +214,169 @@ def test_trained_with_the_allocator_removes_peft_ranks_and_gives_peft_logits():
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_func_style_allocates_as_peft():
     """The same run with SGD: `torch.func.grad` and `grads=` on lora_func's side, torch.optim.SGD on PEFT's."""
     history, (ours, theirs), _, _ = _train_both(torch_func=True)
     assert history["ours"] == history["theirs"]
     assert sum(len(r) for r in history["ours"][-1].values()) == (6 - 2) * 14
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_peft_trained_file_round_trips_with_its_rank_pattern(trained, tmp_path):
+    """PEFT saves the kept ranks only and the final `rank_pattern`: `from_peft` gives PEFT's logits, and `to_peft` of
+    what it read writes the same tensors and pattern again, which PEFT loads to the same logits. lora_func's own
+    trained adapter, written by `to_peft`, is what PEFT saved, to rounding."""
+    from safetensors.torch import load_file
+
+    _, _, params, peft_model = trained
+    with warnings.catch_warnings():  # PEFT takes a target whose every rank was removed for an ungathered shard
+        warnings.filterwarnings("ignore", r".*LoRA tensor\(s\) have invalid shape", peft.utils.warning.PeftWarning)
+        peft_model.save_pretrained(tmp_path / "peft")
+    saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert min(t.shape[0] for k, t in saved.items() if k.endswith("lora_E")) < SCHEDULE["init_r"]
+    model = twins()[0].eval()
+    batch = qwen3_batch(seed=7)
+    peft_model.eval()
+    with torch.no_grad():
+        want = peft_model(**batch).logits
+        back = lf.from_peft(tmp_path / "peft", model)
+        torch.testing.assert_close(lf.apply(model, back, batch).logits, want, rtol=0, atol=1e-5)
+    lf.to_peft(back, tmp_path / "again", model=model)
+    again = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
+    config = lambda d: json.loads((tmp_path / d / "adapter_config.json").read_text())  # noqa: E731
+    assert config("again")["rank_pattern"] == config("peft")["rank_pattern"]
+    with warnings.catch_warnings():  # PEFT reads AdaLoRA's `rank_pattern` as LoRA's (per-module ranks) to warn
+        warnings.filterwarnings("ignore", "The following rank_pattern keys did not match", RuntimeWarning)
+        loaded = peft.PeftModel.from_pretrained(twins()[1].eval(), tmp_path / "again")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, want, rtol=0, atol=1e-5)
+
+    lf.to_peft(params, tmp_path / "ours", model=model)
+    assert config("ours")["rank_pattern"] == config("peft")["rank_pattern"]
+    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    for key in saved:
+        torch.testing.assert_close(ours[key], saved[key], rtol=0, atol=1e-5)
+
+
+def test_untrained_file_round_trips(tmp_path):
+    cfg = peft.AdaLoraConfig(**_peft_fields({"init_r": 4}), target_modules=["q_proj", "v_proj", "down_proj"])
+    params = assert_peft_files_round_trip(tmp_path, cfg, "lora_", 0.1)
+    got = params.config
+    assert (got.init_r, got.target_r, got.total_step, got.alpha) == (4, 2, 10, 8.0)
+    assert all(bool((e["rank_mask"] == 1).all()) for e in params.values())
+
+
+def test_a_rank_pattern_that_does_not_match_the_tensors_is_refused(tmp_path):
+    model = twins()[0].eval()
+    params = lf.init(model, lf.AdaLoRAConfig(init_r=4, total_step=10, target_r=2, target_names=("q_proj$",)), seed=0)
+    lf.to_peft(params, tmp_path, model=model)
+    path = tmp_path / "adapter_config.json"
+    fields = json.loads(path.read_text())
+    fields["rank_pattern"] = {f"{t.path}.lora_E": [True, False, True, True] for t in params.targets}
+    path.write_text(json.dumps(fields))
+    with pytest.raises(lf.AdapterFileError, match=r"lora_A holds 4 ranks, and `rank_pattern` keeps 3 of 4"):
+        lf.from_peft(tmp_path, model)
+    fields["rank_pattern"] = {f"{t.path}.lora_E": [True, False] for t in params.targets}
+    path.write_text(json.dumps(fields))
+    with pytest.raises(lf.AdapterFileError, match=r"must be 4 booleans \(`init_r`\)"):
+        lf.from_peft(tmp_path, model)
+
+
+# -- config --------------------------------------------------------------------------------------------------------
+
+
+def test_config_defaults_and_refusals_are_peft_s():
+    peft_cfg = peft.AdaLoraConfig(total_step=10)
+    cfg = lf.AdaLoRAConfig()
+    for name in ("target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight"):
+        assert getattr(cfg, name) == getattr(peft_cfg, name), name
+    assert (cfg.r, cfg.alpha, cfg.total_step) == (12, peft_cfg.lora_alpha, None)
+    assert lf.AdaLoRAConfig(r=4).init_r == 4 and lf.AdaLoRAConfig(init_r=5).r == 5
+    with pytest.raises(ValueError, match="`r`=4 and `init_r`=6 differ"):
+        lf.AdaLoRAConfig(r=4, init_r=6)
+    with pytest.raises(ValueError, match="no budgeting phase is left"):
+        lf.AdaLoRAConfig(tinit=5, tfinal=5, total_step=10)
+    with pytest.raises(ValueError, match="`target_r`=12 must be below `init_r`=12"):
+        lf.AdaLoRAConfig(target_r=12, total_step=10)
+    with pytest.raises(ValueError, match="`beta1` and `beta2` must be in"):
+        lf.AdaLoRAConfig(beta1=1.0)
+    with pytest.raises(ValueError, match="`rank_pattern` / `alpha_pattern` are not supported"):
+        lf.AdaLoRAConfig(rank_pattern={"q_proj": 2})
+
+
+# -- forgetting the allocator --------------------------------------------------------------------------------------
+
+
+def _loop_without_schedule(params, model, steps, *, schedule_state=True):
+    optimizer = torch.optim.AdamW(lf.trainable_leaves(params), lr=1e-2)
+    if schedule_state:
+        lf.schedule_state(params)
+    for step in range(steps):
+        lf.apply(model, params, qwen3_batch(seed=step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_training_on_without_the_allocator_is_refused():
+    """With `total_step` set, the second training call after an optimizer step that `lf.schedule` did not see raises,
+    naming lf.schedule; so does a training call on leaves never given to `lf.schedule_state`. Evaluation (no grad)
+    and `total_step=None` (a fixed rank, no allocator) are not checked."""
+    model = tiny_qwen3()
+    cfg = lf.AdaLoRAConfig(init_r=4, target_r=2, total_step=20, target_names=("q_proj$",))
+    params = lf.init(model, cfg, seed=0)
+    with pytest.raises(RuntimeError, match=r"apply: AdaLoRA with `total_step`=20 .* never given to lf.schedule_state"):
+        lf.apply(model, params, qwen3_batch())
+    with pytest.raises(RuntimeError, match=r"an optimizer step changed them after lf.schedule last ran.*lf.schedule\("):
+        _loop_without_schedule(params, model, 2)
+    with torch.no_grad():
+        lf.apply(model, params, qwen3_batch())
+    with pytest.raises(RuntimeError, match="lf.schedule"), lf.inject(model, params):
+        pass
+    # the same loop with the allocator runs
+    params = lf.init(model, cfg, seed=0)
+    optimizer = torch.optim.AdamW(lf.trainable_leaves(params), lr=1e-2)
+    state = lf.schedule_state(params)
+    for step in range(3):
+        for micro in range(2):  # gradient accumulation: several calls per optimizer step
+            lf.apply(model, params, qwen3_batch(seed=10 * step + micro)).loss.backward()
+        optimizer.step()
+        params, state = lf.schedule(params, state, step)
+        optimizer.zero_grad()
+    fixed = lf.init(model, dataclasses.replace(cfg, total_step=None), seed=0)
+    _loop_without_schedule(fixed, model, 3, schedule_state=False)
+
+
+def test_torch_func_training_on_without_the_allocator_is_refused():
+    model = tiny_qwen3()
+    cfg = lf.AdaLoRAConfig(init_r=4, target_r=2, total_step=20, target_names=("q_proj$",))
+    params = lf.init(model, cfg, seed=0)
+    state = lf.schedule_state(params)
+    trainable, frozen = lf.split(params)
+
+    def loss_fn(trainable):
+        return lf.apply(model, lf.combine(trainable, frozen), qwen3_batch()).loss
+
+    grads = torch.func.grad(loss_fn)(trainable)
+    trainable = trainable.replace({p: {k: v - 0.1 * grads[p][k] for k, v in e.items()} for p, e in trainable.items()})
+    with pytest.raises(RuntimeError, match="never given to lf.schedule_state or lf.schedule"):
+        torch.func.grad(loss_fn)(trainable)
+    params, state = lf.schedule(lf.combine(trainable, frozen), state, 0, grads=grads)
+    torch.func.grad(loss_fn)(lf.split(params)[0])
+
+
+def test_schedule_misuse_is_refused():
+    model = tiny_qwen3()
+    params = lf.init(model, lf.AdaLoRAConfig(init_r=4, target_names=("q_proj$",)), seed=0)
+    with pytest.raises(ValueError, match="`total_step=None`, so no rank allocator"):
+        lf.schedule(params, lf.schedule_state(params), 0)
+    params = lf.init(model, lf.AdaLoRAConfig(init_r=4, target_r=2, total_step=9, target_names=("q_proj$",)), seed=0)
+    state = lf.schedule_state(params)
+    with pytest.raises(ValueError, match=r"no gradient for .*lora_A: call lf.schedule after backward\(\)"):
+        lf.schedule(params, state, 0)
+    lf.apply(model, params, qwen3_batch()).loss.backward()
+    params, state = lf.schedule(params, state, 0)
+    with pytest.raises(ValueError, match="step 0 after step 0: call it once per optimizer step"):
+        lf.schedule(params, state, 0)
