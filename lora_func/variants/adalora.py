@@ -113,11 +113,6 @@ class AdaLoRAConfig(AdapterConfig):
                     f"`tinit`={self.tinit} >= `total_step` - `tfinal` = {self.total_step - self.tfinal}: no budgeting "
                     "phase is left (PEFT refuses it too)"
                 )
-            if self.target_r >= self.init_r:
-                problems.append(
-                    f"`target_r`={self.target_r} must be below `init_r`={self.init_r}: the allocator removes ranks "
-                    "down to target_r per target on average (PEFT fails at its first allocation otherwise)"
-                )
         if problems:
             raise ConfigError("AdaLoRAConfig: " + "; ".join(problems))
 
@@ -211,8 +206,14 @@ def _mark(params) -> None:
 
 def allocator_state(params) -> AllocatorState:
     """The state before the first step; marks the leaves as seen by the allocator (see `guard`)."""
+    cfg = params.config
     final = any(bool((params[t.path]["rank_mask"] == 0).any()) for t in params.targets)
-    if params.config.total_step is not None:
+    if cfg.total_step is not None:
+        if cfg.target_r >= cfg.init_r:
+            raise ValueError(
+                f"schedule_state: AdaLoRAConfig `target_r`={cfg.target_r} must be below `init_r`={cfg.init_r}: the "
+                "allocator removes ranks down to target_r per target on average (PEFT fails at its first allocation)"
+            )
         _mark(params)
     return AllocatorState({}, {}, -1, final)
 
