@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from components import qwen3_batch, tiny_qwen3
+from components import qwen3_batch, tiny_gpt2, tiny_qwen3
 from peft_parity import (
     PROJECTIONS,
     assert_peft_files_round_trip,
@@ -105,6 +105,33 @@ def test_matches_peft_on_a_4bit_base():
     )
     assert type(peft_layer(peft_model, params.targets[0].path)).__name__ == "SVDLinear4bit"
     assert_same_as_peft(model, params, peft_model, _peft_leaf)
+
+
+def test_matches_peft_on_conv1d_layers(tmp_path):
+    """GPT-2's transformers Conv1D (PEFT's `fan_in_fan_out=True`): same outputs, gradients, merge and files."""
+    targets = ["c_attn", "c_proj", "c_fc"]
+    model, params, peft_model = peft_twin(
+        lf.AdaLoRAConfig(init_r=4, target_names=tuple(rf"\.{t}$" for t in targets)),
+        peft.AdaLoraConfig(**_peft_fields({"init_r": 4}), target_modules=targets, fan_in_fan_out=True),
+        _draw,
+        _peft_leaf,
+        model=tiny_gpt2(),
+        twin=tiny_gpt2(),
+    )
+    assert len(params.targets) == 8
+    assert_same_as_peft(model, params, peft_model, _peft_leaf)
+    model.eval(), peft_model.eval()
+    batch = qwen3_batch()
+    lf.to_peft(params, tmp_path, model=model)
+    loaded = peft.PeftModel.from_pretrained(tiny_gpt2().eval(), tmp_path)
+    with torch.no_grad():
+        ref = peft_model(**batch).logits
+        torch.testing.assert_close(loaded(**batch).logits, ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(lf.apply(model, lf.from_peft(tmp_path, model), batch).logits, ref, rtol=0, atol=1e-5)
+        merged = torch.func.functional_call(model, lf.merge(model, params), (batch["input_ids"],)).logits
+        torch.testing.assert_close(merged, ref, rtol=1e-5, atol=1e-5)
+        peft_model.merge_adapter()  # PEFT's own merge (its `get_delta_weight`, transposed for Conv1D)
+        torch.testing.assert_close(merged, peft_model(**batch).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_regularizer_is_peft_orthogonality_term():
