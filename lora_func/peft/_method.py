@@ -14,6 +14,8 @@ from .._kind import BaseLayer, Target
 from .._params import Params
 from .._variant import Leaves
 
+Tensors = dict[str, torch.Tensor]  # one target's tensors by leaf
+
 # Why a PEFT field lora_func cannot honour is refused (at any value but its default).
 REASONS = {
     "bias": "lora_func adapters hold no bias terms",
@@ -103,9 +105,7 @@ class PeftMethod:
     conv_dims: tuple[int, ...] = (1, 2, 3)
     check_model: Callable[[Any, tuple, str], None] | None = None
     leaf_fields: Callable[[Params], dict[str, Any]] | None = None
-    target_in: Callable[[Mapping[str, Any], Target, dict[str, torch.Tensor], str], dict[str, torch.Tensor]] | None = (
-        None
-    )
+    target_in: Callable[[Mapping[str, Any], Target, Tensors, str], Tensors] | None = None
 
 
 def refuse(where: str, name: str, value: Any, why: str) -> None:
