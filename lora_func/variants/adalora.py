@@ -37,7 +37,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 
 from .. import _torch_private as private
-from .._config import AdapterConfig, ConfigError
+from .._config import AdapterConfig, ConfigError, normalize
 from .._kind import Target
 from .._variant import LINEAR_LIKE, Init, Leaves, LowRank, PeftExchange, Recipe, Regularizer, Schedule, Site, Variant
 from .lora import input_dropout
@@ -81,6 +81,8 @@ class AdaLoRAConfig(AdapterConfig):
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.init_r is not None:  # its own type error first, not one about `r`, which it sets
+            normalize(self.init_r, int, "init_r", "AdaLoRAConfig")
         given = (self.r, self.init_r)
         rank = next((v for v in (self.init_r, self.r) if v is not None), PEFT_INIT_R)
         object.__setattr__(self, "r", rank)
