@@ -364,6 +364,7 @@ VARIANT = Variant(
         PeftExchange("adalora"),
         Schedule(allocator_state, allocate, guard),
         Regularizer(orthogonality),
-        Recipe(lr=2e-3, options=(("target_r", 4), ("tinit", 10), ("tfinal", 10), ("deltaT", 5), ("total_step", 50))),
+        # The MiniLM demo's 50 steps, r = init_r = 8: held-out accuracy 75.8% at lr 2e-3, 83.0% at 5e-3, 81.9% at 1e-2
+        Recipe(lr=5e-3, options=(("target_r", 4), ("tinit", 10), ("tfinal", 10), ("deltaT", 5), ("total_step", 50))),
     ),
 )
