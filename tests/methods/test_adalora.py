@@ -91,6 +91,7 @@ def test_matches_peft_outputs_and_gradients(case):
     assert worst["logits"] <= 1e-5 and worst["grad"] <= 1e-5
 
 
+@pytest.mark.slow
 def test_matches_peft_on_a_4bit_base():
     """PEFT's AdaLoRA wraps bitsandbytes' Linear4bit (`SVDLinear4bit`): the same base, leaves, step."""
     model, twin = twins(bits=4)
