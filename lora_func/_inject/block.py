@@ -68,7 +68,7 @@ class Injection:
             )
         schedule = variant.capability(Schedule)
         if schedule is not None and schedule.guard is not None and count is None and torch.is_grad_enabled():
-            schedule.guard(params, caller)  # training on without the method's schedule (AdaLoRA's allocator)
+            schedule.guard(params, caller, model.training)  # training on without the schedule (AdaLoRA's allocator)
         self.model, self.params, self.caller = model, params, caller
         self.input_form = variant.forward_input is not None
         self.bindings: dict[nn.Module, tuple[Callable, dict, Site, Callable | None]] = {}  # fn, leaves, site, inference

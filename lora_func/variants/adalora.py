@@ -22,7 +22,8 @@ allocation sets `rank_mask`; after it, the removed ranks' E is zeroed after ever
 
 Forgetting the allocator (peft #3373: training then silently is plain LoRA) cannot pass unnoticed here: with
 `total_step` set, an `lf.apply` / `lf.inject` with grad enabled refuses leaves that an optimizer changed after
-`lf.schedule` last ran, or that neither `lf.schedule_state` nor `lf.schedule` ever saw (`guard` below).
+`lf.schedule` last ran (or since an earlier call, never scheduled), and, on a model in training mode, leaves that
+neither `lf.schedule_state` nor `lf.schedule` ever saw (`guard` below).
 `total_step=None` (the default, unlike PEFT, where it is required) trains at a fixed rank, with no allocator.
 
 Zhang et al. 2023, arXiv 2303.10512. Reference: peft/tuners/adalora/layer.py (`SVDLinear`, `RankAllocator`),
@@ -44,7 +45,8 @@ from .lora import input_dropout
 
 PEFT_INIT_R = 12  # PEFT's `init_r` default
 TRIPLET = ("lora_A", "lora_E", "lora_B")  # the trainable leaves, PEFT's names
-SEEN = "_lora_func_adalora_seen"  # attribute on a `lora_E` tensor: (its `_version`, the step) when lf.schedule saw it
+# Attribute on a `lora_E` tensor: (its `_version`, whether lf.schedule set it) when the allocator or a call saw it.
+SEEN = "_lora_func_adalora_seen"
 
 
 @dataclass(frozen=True)
@@ -203,7 +205,7 @@ def _mark(params) -> None:
     """Record, on each target's `lora_E` tensor, its version now: `guard` compares it at the next training call."""
     for target in params.targets:
         E = private.unwrapped(params[target.path]["lora_E"])
-        E.__dict__[SEEN] = E._version
+        E.__dict__[SEEN] = (E._version, True)
 
 
 def allocator_state(params) -> AllocatorState:
@@ -321,10 +323,12 @@ def allocate(params, state: AllocatorState, step: int, grads) -> tuple[Any, Allo
     return params, state
 
 
-def guard(params, caller: str) -> None:
-    """Refuse a training call (grad enabled) on leaves that an optimizer changed after `lf.schedule` last ran, or
-    that the allocator never saw, when `total_step` is set: that is training without the allocator, which would
-    silently be plain LoRA (peft #3373). Reads one attribute and one version counter per target."""
+def guard(params, caller: str, training: bool) -> None:
+    """Refuse a call with grad enabled, when `total_step` is set, on leaves that an optimizer changed after
+    `lf.schedule` last ran (or, never scheduled, since an earlier such call), or, with the model in training mode,
+    on leaves the allocator never saw: that is training without the allocator, which would silently be plain LoRA
+    (peft #3373). Reads one attribute and one version counter per target (an evaluation with grad enabled, on a
+    model in eval mode, only records them)."""
     cfg = params.config
     if cfg.total_step is None or torch.compiler.is_compiling():
         return
@@ -334,13 +338,17 @@ def guard(params, caller: str) -> None:
         if E is leaf and not E.requires_grad:
             continue  # not trained here
         seen = E.__dict__.get(SEEN)
-        if seen == E._version:
+        if seen is None and not training:
+            E.__dict__[SEEN] = (E._version, False)  # an evaluation: remembered, so that an optimizer step shows
             continue
-        why = (
-            "they were never given to lf.schedule_state or lf.schedule"
-            if seen is None
-            else "an optimizer step changed them after lf.schedule last ran"
-        )
+        if seen is not None and seen[0] == E._version:
+            continue
+        if seen is None:
+            why = "they were never given to lf.schedule_state or lf.schedule"
+        elif seen[1]:
+            why = "an optimizer step changed them after lf.schedule last ran"
+        else:
+            why = "an optimizer step changed them, and lf.schedule never ran"
         raise RuntimeError(
             f"{caller}: AdaLoRA with `total_step`={cfg.total_step} trains with its rank allocator, and the leaves of "
             f"{target.path!r} were not scheduled: {why}. Call `state = lf.schedule_state(params)` before training "

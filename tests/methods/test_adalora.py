@@ -378,6 +378,18 @@ def test_training_on_without_the_allocator_is_refused():
     _loop_without_schedule(fixed, model, 3, schedule_state=False)
 
 
+def test_an_adapter_never_scheduled_evaluates_with_grad_in_eval_mode_and_fails_once_trained():
+    """A loaded adapter (never given to the allocator) runs with grad enabled on a model in eval mode (gradients for
+    analysis); once an optimizer step changes it without lf.schedule, the next call raises, in eval mode too."""
+    model = tiny_qwen3().eval()
+    cfg = lf.AdaLoRAConfig(init_r=4, target_r=2, total_step=20, target_names=("q_proj$",))
+    params = lf.init(model, cfg, seed=0)
+    for _ in range(2):
+        lf.apply(model, params, qwen3_batch()).loss.backward()
+    with pytest.raises(RuntimeError, match="an optimizer step changed them, and lf.schedule never ran"):
+        _loop_without_schedule(params, model, 2, schedule_state=False)
+
+
 def test_torch_func_training_on_without_the_allocator_is_refused():
     model = tiny_qwen3()
     cfg = lf.AdaLoRAConfig(init_r=4, target_r=2, total_step=20, target_names=("q_proj$",))
