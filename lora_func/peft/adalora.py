@@ -16,7 +16,6 @@ a loaded adapter's allocator is not used at inference.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -137,7 +136,7 @@ def kept_ranks(params: Params) -> Params:
                 "lora_E": entry["lora_E"][kept],
                 "lora_B": entry["lora_B"][:, kept],
             }
-    return Params(entries, dataclasses.replace(params.config), params.targets)
+    return Params(entries, params.config, params.targets)
 
 
 METHOD = PeftMethod(
