@@ -34,7 +34,6 @@ Exit status 0 when every section ran; targets that are not met are reported, not
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import sys
@@ -375,8 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def write() -> None:
         result["targets"] = targets(result["ratios"])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=str))
+        harness.write_json(result, args.out, default=str)  # after every section: what ran is kept
 
     for name in args.sections:
         print(f"[bench_gpu] {name} ...", file=sys.stderr, flush=True)
@@ -393,7 +391,6 @@ def main(argv: list[str] | None = None) -> int:
         write()
         print(f"[bench_gpu] {name}: {entry['status']} ({entry['elapsed_s']:.1f} s)", file=sys.stderr, flush=True)
     print(markdown(result))
-    print(f"\nwrote {args.out}", file=sys.stderr)
     return 0 if all(e["status"] == "ok" for e in result["sections"].values()) else 1
 
 
