@@ -6,7 +6,9 @@ The methods are those of the registry (`lora_func.variants.REGISTRY`) that decla
 registered later gets its row with no change here. Each is configured as the MiniLM demo does (its `Recipe.options`
 over r = 8, alpha = 16), on all seven projections of every layer of the bench model (`bench_core.py`), or, for a
 method that adapts no linear layer (LN Tuning: norms, Trainable Tokens: embeddings), on the targets its config
-picks by default. A calibrated method (`Variant.calibrated`) gets one small batch of calibration data.
+picks by default. A calibrated method (`Variant.calibrated`) gets one small batch of calibration data; a method with
+a schedule (AdaLoRA) has its leaves given to `lf.schedule_state` (the schedule itself runs after an optimizer step,
+outside the step timed here).
 
 Both hold the same leaves: lora_func's adapter (`lf.init`, its trainable leaves then moved off their init, so that
 every leaf acts on the loss) is written by `lf.to_peft` and loaded by `PeftModel.from_pretrained` on another copy
