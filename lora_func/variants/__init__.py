@@ -6,6 +6,7 @@ from .._config import AdapterConfig
 from .._variant import CAPABILITIES, Dense, Intervention, LowRank, Variant
 from . import (
     antipasto,
+    boft,
     c3a,
     delora,
     dora,
@@ -21,6 +22,7 @@ from . import (
     miss,
     oft,
     pissa,
+    psoft,
     reft,
     road,
     shira,
@@ -68,6 +70,8 @@ REGISTRY: dict[str, Variant] = _registered(
     loha.VARIANT,
     lokr.VARIANT,
     oft.VARIANT,
+    boft.VARIANT,
+    psoft.VARIANT,
     miss.VARIANT,
     shira.VARIANT,
     fourierft.VARIANT,
