@@ -10,19 +10,12 @@ convolutions are refused. `boft_dropout` drops blocks in training only.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from .._config import AdapterConfig
 from ._method import PeftMethod
-
-
-def _count(fields: Mapping[str, Any], name: str, default: int, where: str) -> int:
-    value = fields.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{where}: `{name}` must be a non-negative int, got {json.dumps(value)}")
-    return value
+from .oft import _int as _count
 
 
 def fields_out(cfg: AdapterConfig, written: Mapping[str, Any]) -> dict[str, Any]:
@@ -41,7 +34,7 @@ def fields_in(fields: Mapping[str, Any], where: str) -> dict[str, Any]:
     }
 
 
-def check_model(model, targets, where: str) -> None:
+def check_convolutions(targets, where: str) -> None:
     """PEFT's Conv2d reads one kernel size, stride and padding (the first of each) and refuses groups > 1."""
     for t in targets:
         if t.kind != "conv":
@@ -57,6 +50,11 @@ def check_model(model, targets, where: str) -> None:
                 f"padding={layout['padding']}, groups={layout['groups']}; PEFT's BOFT Conv2d reads square kernels, one "
                 "stride and one padding, groups 1, so it would not compute what lora_func does"
             )
+
+
+def checked(params):
+    check_convolutions(params.targets, "to_peft")
+    return params
 
 
 METHOD = PeftMethod(
@@ -75,5 +73,6 @@ METHOD = PeftMethod(
     handled=("boft_block_size", "boft_block_num", "boft_n_butterfly_factor"),
     kinds=("linear", "conv"),
     conv_dims=(2,),
-    check_model=check_model,
+    export_as=checked,
+    check_model=lambda model, targets, where: check_convolutions(targets, where),
 )

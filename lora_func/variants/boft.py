@@ -7,6 +7,7 @@
     M_i  = P_i · diag(R_i0, …, R_i,D−1) · P_iᵀ   P_i the block-butterfly permutation of factor i (P_0 = I)
     R    = M_m ⋯ M_1 M_0
     y'   = s ⊙ ((x R) Wᵀ) + b,   W' = diag(s) W Rᵀ        s (d_out,): a trained per-output scale
+           (computed as y_R + (s − 1) ⊙ (y_R − b), y_R = (x R) Wᵀ + b, so that s = 1 changes no bit of y_R)
 
 Identity at init: Θ = 0, so every R_ij is exactly I (a solve of I by I), R = I, and s = 1 (PEFT's
 `init_weights=True`); `init_weights=False` draws Θ ~ N(0, 0.1²), s ~ N(1, 0.1²) as PEFT does.
@@ -16,8 +17,8 @@ the dense n×n R with two n×n matmuls per factor, and multiplies x by it). On a
 built and the layer's own convolution runs with it, as PEFT's `Conv2d.forward`. R is applied factor by factor as
 blocks and index permutations, never as an n×n matrix.
 
-PEFT's layers honour `boft_n_butterfly_factor` only where its CUDA extension (`fbd_cuda`) compiles; elsewhere
-(every CPU) PEFT silently uses 1, and its files then hold one factor. lora_func always computes the factors
+PEFT's layers honour `boft_n_butterfly_factor` only where its CUDA extension (`fbd_cuda`) builds; elsewhere
+(any machine without a CUDA toolchain) PEFT warns and uses 1, and its files then hold one factor. lora_func always computes the factors
 asked for: what PEFT computes with its extension. `boft_dropout` (PEFT's multiplicative dropout, training
 only) is not offered.
 Liu et al. 2023, "Parameter-Efficient Orthogonal Finetuning via Butterfly Factorization", arXiv 2311.06243.
@@ -173,10 +174,9 @@ def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> tor
         b = None if bias is None else bias.to(W.dtype)
         return convolve(base, x.to(W.dtype), W, b).to(y.dtype)
     out = base(rotate(x, orthogonal_blocks(leaves)).to(x.dtype))
-    if bias is not None:
-        out = out - bias.to(out.dtype)
-    out = out * leaves["boft_s"].reshape(-1).to(out.dtype)
-    return (out if bias is None else out + bias.to(out.dtype)).to(y.dtype)
+    # s ⊙ (out − b) + b (PEFT's order of operations) as out + (s − 1) ⊙ (out − b): exactly out at s = 1
+    gain = leaves["boft_s"].reshape(-1).to(out.dtype) - 1
+    return (out + (out if bias is None else out - bias.to(out.dtype)) * gain).to(y.dtype)
 
 
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):

@@ -100,9 +100,12 @@ def skew(q: torch.Tensor, size: int) -> torch.Tensor:
 
 def cayley(Q: torch.Tensor) -> torch.Tensor:
     """(I − Q)(I + Q)⁻¹ of skew blocks Q (..., b, b), by a solve (PEFT's exact Cayley in OFT and BOFT; PSOFT's
-    (I + Q)(I − Q)⁻¹ is `cayley(−Q)`, bit for bit)."""
+    (I + Q)(I − Q)⁻¹ is `cayley(−Q)`, bit for bit). Half-precision blocks are solved in float32, as PEFT solves them
+    (LU has no half types), and returned in their dtype."""
+    dtype = Q.dtype
+    Q = Q.float() if dtype in (torch.float16, torch.bfloat16) else Q
     eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device).expand(Q.shape)
-    return torch.linalg.solve(eye + Q, eye - Q, left=False)
+    return torch.linalg.solve(eye + Q, eye - Q, left=False).to(dtype)
 
 
 def neumann(Q: torch.Tensor, terms: int) -> torch.Tensor:

@@ -14,8 +14,10 @@ A and B are frozen leaves, made from the (dequantized) base weight at init and r
 rebuilds them when it loads (PEFT's file holds only q and the vectors). Identity at init: q = 0 (or C = I), v = 1,
 so R is exactly I and x Aᵀ Rᵀ − x Aᵀ is exactly 0 (PEFT's `init_weights=True`). `init_weights=False` draws q ~
 N(0, 0.1²) (C = I + N(0, 0.1²)), as PEFT does. ΔW is the rank-r product above, exactly.
-Wu et al. 2025, "Efficient Orthogonal Fine-Tuning with Principal Subspace Adaptation" (PSOFT),
-https://openreview.net/forum?id=FSHrinMArK. Reference: peft/tuners/psoft/layer.py (`OrthLayer.get_matrix`,
+"Efficient Orthogonal Fine-Tuning with Principal Subspace Adaptation" (PSOFT), ICLR 2026,
+https://openreview.net/forum?id=FSHrinMArK (the paper PEFT's `PsoftConfig` cites). PEFT's PSOFT adapts nn.Linear
+only and refuses quantized bases; lora_func's also runs on transformers' Conv1D and bitsandbytes layers (the SVD of
+the dequantized weight). Reference: peft/tuners/psoft/layer.py (`OrthLayer.get_matrix`,
 `PsoftLayer._build_psoft_ab_cache_buffers`, `Linear.forward`, `Linear.get_delta_weight`).
 """
 

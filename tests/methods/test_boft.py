@@ -177,8 +177,10 @@ def test_what_it_does_not_compute_is_refused_by_name(tmp_path):
 
     model = tiny_cnn()
     params = lf.init(model, lf.BOFTConfig(boft_block_size=0, boft_block_num=2, target_names=(r"^mix$",)))
-    with pytest.raises(ValueError, match="PEFT's BOFT Conv2d reads square kernels"):
-        lf.to_peft(params, tmp_path / "grouped", model=model)
+    for given in ({"model": model}, {}):
+        with pytest.raises(ValueError, match="'mix' .* PEFT's BOFT Conv2d reads square kernels"):
+            lf.to_peft(params, tmp_path / "grouped", **given)
+    assert not (tmp_path / "grouped").exists()
 
 
 @pytest.mark.usefixtures("no_extension")
