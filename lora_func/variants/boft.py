@@ -17,10 +17,10 @@ the dense n×n R with two n×n matmuls per factor, and multiplies x by it). On a
 built and the layer's own convolution runs with it, as PEFT's `Conv2d.forward`. R is applied factor by factor as
 blocks and index permutations, never as an n×n matrix.
 
-PEFT's layers honour `boft_n_butterfly_factor` only where its CUDA extension (`fbd_cuda`) builds; elsewhere
-(any machine without a CUDA toolchain) PEFT warns and uses 1, and its files then hold one factor. lora_func always computes the factors
-asked for: what PEFT computes with its extension. `boft_dropout` (PEFT's multiplicative dropout, training
-only) is not offered.
+PEFT's layers honour `boft_n_butterfly_factor` only where its CUDA extension (`fbd_cuda`) builds; elsewhere (any
+machine without a CUDA toolchain) PEFT warns and uses 1, and its files then hold one factor. lora_func always
+computes the factors asked for: what PEFT computes with its extension. `boft_dropout` (PEFT's multiplicative
+dropout, training only) is not offered.
 Liu et al. 2023, "Parameter-Efficient Orthogonal Finetuning via Butterfly Factorization", arXiv 2311.06243.
 Reference: peft/tuners/boft/layer.py (`BOFTLayer.update_layer`, `block_butterfly_perm`, `cayley_batch`,
 `Linear.forward`, `Conv2d.forward`, `get_delta_weight`).
