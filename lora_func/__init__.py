@@ -41,6 +41,7 @@ from ._stack import unstack as unstack
 from ._version import __version__ as __version__
 from .peft import from_peft as from_peft
 from .peft import to_peft as to_peft
+from .variants.adalora import AdaLoRAConfig as AdaLoRAConfig
 from .variants.antipasto import AntiPaSTOConfig as AntiPaSTOConfig
 from .variants.boft import BOFTConfig as BOFTConfig
 from .variants.c3a import C3AConfig as C3AConfig

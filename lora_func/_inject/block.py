@@ -24,7 +24,7 @@ from .._params import Params
 from .._sites import resolve_sites, with_shared
 from .._structure import check
 from .._transform import in_transform
-from .._variant import Site
+from .._variant import Schedule, Site
 from ..kinds import form_of
 from ..kinds.linear import is_linear_like, quantization
 from ..variants import variant_for
@@ -66,6 +66,9 @@ class Injection:
                 "them with torch.func.vmap(lambda p: lf.apply(model, p, batch))(params), or give `adapter_ids` "
                 "to pick one adapter per batch row"
             )
+        schedule = variant.capability(Schedule)
+        if schedule is not None and schedule.guard is not None and count is None and torch.is_grad_enabled():
+            schedule.guard(params, caller, model.training)  # training on without the schedule (AdaLoRA's allocator)
         self.model, self.params, self.caller = model, params, caller
         self.input_form = variant.forward_input is not None
         self.bindings: dict[nn.Module, tuple[Callable, dict, Site, Callable | None]] = {}  # fn, leaves, site, inference
@@ -279,9 +282,11 @@ def survey(model: nn.Module) -> tuple[dict[str, nn.Module], list[nn.Module], lis
             if any(p is not None and p.requires_grad and is_plain_parameter(p) for p in own.values()):
                 owners.append(module)
             weight = own.get("weight")
-            if weight is not None and not is_plain_parameter(weight) and is_linear_like(module):
-                if quantization(module) is not None:
-                    quantized.append(module)
+            # bnb weights are tensor subclasses; a bnb Linear4bit that FSDP2 sharded holds a DTensor (between
+            # forwards) or FSDP2's gathered plain tensor (inside one) and keeps its quantization state on the layer
+            packed = weight is not None and (not is_plain_parameter(weight) or "quant_state" in module.__dict__)
+            if packed and is_linear_like(module) and quantization(module) is not None:
+                quantized.append(module)
         prefix = name + "." if name else ""
         children = [(prefix + child_name, child) for child_name, child in module._modules.items() if child is not None]
         stack.extend(reversed(children))  # depth first, children in order: named_modules' order

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .._config import AdapterConfig
 from .._variant import CAPABILITIES, Dense, Intervention, LowRank, Variant
 from . import (
+    adalora,
     antipasto,
     boft,
     c3a,
@@ -78,6 +79,7 @@ REGISTRY: dict[str, Variant] = _registered(
     ln_tuning.VARIANT,
     trainable_tokens.VARIANT,
     c3a.VARIANT,
+    adalora.VARIANT,
     reft.VARIANT,
 )
 _BY_CONFIG: dict[type, Variant] = {v.config: v for v in REGISTRY.values()}
