@@ -94,6 +94,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_scaling.py", "--out", "results/scaling.json", *flags, env=OFFLINE)
     session.run("python", "benchmarks/bench_calls.py", "--out", "results/calls.json", *flags, env=OFFLINE)
     session.run("python", "benchmarks/bench_private.py", "--out", "results/private.json", *flags, env=OFFLINE)
+    session.run("python", "benchmarks/bench_methods.py", "--out", "results/methods.json", *flags, env=OFFLINE)
     session.run("python", "benchmarks/report.py", "--results", "results", "--docs", "docs", env=OFFLINE)
 
 

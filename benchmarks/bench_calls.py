@@ -21,10 +21,8 @@ process, the order rotating each round; figures are medians. Prints a markdown t
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
-import json
 import os
 import platform
 import statistics
@@ -202,19 +200,12 @@ def generation(repeats: int, sections: tuple[str, ...]) -> dict[str, dict[str, l
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("results/calls.json"))
-    parser.add_argument("--repeats", type=int, default=15)
+    parser = harness.arguments(__doc__, "results/calls.json", repeats=15)
     sections = ("percall", "generate", "mixed")
     parser.add_argument("--sections", nargs="+", choices=sections, default=sections)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    parser.add_argument("--quick", action="store_true", help="2 repeats: a smoke run, not a measurement")
-    args = parser.parse_args()
-    harness.PROGRESS = args.progress
+    args = harness.parse(parser)
     if args.quick:
         args.repeats = 2
-    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*kernels.*")
 
     results: dict[str, dict[str, list[float]]] = {}
@@ -259,12 +250,7 @@ def main() -> None:
     for section, rows in medians.items():
         for name, value in rows.items():
             print(f"| {section} | {name} | {1000 * value:.2f} |")
-    print("\n| ratio | value | target |")
-    print("|---|---:|---|")
-    for name, value in ratios.items():
-        t = targets.get(name)
-        shown = "" if t is None else f"{t.get('sense', '<=')} {t['target']:.2f} ({'met' if t['met'] else 'NOT met'})"
-        print(f"| {name} | {value:.3f} | {shown} |")
+    harness.print_ratios(ratios, targets)
 
     report = {
         "setup": {
@@ -282,9 +268,7 @@ def main() -> None:
         "ratios": ratios,
         "targets": targets,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    harness.write_json(report, args.out)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,7 @@ parameters and adapter leaves, which exist whether or not a step runs).
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -317,24 +315,13 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few repeats: a smoke run, not a measurement")
-    parser.add_argument("--repeats", type=int, default=None, help="timed training steps per contender")
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("results/bench_core.json"))
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    args = parser.parse_args(argv)
-    harness.PROGRESS = args.progress
-    torch.set_num_threads(args.threads)
+    args = harness.parse(harness.arguments(__doc__, "results/bench_core.json", warmup=True), argv)
     repeats = args.repeats or (3 if args.quick else 15)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
 
     result = run(repeats, warmup)
     print(markdown(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    harness.write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,7 @@ Prints a markdown table and writes the figures, ratios and targets as JSON.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -239,19 +237,12 @@ def summarize(samples: dict[str, list[float]]) -> dict[str, dict[str, object]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("results/functional.json"))
-    parser.add_argument("--repeats", type=int, default=7)
+    parser = harness.arguments(__doc__, "results/functional.json", repeats=7)
     sections = ("k", "mixed", "compile")
     parser.add_argument("--sections", nargs="+", choices=sections, default=sections, help="which sections to run")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    parser.add_argument("--quick", action="store_true", help="2 repeats: a smoke run, not a measurement")
-    args = parser.parse_args()
-    harness.PROGRESS = args.progress
+    args = harness.parse(parser)
     if args.quick:
         args.repeats = 2
-
-    torch.set_num_threads(2)
     warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
     model = bench_model()
     params = adapters(model, K)
@@ -308,12 +299,7 @@ def main() -> None:
     for section, entries in results.items():
         for name, entry in entries.items():
             print(f"| {section} | {name} | {1000 * entry['median_s']:.1f} | {1000 * entry['min_s']:.1f} |")
-    print("\n| ratio | value | target |")
-    print("|---|---:|---|")
-    for name, value in ratios.items():
-        target = targets.get(name)
-        shown = "" if target is None else f"<= {target['target']:.2f} ({'met' if target['met'] else 'NOT met'})"
-        print(f"| {name} | {value:.3f} | {shown} |")
+    harness.print_ratios(ratios, targets)
     if compile_info is not None:
         print(
             f"\ncompile: {compile_info['graph_count']} graph(s), {compile_info['graph_break_count']} graph break(s), "
@@ -342,9 +328,7 @@ def main() -> None:
         "targets": targets,
         "compile": compile_info,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
+    harness.write_json(report, args.out)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,7 @@ Exit status 0 when every section ran; targets that are not met are reported, not
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -334,17 +332,13 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.arguments(__doc__, "results/gpu.json", threads=None)  # --quick: tiny shapes, few repeats
     parser.add_argument("--device", default="cuda", help="cuda (default), or cpu with --quick")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: a smoke run")
-    parser.add_argument("--out", type=Path, default=Path("results/gpu.json"))
     parser.add_argument(
         "--budget-s", type=float, default=None, help="all sections together, seconds (420; 60 with --quick)"
     )
     parser.add_argument("--sections", nargs="+", choices=tuple(SECTIONS), default=tuple(SECTIONS))
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    args = parser.parse_args(argv)
-    harness.PROGRESS = args.progress
+    args = harness.parse(parser, argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here: run on a GPU machine, or use --device cpu --quick")
@@ -356,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(2)  # as the CPU benchmarks: a machine shared with other jobs
     bench = Bench(device, args.quick, args.budget_s)
+    if args.repeats:
+        bench.repeats = args.repeats
     result: dict[str, Any] = {
         "setup": {
             **bench.setup(),
@@ -378,8 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def write() -> None:
         result["targets"] = targets(result["ratios"])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2, default=str))
+        harness.write_json(result, args.out, default=str)  # after every section: what ran is kept
 
     for name in args.sections:
         print(f"[bench_gpu] {name} ...", file=sys.stderr, flush=True)
@@ -396,7 +391,6 @@ def main(argv: list[str] | None = None) -> int:
         write()
         print(f"[bench_gpu] {name}: {entry['status']} ({entry['elapsed_s']:.1f} s)", file=sys.stderr, flush=True)
     print(markdown(result))
-    print(f"\nwrote {args.out}", file=sys.stderr)
     return 0 if all(e["status"] == "ok" for e in result["sections"].values()) else 1
 
 

@@ -22,11 +22,9 @@ with the most own time) and torch.profiler's operator counts per step against PE
 
 from __future__ import annotations
 
-import argparse
 import copy
 import cProfile
 import io
-import json
 import os
 import platform
 import pstats
@@ -183,26 +181,16 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few repeats: a smoke run, not a measurement")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per contender")
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("results/launch.json"))
+    parser = harness.arguments(__doc__, "results/launch.json", threads=1, warmup=True)
     parser.add_argument("--profile", action="store_true", help="also profile the lora_func steps (not timed)")
     parser.add_argument("--profile-steps", type=int, default=10)
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    args = parser.parse_args(argv)
-    harness.PROGRESS = args.progress
-    torch.set_num_threads(args.threads)
+    args = harness.parse(parser, argv)
     repeats = args.repeats or (5 if args.quick else 60)
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 10)
 
     result = run(repeats, warmup)
     print(markdown(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    harness.write_json(result, args.out)
     if args.profile:
         steps = contenders()
         peft_ops = operator_counts(steps["peft"])

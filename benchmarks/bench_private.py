@@ -21,8 +21,6 @@ Ratios: private_grads / non-private (docs/performance.md target <= 1.3), private
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
@@ -126,15 +124,7 @@ def opacus_peft(model, ids, loss):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("results/private.json"))
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    parser.add_argument("--quick", action="store_true", help="2 repeats: a smoke run, not a measurement")
-    args = parser.parse_args()
-    harness.PROGRESS = args.progress
-    torch.set_num_threads(args.threads)
+    args = harness.parse(harness.arguments(__doc__, "results/private.json", repeats=9))
     repeats, warmup = (2, 1) if args.quick else (args.repeats, 2)
 
     model = bench_core.bench_model().train()
@@ -164,8 +154,7 @@ def main() -> None:
         "ratios": ratios,
         "targets": TARGETS,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    harness.write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ every point all the same, so each point's ratios come from one alternating run.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -74,21 +72,11 @@ def run(repeats: int, warmup: int, ranks=RANKS, seqs=SEQS) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="two points per sweep, few repeats: a smoke run")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("results/scaling.json"))
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    args = parser.parse_args(argv)
-    harness.PROGRESS = args.progress
-    torch.set_num_threads(args.threads)
+    args = harness.parse(harness.arguments(__doc__, "results/scaling.json"), argv)  # --quick: two points per sweep
     repeats = args.repeats or (2 if args.quick else 7)
     sweeps = {"ranks": RANKS[:2], "seqs": SEQS[:2]} if args.quick else {}
     result = run(repeats, 1, **sweeps)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}", file=sys.stderr)
+    harness.write_json(result, args.out)
 
 
 if __name__ == "__main__":

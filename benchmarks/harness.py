@@ -22,7 +22,9 @@ torch's allocator, and process RSS counts the Python heap, caching and fragmenta
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
 import statistics
 import sys
 import time
@@ -38,6 +40,55 @@ from lora_func._progress import progress  # noqa: E402
 PROGRESS = True  # tqdm bars on stderr; each script's `--no-progress` turns them off
 
 Samples = dict[str, dict[str, list[float]]]  # {contender: {"wall": [s, ...], "cpu": [s, ...]}}
+
+
+def arguments(
+    doc: str, out: str, *, repeats: int | None = None, threads: int | None = 2, warmup: bool = False
+) -> argparse.ArgumentParser:
+    """The flags every benchmark script takes: `--quick` (a smoke run, not a measurement), `--out` (its JSON, default
+    `out`), `--repeats` (default `repeats`; None: the script picks, by `--quick`), `--threads` (torch's, default
+    `threads`; None: no such flag), `--no-progress`; and `--warmup` (default None) with `warmup`. The description
+    is `doc`'s first paragraph. A script adds its own flags, then calls `parse`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats: a smoke run, not a measurement")
+    parser.add_argument("--out", type=Path, default=Path(out), help=f"the JSON it writes (default {out})")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed calls per contender")
+    if warmup:
+        parser.add_argument("--warmup", type=int, default=None, help="untimed rounds before the timed ones")
+    if threads is not None:
+        parser.add_argument("--threads", type=int, default=threads, help=f"torch threads (default {threads})")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, applied: progress bars on or off (`PROGRESS`), torch's threads where it has
+    `--threads`."""
+    global PROGRESS
+    args = parser.parse_args(argv)
+    PROGRESS = args.progress
+    if getattr(args, "threads", None) is not None:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def write_json(result: dict, path: Path, **dump) -> None:
+    """`result` as indented JSON at `path` (its folder made), and a line on stderr saying so; `dump`: `json.dumps`'s
+    keywords (`default=str`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, **dump))
+    print(f"\nwrote {path}", file=sys.stderr)
+
+
+def print_ratios(ratios: dict[str, float], targets: dict[str, dict]) -> None:
+    """The markdown table of `ratios` against their `targets` ({"target": limit, "met": bool, "sense": "<=" unless
+    given}), on stdout."""
+    print("\n| ratio | value | target |")
+    print("|---|---:|---|")
+    for name, value in ratios.items():
+        t = targets.get(name)
+        shown = "" if t is None else f"{t.get('sense', '<=')} {t['target']:.2f} ({'met' if t['met'] else 'NOT met'})"
+        print(f"| {name} | {value:.3f} | {shown} |")
 
 
 def rounds(repeats: int, label: str) -> Iterable[int]:

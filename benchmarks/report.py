@@ -2,9 +2,9 @@
 
     python benchmarks/report.py [--results results] [--docs docs]
 
-Reads `bench_core.json`, `launch.json`, `functional.json`, `scaling.json` and `calls.json` (and `gpu.json` when a
-GPU run, `nox -s gpu`, left one) from `--results`; writes `benchmarks.md` and `img/*.png` under `--docs`. A
-missing input is reported in the page as not run, never filled in.
+Reads `bench_core.json`, `launch.json`, `functional.json`, `scaling.json`, `calls.json` and `methods.json` (and
+`gpu.json` when a GPU run, `nox -s gpu`, left one) from `--results`; writes `benchmarks.md` and `img/*.png` under
+`--docs`. A missing input is reported in the page as not run, never filled in.
 """
 
 from __future__ import annotations
@@ -204,6 +204,24 @@ def calls_section(calls: dict) -> list[str]:
     return out
 
 
+def methods_section(methods: dict) -> list[str]:
+    from bench_methods import markdown  # benchmarks/bench_methods.py renders its own table
+
+    setup = methods["setup"]
+    load = setup.get("load_average")
+    machine = "" if load is None else f"; load average {load:.1f} on {setup['cpus']} CPUs (wall time counts other jobs)"
+    return [
+        f"Each method with a PEFT mapping, configured as the MiniLM demo configures it (its `Recipe`), on the seven "
+        f"projections of every layer (LN Tuning: the norms; Trainable Tokens: the input embedding); both hold the "
+        f"same leaves (`lf.to_peft`, then PEFT's `from_pretrained`) and compute the same loss. Training step: forward, "
+        f"loss, backward, no optimizer; sequence {setup['seq']}, {setup['threads']} thread(s), medians of "
+        f"{setup['repeats']} alternating repeats{machine}. Limit (docs/performance.md): step ≤ "
+        f"{methods['limit']:.1f} × PEFT's.",
+        "",
+        markdown(methods),
+    ]
+
+
 def gpu_section(gpu: dict | None) -> list[str]:
     if gpu is None:
         return [
@@ -301,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     sc = load(args.results / "scaling.json")
     gpu = load(args.results / "gpu.json")
     calls = load(args.results / "calls.json")
+    methods = load(args.results / "methods.json")
 
     page = [
         "# Benchmarks",
@@ -331,6 +350,10 @@ def main(argv: list[str] | None = None) -> None:
         "## Per-call cost and generation (`benchmarks/bench_calls.py`)",
         "",
         *(calls_section(calls) if calls else ["Not run (no results/calls.json)."]),
+        "",
+        "## Each method against PEFT (`benchmarks/bench_methods.py`)",
+        "",
+        *(methods_section(methods) if methods else ["Not run (no results/methods.json)."]),
         "",
         "## GPU (`nox -s gpu`, `benchmarks/bench_gpu.py`)",
         "",

@@ -41,7 +41,9 @@ from ._stack import unstack as unstack
 from ._version import __version__ as __version__
 from .peft import from_peft as from_peft
 from .peft import to_peft as to_peft
+from .variants.adalora import AdaLoRAConfig as AdaLoRAConfig
 from .variants.antipasto import AntiPaSTOConfig as AntiPaSTOConfig
+from .variants.boft import BOFTConfig as BOFTConfig
 from .variants.c3a import C3AConfig as C3AConfig
 from .variants.delora import DeLoRAConfig as DeLoRAConfig
 from .variants.dora import DoRAConfig as DoRAConfig
@@ -58,6 +60,7 @@ from .variants.lora_ga import LoRAGAConfig as LoRAGAConfig
 from .variants.miss import MiSSConfig as MiSSConfig
 from .variants.oft import OFTConfig as OFTConfig
 from .variants.pissa import PiSSAConfig as PiSSAConfig
+from .variants.psoft import PSOFTConfig as PSOFTConfig
 from .variants.reft import ReFTConfig as ReFTConfig
 from .variants.road import ROADConfig as ROADConfig
 from .variants.shira import SHiRAConfig as SHiRAConfig

@@ -29,10 +29,11 @@ RANK_FIELDS = ("r", "alpha", "rank_pattern", "alpha_pattern")
 
 
 def same_but_rank(a, b) -> bool:
-    """Whether two configs differ at most in `r`, `alpha` and their per-target patterns."""
+    """Whether two configs differ at most in `r`, `alpha` and their per-target patterns (and the fields a config
+    class names in `RANK_ALIASES`, which hold `r` under another name)."""
     if type(a) is not type(b):
         return False
-    blank = {f: getattr(a, f) for f in RANK_FIELDS}
+    blank = {f: getattr(a, f) for f in (*RANK_FIELDS, *getattr(a, "RANK_ALIASES", ()))}  # AdaLoRA's `init_r`
     return dataclasses.replace(b, **blank) == a
 
 

@@ -62,6 +62,13 @@ def functorch_active() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a torch.func transform wrapped (`grad`'s tracking wrapper: the caller's own tensor object), or `t`."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 # -- nn.Module's hook dicts -------------------------------------------------------------------------------------
 # A hook is an entry in the first dict of its kind; the others flag it by the same key.
 FORWARD_PRE_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")

@@ -136,10 +136,15 @@ class Recipe(NamedTuple):
 class Schedule(NamedTuple):
     """A training-time step (`lf.schedule`): `state(params) -> state` once before training; `step(params, state,
     step, grads) -> (params, state)` after each backward, `grads` the trainable leaves' gradients (`.grad` of the
-    leaves in a torch.optim loop). Pure: it returns new params and state."""
+    leaves in a torch.optim loop). It returns the params and the new state (a step that changes leaves does so in
+    place, so that a torch.optim optimizer keeps updating the same tensors). `guard(params, caller, training)`,
+    optional: run when an `apply` / `inject` of one adapter starts with grad enabled (`training`: the model's flag);
+    it raises where training has gone on without the schedule (AdaLoRA: an optimizer step `lf.schedule` did not
+    see)."""
 
     state: Callable[[Any], Any]
     step: Callable[[Any, Any, int, Any], tuple[Any, Any]]
+    guard: Callable[[Any, str, bool], None] | None = None
 
 
 class Regularizer(NamedTuple):

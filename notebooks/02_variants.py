@@ -97,10 +97,10 @@ def train(name, **options):
     start = time.perf_counter()
     params = lf.init(model, cfg, seed=SEED, progress=False, **calibration)
     optimizer = torch.optim.AdamW(lf.trainable_leaves(params), lr=recipe.lr, weight_decay=0.0)
-    state = lf.schedule_state(params)  # ReFT's: R kept orthonormal after each step
+    state = lf.schedule_state(params)  # ReFT's: R kept orthonormal after each step; AdaLoRA's rank allocator
     curve = []
     for step, (docs, y) in enumerate(batches):
-        loss = F.cross_entropy(demo.logits(model, params, task, docs), y)
+        loss = F.cross_entropy(demo.logits(model, params, task, docs), y) + lf.regularizer(params)  # AdaLoRA's
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -121,6 +121,10 @@ def train(name, **options):
 # The demo's recipes, but for DeLoRA (see the note below): 8 steps on two layers want a gentler start than
 # the demo's 50 steps on all layers (λ = 2, lr 5e-3).
 RECIPES = {"delora": demo.Recipe(lr=5e-4, options=(("alpha", 4.0),))}
+# AdaLoRA's allocator over these 8 steps instead of the demo's 50: 2 at full rank, the budget falling to 4 per
+# target by step 6, then 2 at the final ranks.
+adalora = demo.RECIPES["adalora"]
+RECIPES["adalora"] = demo.Recipe(adalora.lr, (*adalora.options, ("tinit", 2), ("tfinal", 2), ("total_step", STEPS)))
 rows = []
 for name in REGISTRY:
     rows.append(train(name))

@@ -147,10 +147,10 @@ def identity_then_deltas(model: nn.Module, cfg: lf.AdapterConfig) -> list[tuple[
     return out
 
 
-def assert_peft_files_round_trip(tmp_path, peft_config, marker: str, scale: float) -> lf.Params:
-    """A PEFT adapter on a tiny Qwen3 (its parameters whose name holds `marker` drawn N(0, scale²)) saved by PEFT:
-    `from_peft` gives PEFT's logits, and `to_peft` of what it read loads in PEFT and gives them too. Returns the
-    params `from_peft` read."""
+def assert_peft_files_round_trip(tmp_path, peft_config, marker: str, scale: float, steps: int = 0) -> lf.Params:
+    """A PEFT adapter on a tiny Qwen3 (its parameters whose name holds `marker` drawn N(0, scale²) where scale > 0,
+    then trained `steps` AdamW steps by PEFT) saved by PEFT: `from_peft` gives PEFT's logits, and `to_peft` of what
+    it read loads in PEFT and gives them too. Returns the params `from_peft` read."""
     import peft
 
     model, twin = twins()
@@ -159,8 +159,16 @@ def assert_peft_files_round_trip(tmp_path, peft_config, marker: str, scale: floa
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if marker in name:
+            if marker in name and scale > 0:
                 p.copy_(scale * torch.randn(p.shape, generator=gen))
+    if steps:
+        trained = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trained, lr=1e-2)
+        batch = qwen3_batch(seed=3)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            peft_model(**batch).loss.backward()
+            optimizer.step()
     peft_model.save_pretrained(tmp_path / "peft")
     batch = qwen3_batch()
     with torch.no_grad():

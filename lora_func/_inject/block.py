@@ -24,7 +24,7 @@ from .._params import Params
 from .._sites import resolve_sites, with_shared
 from .._structure import check
 from .._transform import in_transform
-from .._variant import Site
+from .._variant import Schedule, Site
 from ..kinds import form_of
 from ..kinds.linear import is_linear_like, quantization
 from ..variants import variant_for
@@ -66,6 +66,9 @@ class Injection:
                 "them with torch.func.vmap(lambda p: lf.apply(model, p, batch))(params), or give `adapter_ids` "
                 "to pick one adapter per batch row"
             )
+        schedule = variant.capability(Schedule)
+        if schedule is not None and schedule.guard is not None and count is None and torch.is_grad_enabled():
+            schedule.guard(params, caller, model.training)  # training on without the schedule (AdaLoRA's allocator)
         self.model, self.params, self.caller = model, params, caller
         self.input_form = variant.forward_input is not None
         self.bindings: dict[nn.Module, tuple[Callable, dict, Site, Callable | None]] = {}  # fn, leaves, site, inference

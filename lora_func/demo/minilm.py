@@ -185,12 +185,14 @@ def run_variant(
     train = task.data.train
     curve, seconds = [], []
     bar = progress_bar(batch_order(len(train), steps, batch_size, seed), progress, f"{name:>10}")
-    state = lf.schedule_state(params)  # what a method changes during training (ReFT keeps R orthonormal)
+    # What a method changes during training (ReFT keeps R orthonormal, AdaLoRA allocates its ranks), and the extra
+    # loss it needs (AdaLoRA's orthogonality term); identity and 0 for the others.
+    state = lf.schedule_state(params)
     model.train()
     for step, indices in enumerate(bar):
         start = time.perf_counter()
         docs, y = task.batch([train[i] for i in indices])
-        loss = F.cross_entropy(logits(model, params, task, docs), y)
+        loss = F.cross_entropy(logits(model, params, task, docs), y) + lf.regularizer(params)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -111,9 +111,9 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
     all of the targets), HRA, VeRA (projections stored, `save_projection=True`), ROAD (`group_size=None` written as
     the int it resolves to, where that is one int for all targets), LoHa (linear and Conv1d/2d layers), LoKr, OFT
     (v2; `r` or `oft_block_size` as set), MiSS (`init_weights` true, false or "mini"), SHiRA (its random mask's
-    `shira_indices` written too), FourierFT (linear and Conv1D layers). Layer kinds beyond nn.Linear (transformers
-    Conv1D, convolutions, embeddings, fused experts, `modules_to_save` copies) as `_kinds.py` says; `dropout` as
-    `lora_dropout`.
+    `shira_indices` written too), FourierFT (linear and Conv1D layers), AdaLoRA (the kept ranks and `rank_pattern`,
+    as PEFT saves them after its allocator ran). Layer kinds beyond nn.Linear (transformers Conv1D, convolutions,
+    embeddings, fused experts, `modules_to_save` copies) as `_kinds.py` says; `dropout` as `lora_dropout`.
 
     >>> lf.to_peft(params, "out/peft-adapter", model=model)
     >>> peft_model = peft.PeftModel.from_pretrained(model, "out/peft-adapter")
@@ -134,6 +134,7 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
     if copies:
         adapted = {p: e for p, e in params.items() if p not in copies}
         params = Params(adapted, params.config, variant_targets(params.targets))
+    leaf_fields = method.leaf_fields(params) if method.leaf_fields is not None else {}
     if method.export_as is not None:
         params = method.export_as(params)
         method = _method_for_variant(variant_for(params.config, caller="to_peft").name, "to_peft")
@@ -182,6 +183,7 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
     for name in method.absent:
         del fields[name]
     fields.update(method.fields_out(cfg, fields))
+    fields.update(leaf_fields)
     if "fan_in_fan_out" in fields:
         fields["fan_in_fan_out"] = fan_in_fan_out(targets, "to_peft")
     if any(t.kind == "experts" for t in targets):
@@ -367,12 +369,16 @@ def _from_peft(directory: str, model: nn.Module) -> Params:
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         rank = f"r={site.config.r}, " if method.rank_fields is not None else ""
+        stored = {leaf: tensors[key] for leaf, key in keys[target.path].items()}
+        if method.target_in is not None:
+            stored = method.target_in(fields, target, stored, where_weights)
         leaves = {}
-        for leaf, key in keys[target.path].items():
-            tensor = from_file(method, target, leaf, tensors[key], tuple(shapes[leaf]))
+        for leaf, raw in stored.items():
+            key = keys[target.path].get(leaf, f"{target.path}.{leaf}")
+            tensor = from_file(method, target, leaf, raw, tuple(shapes[leaf]))
             if tuple(tensor.shape) != tuple(shapes[leaf]):
                 raise ValueError(
-                    f"{where_weights} key {key!r} has shape {tuple(tensors[key].shape)}, expected "
+                    f"{where_weights} key {key!r} has shape {tuple(raw.shape)}, expected "
                     f"{stored_layout(method, target, leaf, shapes[leaf])} ({rank}{target.d_in} -> {target.d_out})"
                 )
             leaves[leaf] = tensor

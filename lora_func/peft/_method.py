@@ -14,6 +14,8 @@ from .._kind import BaseLayer, Target
 from .._params import Params
 from .._variant import Leaves
 
+Tensors = dict[str, torch.Tensor]  # one target's tensors by leaf
+
 # Why a PEFT field lora_func cannot honour is refused (at any value but its default).
 REASONS = {
     "bias": "lora_func adapters hold no bias terms",
@@ -71,6 +73,11 @@ class PeftMethod:
     conv_dims: with "conv" in `kinds`, the convolutions PEFT's method has a layer for (1: nn.Conv1d, ...).
     check_model(model, targets, where): raises where PEFT's method would compute something else on this model
         (Trainable Tokens on an embedding tied to the output head); run by `from_peft`, and by `to_peft` with `model`.
+    leaf_fields(params) -> {field: value}: PEFT config fields that depend on the leaves' values, not only the config
+        (AdaLoRA's `rank_pattern`: the ranks its allocator removed); written on export, computed before `export_as`.
+    target_in(fields, target, tensors, where) -> tensors: one target's tensors as read from the file (by leaf), as
+        the leaves lora_func holds, before the shape check; may add leaves the file lacks (AdaLoRA: the ranks
+        `rank_pattern` removed put back as zeros, and the `rank_mask` leaf).
     rebuild receives the target's read-only base-layer view (`lora_func._kind.BaseLayer`): `base.weight()` is the
         dense weight in the kind's layout.
     """
@@ -97,6 +104,8 @@ class PeftMethod:
     kinds: tuple[str, ...] = ("linear",)
     conv_dims: tuple[int, ...] = (1, 2, 3)
     check_model: Callable[[Any, tuple, str], None] | None = None
+    leaf_fields: Callable[[Params], dict[str, Any]] | None = None
+    target_in: Callable[[Mapping[str, Any], Target, Tensors, str], Tensors] | None = None
 
 
 def refuse(where: str, name: str, value: Any, why: str) -> None:

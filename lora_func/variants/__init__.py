@@ -5,7 +5,9 @@ from __future__ import annotations
 from .._config import AdapterConfig
 from .._variant import CAPABILITIES, Dense, Intervention, LowRank, Variant
 from . import (
+    adalora,
     antipasto,
+    boft,
     c3a,
     delora,
     dora,
@@ -22,6 +24,7 @@ from . import (
     miss,
     oft,
     pissa,
+    psoft,
     reft,
     road,
     shira,
@@ -69,12 +72,15 @@ REGISTRY: dict[str, Variant] = _registered(
     loha.VARIANT,
     lokr.VARIANT,
     oft.VARIANT,
+    boft.VARIANT,
+    psoft.VARIANT,
     miss.VARIANT,
     shira.VARIANT,
     fourierft.VARIANT,
     ln_tuning.VARIANT,
     trainable_tokens.VARIANT,
     c3a.VARIANT,
+    adalora.VARIANT,
     reft.VARIANT,
     lora_ga.VARIANT,
 )

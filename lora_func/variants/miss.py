@@ -83,7 +83,9 @@ def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> tor
     dtype = torch.promote_types(x.dtype, leaves["miss_block"].dtype)
     M = block(leaves, site.target.d_out).to(dtype)
     r = M.shape[0]
-    x = F.pad(x, (0, (r - x.shape[-1] % r) % r)).to(dtype)
+    if x.shape[-1] % r:  # F.pad copies x even by zero columns
+        x = F.pad(x, (0, r - x.shape[-1] % r))
+    x = x.to(dtype)
     return y + (x.reshape(*x.shape[:-1], x.shape[-1] // r, r).sum(dim=-2) @ M).to(y.dtype)
 
 

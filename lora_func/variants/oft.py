@@ -94,19 +94,25 @@ def skew(q: torch.Tensor, size: int) -> torch.Tensor:
     """(k, b(b−1)/2) -> (k, b, b): U − Uᵀ with U's strict upper triangle q (row-major, as PEFT's `triu_indices`)."""
     rows, cols = torch.triu_indices(size, size, 1, device=q.device)
     upper = torch.zeros(size, size, q.shape[0], dtype=q.dtype, device=q.device).index_put((rows, cols), q.t())
-    upper = upper.permute(2, 0, 1)
+    upper = upper.permute(2, 0, 1).contiguous()  # blocks first in memory: the series' bmm then runs on whole blocks
     return upper - upper.transpose(-2, -1)
 
 
-def rotations(q: torch.Tensor, size: int, cfg: OFTConfig) -> torch.Tensor:
-    """The orthogonal blocks R (k, b, b) of q (k, b(b−1)/2), in q's dtype (PEFT's `_cayley_batch`: the same sums in
-    the same order, `add` with alpha as PEFT's `add_`, so the same bits)."""
-    Q = skew(q, size)
-    eye = torch.eye(size, dtype=q.dtype, device=q.device).expand(q.shape[0], size, size)
-    if not cfg.use_cayley_neumann:
-        return torch.linalg.solve(eye + Q, eye - Q, left=False)
-    terms = cfg.num_cayley_neumann_terms
-    R = eye
+def cayley(Q: torch.Tensor) -> torch.Tensor:
+    """(I − Q)(I + Q)⁻¹ of skew blocks Q (..., b, b), by a solve (PEFT's exact Cayley in OFT and BOFT; PSOFT's
+    (I + Q)(I − Q)⁻¹ is `cayley(−Q)`, bit for bit). Half-precision blocks are solved in float32, as PEFT solves them
+    (LU has no half types), and returned in their dtype."""
+    dtype = Q.dtype
+    Q = Q.float() if dtype in (torch.float16, torch.bfloat16) else Q
+    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device).expand(Q.shape)
+    return torch.linalg.solve(eye + Q, eye - Q, left=False).to(dtype)
+
+
+def neumann(Q: torch.Tensor, terms: int) -> torch.Tensor:
+    """The truncated Cayley–Neumann series I + 2Q + … + 2Q^(n−2) + Q^(n−1) of skew blocks Q (..., b, b), n = `terms`
+    (PEFT's `_cayley_batch` in OFT, and PSOFT's: the same sums in the same order, `add` with alpha as PEFT's `add_`,
+    so the same bits)."""
+    R = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device).expand(Q.shape)
     if terms > 1:
         R = torch.add(R, Q, alpha=2.0)
         if terms > 2:
@@ -120,6 +126,19 @@ def rotations(q: torch.Tensor, size: int, cfg: OFTConfig) -> torch.Tensor:
     return R
 
 
+def rotations(q: torch.Tensor, size: int, cfg: OFTConfig) -> torch.Tensor:
+    """The orthogonal blocks R (k, b, b) of q (k, b(b−1)/2), in q's dtype."""
+    Q = skew(q, size)
+    return neumann(Q, cfg.num_cayley_neumann_terms) if cfg.use_cayley_neumann else cayley(Q)
+
+
+def rotate_blocks(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """x · diag(R_0, …, R_{k−1}) for blocks R (k, b, b), x's last axis k·b features, in R's dtype."""
+    count, size = R.shape[0], R.shape[-1]
+    xr = x.to(R.dtype).reshape(*x.shape[:-1], count, size)
+    return torch.einsum("...rk,rkc->...rc", xr, R).reshape(x.shape)
+
+
 def _blocks_of(leaves: Leaves, site: Site) -> tuple[torch.Tensor, int, int]:
     count, size = blocks(site.target, site.config)
     R = rotations(leaves["oft_R"], size, site.config)
@@ -129,9 +148,8 @@ def _blocks_of(leaves: Leaves, site: Site) -> tuple[torch.Tensor, int, int]:
 
 
 def forward_input(x: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
-    R, count, size = _blocks_of(leaves, site)
-    xr = x.to(R.dtype).reshape(*x.shape[:-1], count, size)
-    return torch.einsum("...rk,rkc->...rc", xr, R).reshape(x.shape).to(x.dtype)
+    R, _, _ = _blocks_of(leaves, site)
+    return rotate_blocks(x, R).to(x.dtype)
 
 
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):

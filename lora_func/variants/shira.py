@@ -9,8 +9,10 @@ a fresh generator, whose seed is torch's fixed default), sorted, as `torch.where
 are no leaves: a function of the target's shape, `r` and `random_seed`, computed once per shape and device
 (`positions`), so PEFT's `shira_indices` are written on export and checked on import. The leaf `shira_weight`
 (n,) holds the values. ΔW is sparse, not low rank: adapter arithmetic needs the base model (`Dense`).
-As PEFT, the forward builds ΔW (dense, d_out × d_in); PEFT adds it to W first (x (W + ΔW)ᵀ), so outputs agree
-to rounding. Identity at init: w = 0 (PEFT's `init_weights=True`); `init_weights=False` draws w ~ N(0, 1).
+As PEFT, the forward builds ΔW (dense, d_out × d_in) and, on a float `nn.Linear` computing in the leaves' dtype,
+adds it to W first, x (W + ΔW)ᵀ + b, as PEFT does (the base output is left unused: one product less than
+y + x ΔWᵀ, forward and backward); on other layers (bitsandbytes, Conv1D, another dtype) y + x ΔWᵀ, equal to
+rounding. Identity at init: w = 0 (PEFT's `init_weights=True`); `init_weights=False` draws w ~ N(0, 1).
 Bhardwaj et al. 2024, arXiv 2406.13175. Reference: peft/tuners/shira/layer.py (`Linear.get_delta_weight`,
 `forward`), mask_functions.py (`random_mask`).
 """
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .._config import AdapterConfig, ConfigError
 from .._kind import Target
@@ -106,6 +109,11 @@ def delta(w: torch.Tensor, site: Site) -> torch.Tensor:
 
 def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
     dw = delta(leaves["shira_weight"], site)
+    module = site.base.module
+    if type(module) is nn.Linear and y.dtype == dw.dtype:
+        # PEFT's form, x (W + ΔW)ᵀ + b: one product forward and two backward where y + x ΔWᵀ takes two and three (the
+        # base output y is not used, so nothing differentiates through it).
+        return F.linear(x.to(dw.dtype), site.base.weight().to(dw.dtype) + dw, site.base.bias)
     return y + F.linear(x.to(dw.dtype), dw).to(y.dtype)
 
 

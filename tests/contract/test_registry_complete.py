@@ -130,11 +130,13 @@ def test_recipe_trains(name, model):
     optimizer = torch.optim.AdamW(lf.trainable_leaves(params), lr=recipe.lr, weight_decay=0.0)
     batch = {**qwen3_batch(batch=2), "labels": qwen3_batch(batch=2)["input_ids"]}
     losses = []
-    for _ in range(5):
+    state = lf.schedule_state(params)  # the demo's loop: each method's schedule and extra loss
+    for step in range(5):
         loss = lf.apply(model, params, batch).loss
         optimizer.zero_grad()
-        loss.backward()
+        (loss + lf.regularizer(params)).backward()
         optimizer.step()
+        params, state = lf.schedule(params, state, step)
         losses.append(loss.item())
     assert losses[-1] < losses[0], f"{name}: loss {losses} at its Recipe's lr {recipe.lr}"
 

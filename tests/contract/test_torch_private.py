@@ -122,6 +122,13 @@ def probe_functorch_active():
     assert seen == [True], "torch._C._functorch.peek_interpreter_stack: inactive inside vmap"
 
 
+def probe_unwrapped():
+    t, seen = torch.ones(3, requires_grad=True), []
+    torch.func.grad(lambda u: seen.append(private.unwrapped(u)) or u.sum())(t)
+    assert seen[0] is t, "torch._C._functorch.get_unwrapped: grad's wrapper does not unwrap to the caller's tensor"
+    assert private.unwrapped(t) is t
+
+
 def probe_hook_dicts():
     """A hook put into a module's dicts by key, as lora_func does, runs like a registered one; `always_call` runs
     after an exception."""
