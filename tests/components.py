@@ -67,8 +67,8 @@ def quantize(model: nn.Module, bits: int, device: torch.device | str = "cpu") ->
 
 
 # Fields a variant needs on the tests' tiny layers (8 -> 16, 16 -> 16): FourierFT's default 1000 frequencies exceed
-# their entries, which PEFT refuses too.
-TINY_FIELDS = {"fourierft": {"n_frequency": 100}}
+# their entries, which PEFT refuses too; VBLoRA's default vectors (256 long) divide none of their widths.
+TINY_FIELDS = {"fourierft": {"n_frequency": 100}, "vblora": {"vector_length": 8, "num_vectors": 32}}
 
 
 def tiny_config(name: str, **fields) -> lf.AdapterConfig:

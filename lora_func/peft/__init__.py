@@ -204,6 +204,8 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
                 f"to_peft: `{pattern_name}` gives some targets another value, and PEFT's {method.peft_type} has one "
                 f"`{names[0]}` for all"
             )
+    if method.tensors_out is not None:
+        tensors = method.tensors_out(tensors, cfg)
     if model is not None:
         cls = model_class(model)  # a model sharded by FSDP2: its own class, not FSDP's subclass
         fields["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
@@ -331,6 +333,8 @@ def _from_peft(directory: str, model: nn.Module) -> Params:
 
     tensors = read_tensors(directory)
     where_weights = f"from_peft: {os.path.join(directory, WEIGHTS_NAME)!r}"
+    if method.tensors_in is not None:
+        tensors = method.tensors_in(tensors, fields, where_weights)
     keys: dict[str, dict[str, str]] = {}  # target path -> leaf -> its key in the file
     for target in found:
         if KINDS[target.kind].leaf_shapes is not None:

@@ -71,6 +71,10 @@ class PeftMethod:
     conv_dims: with "conv" in `kinds`, the convolutions PEFT's method has a layer for (1: nn.Conv1d, ...).
     check_model(model, targets, where): raises where PEFT's method would compute something else on this model
         (Trainable Tokens on an embedding tied to the output head); run by `from_peft`, and by `to_peft` with `model`.
+    tensors_in(tensors, fields, where) -> tensors: the file's tensors as lora_func reads them, before any other
+        check (PEFT's `_remap_adapter_state_dict_for_load`: VBLoRA's top-k files to full logits); may raise.
+    tensors_out(tensors, cfg) -> tensors: the tensors to write, as PEFT's `save_pretrained` writes them (RandLoRA's
+        copies of the shared bases under every target, VBLoRA's top-k files).
     rebuild receives the target's read-only base-layer view (`lora_func._kind.BaseLayer`): `base.weight()` is the
         dense weight in the kind's layout.
     """
@@ -97,6 +101,8 @@ class PeftMethod:
     kinds: tuple[str, ...] = ("linear",)
     conv_dims: tuple[int, ...] = (1, 2, 3)
     check_model: Callable[[Any, tuple, str], None] | None = None
+    tensors_in: Callable[[dict[str, torch.Tensor], Mapping[str, Any], str], dict[str, torch.Tensor]] | None = None
+    tensors_out: Callable[[dict[str, torch.Tensor], AdapterConfig], dict[str, torch.Tensor]] | None = None
 
 
 def refuse(where: str, name: str, value: Any, why: str) -> None:

@@ -21,11 +21,13 @@ from . import (
     miss,
     oft,
     pissa,
+    randlora,
     reft,
     road,
     shira,
     ssvd,
     trainable_tokens,
+    vblora,
     vera,
 )
 
@@ -75,6 +77,8 @@ REGISTRY: dict[str, Variant] = _registered(
     trainable_tokens.VARIANT,
     c3a.VARIANT,
     reft.VARIANT,
+    randlora.VARIANT,
+    vblora.VARIANT,
 )
 _BY_CONFIG: dict[type, Variant] = {v.config: v for v in REGISTRY.values()}
 
