@@ -111,9 +111,10 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
     all of the targets), HRA, VeRA (projections stored, `save_projection=True`), ROAD (`group_size=None` written as
     the int it resolves to, where that is one int for all targets), LoHa (linear and Conv1d/2d layers), LoKr, OFT
     (v2; `r` or `oft_block_size` as set), MiSS (`init_weights` true, false or "mini"), SHiRA (its random mask's
-    `shira_indices` written too), FourierFT (linear and Conv1D layers). Layer kinds beyond nn.Linear (transformers
-    Conv1D, convolutions, embeddings, fused experts, `modules_to_save` copies) as `_kinds.py` says; `dropout` as
-    `lora_dropout`.
+    `shira_indices` written too), FourierFT (linear and Conv1D layers), RandLoRA (bases stored, and copied under
+    every target as PEFT writes them), VBLoRA (full logits, or PEFT's top-k file with `save_only_topk_weights`).
+    Layer kinds beyond nn.Linear (transformers Conv1D, convolutions, embeddings, fused experts, `modules_to_save`
+    copies) as `_kinds.py` says; `dropout` as `lora_dropout`.
 
     >>> lf.to_peft(params, "out/peft-adapter", model=model)
     >>> peft_model = peft.PeftModel.from_pretrained(model, "out/peft-adapter")

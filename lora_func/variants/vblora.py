@@ -129,6 +129,6 @@ VARIANT = Variant(
     capabilities=(
         LowRank(lambda leaves, site, weight: factors(leaves, site)),
         PeftExchange("vblora"),
-        Recipe(lr=3e-3, options=(("vector_length", 128),)),
+        Recipe(lr=3e-3, options=(("vector_length", 32),)),
     ),
 )
