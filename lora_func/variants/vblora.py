@@ -129,6 +129,8 @@ VARIANT = Variant(
     capabilities=(
         LowRank(lambda leaves, site, weight: factors(leaves, site)),
         PeftExchange("vblora"),
+        # MiniLM demo, 50 steps, vectors of 32 (they must divide 384): held-out loss 0.878 -> 0.555, accuracy
+        # 74.7% -> 84.1%; 2,662,400 trainable values (the logits; a top-2 file stores a fraction of them).
         Recipe(lr=3e-3, options=(("vector_length", 32),)),
     ),
 )
