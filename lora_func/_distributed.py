@@ -39,8 +39,8 @@ def all_reduce_grads(params: Any, *, group: Any = None) -> Any:
     Two forms, one per training style:
     - `params` from `lf.init`/`lf.load`, after `loss.backward()`: the `.grad` of every trainable leaf becomes its
       mean over ranks (a leaf with no `.grad` on a rank counts as zero there, so all ranks stay in step).
-    - the gradient pytree that `torch.func.grad` returns (its tensors do not require grad): every tensor in it
-      becomes its mean over ranks.
+    - the gradient pytree that `torch.func.grad` returns (computed tensors, not leaves requiring grad; they
+      require grad when the leaves did): every tensor in it becomes its mean over ranks.
 
     With each rank's loss the mean over its equal share of the global batch, the result is the gradient of the
     global batch's mean loss, as with DDP. Every rank must call it with the same structure.
@@ -61,10 +61,15 @@ def all_reduce_grads(params: Any, *, group: Any = None) -> Any:
         raise RuntimeError("all_reduce_grads: torch.distributed is not initialized (call dist.init_process_group)")
     if isinstance(params, Params):
         leaves = [t for _, _, t in split(params)[0].leaves()]
-        live = [t.requires_grad for t in leaves]
+        # Leaves that autograd fills (.grad): tensors requiring grad that no op produced. The gradients that
+        # torch.func.grad returns for leaves requiring grad require grad themselves, but an op produced them.
+        live = [t.requires_grad and t.is_leaf for t in leaves]
         if any(live):
             if not all(live):
-                raise ValueError("all_reduce_grads: `params` mixes trainable leaves with and without requires_grad")
+                raise ValueError(
+                    "all_reduce_grads: `params` mixes trainable leaves (requiring grad) with other tensors; give "
+                    "the adapter after backward(), or the gradients torch.func.grad returned"
+                )
             for t in leaves:
                 if t.grad is None:
                     t.grad = torch.zeros_like(t)

@@ -15,6 +15,13 @@ What a framework sees, and why:
   so HF Trainer keeps the batch keys the model takes (`remove_unused_columns`) and passes its loss kwargs.
 - Other attributes (`config`, `generation_config`, `gradient_checkpointing_enable`, ...) are the base
   model's, as PEFT's `PeftModel` does it; `save_pretrained` is refused, since it would save the base.
+  `_no_split_modules` is the module's own (None): it names layer classes of the module tree for a framework to
+  wrap (accelerate's FSDP auto-wrap), and the base's layers are not in that tree.
+- Under a framework's FSDP2 (accelerate's FSDP plugin, `fsdp_version: 2`) the module is one FSDP unit, its
+  parameters the adapter: FSDP gathers them whole for each forward (the adapter computes with plain tensors as
+  everywhere) and averages their gradients over ranks. The base must be sharded beforehand (`fully_shard` on its
+  embedding, each layer, the output norm and head, then the model): a framework cannot see it in the tree, and
+  a base that is sharded only in the pieces the framework reaches (its embedding and head) is refused by name.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from ._apply import apply_call
 from ._inject import inject
 from ._params import Params, split
 from ._serialize import check_model
+from ._sharded import is_fsdp_unit
 from ._structure import check
 
 
@@ -60,12 +68,16 @@ class AdapterModule(nn.Module):
     The trainable leaves of `params` become the module's `nn.Parameter`s (sharing their storage); from then
     on `module.params` is the adapter, holding those very parameters: save it, merge it, export it from there.
     `model` is not modified and is in no `parameters()` or `state_dict()`; `.to()` and `.train()` reach it.
+    Under accelerate's FSDP2 plugin (`fsdp_version: 2`) the module is one FSDP unit over the adapter: shard the
+    base with `fully_shard` beforehand (docs/distributed.md), since the plugin cannot reach it.
 
     >>> module = lf.AdapterModule(model, lf.init(model, lf.LoRAConfig(r=8)))
     >>> trainer = transformers.Trainer(model=module, args=args, train_dataset=data)
     >>> trainer.train()
     >>> lf.save(module.params, "adapter.safetensors")
     """
+
+    _no_split_modules = None  # the module tree holds no layer classes to wrap (see the module docstring)
 
     def __init__(self, model: nn.Module, params: Params) -> None:
         super().__init__()
@@ -119,6 +131,8 @@ class AdapterModule(nn.Module):
         """`model(*args, **kwargs)` with the adapter (HF: `labels` gives `.loss`; loss kwargs pass through)."""
         if labels is not None:  # named here so that HF Trainer finds the label column (its `find_labels`)
             kwargs["labels"] = labels
+        if is_fsdp_unit(self) and not self.__dict__.get("_base_checked"):
+            self._check_sharded_base()
         if torch.compiler.is_compiling():  # compiled: `lf.apply`'s compiled path (base parameters passed detached)
             return apply_call(self.base_model, self.params, args, kwargs)
         with inject(self.base_model, self.params):
@@ -128,6 +142,23 @@ class AdapterModule(nn.Module):
         """`model.generate(*args, **kwargs)` with the adapter (every decoding step, KV cache included)."""
         with inject(self.base_model, self.params):
             return self.base_model.generate(*args, **kwargs)
+
+    def _check_sharded_base(self) -> None:
+        """Under FSDP2 (`fully_shard` applied to this module, as accelerate's FSDP plugin does): a base sharded in
+        some pieces but not as a whole would run those pieces as separate FSDP roots, which torch refuses ("FSDP
+        requires a single root module"); say what to do instead. Checked once, at the first forward."""
+        base = self.base_model
+        if not is_fsdp_unit(base):
+            pieces = [name for name, m in base.named_modules() if name and is_fsdp_unit(m)]
+            if pieces:
+                raise ValueError(
+                    f"AdapterModule under FSDP2: modules {pieces[:3]} of the base model are sharded but the base "
+                    "model itself is not (a framework's FSDP plugin, e.g. accelerate's, shards the pieces of the base "
+                    "it can reach, its embedding and head, and not its layers: the base is outside the module tree). "
+                    "Shard the base before building the AdapterModule: fully_shard on the input embedding, each "
+                    "decoder layer, [final norm, output head] and then the model (docs/distributed.md)"
+                )
+        self.__dict__["_base_checked"] = True
 
     # -- what reaches the base model ---------------------------------------------------------------------
     def train(self, mode: bool = True) -> AdapterModule:

@@ -18,9 +18,10 @@ import torch
 # Imported once here rather than looked up per call: `is_sharded` runs in the structure check of every call,
 # which torch.compile traces (and dynamo refuses cached wrappers such as functools.cache).
 if torch.distributed.is_available():
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
     from torch.distributed.tensor import DTensor as _DTensor
 else:  # a torch build without torch.distributed
-    _DTensor = None
+    _DTensor = _FSDPModule = None
 
 
 def is_sharded(tensor: object) -> bool:
@@ -57,12 +58,14 @@ def parameter(module: object, name: str) -> torch.Tensor | None:
         return None
 
 
+def is_fsdp_unit(module: object) -> bool:
+    """Whether `fully_shard` has been applied to `module` (its class is FSDP2's `FSDP<name>` subclass)."""
+    return _FSDPModule is not None and isinstance(module, _FSDPModule)
+
+
 def model_class(model: object) -> type:
     """The model's own class: FSDP2 gives a module it shards a subclass `FSDP<name>` of it."""
     cls = type(model)
-    if torch.distributed.is_available():
-        from torch.distributed.fsdp import FSDPModule
-
-        if issubclass(cls, FSDPModule):
-            return next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    if _FSDPModule is not None and issubclass(cls, _FSDPModule):
+        return next(c for c in cls.__mro__ if not issubclass(c, _FSDPModule))
     return cls

@@ -279,9 +279,11 @@ def survey(model: nn.Module) -> tuple[dict[str, nn.Module], list[nn.Module], lis
             if any(p is not None and p.requires_grad and is_plain_parameter(p) for p in own.values()):
                 owners.append(module)
             weight = own.get("weight")
-            if weight is not None and not is_plain_parameter(weight) and is_linear_like(module):
-                if quantization(module) is not None:
-                    quantized.append(module)
+            # bnb weights are tensor subclasses; a bnb Linear4bit that FSDP2 sharded holds a DTensor (between
+            # forwards) or FSDP2's gathered plain tensor (inside one) and keeps its quantization state on the layer
+            packed = weight is not None and (not is_plain_parameter(weight) or "quant_state" in module.__dict__)
+            if packed and is_linear_like(module) and quantization(module) is not None:
+                quantized.append(module)
         prefix = name + "." if name else ""
         children = [(prefix + child_name, child) for child_name, child in module._modules.items() if child is not None]
         stack.extend(reversed(children))  # depth first, children in order: named_modules' order

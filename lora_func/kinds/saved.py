@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .._kind import BaseLayer, Kind, Target
+from .._sharded import full
 
 
 def _parameters(value) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -55,7 +56,8 @@ def leaf_shapes(target: Target) -> dict[str, tuple[int, ...]]:
 
 
 def create(base: BaseLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {name: p.detach().to(dtype, copy=True) for name, p in base.module.named_parameters(recurse=False)}
+    """Copies of the module's parameters (a parameter FSDP2 sharded: gathered whole, this module's only)."""
+    return {name: full(p.detach()).to(dtype, copy=True) for name, p in base.module.named_parameters(recurse=False)}
 
 
 def parameters(base: BaseLayer, leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -10,23 +10,31 @@ what it measured to OUT_DIR/rank<r>.json; the test asserts on the numbers. Maxim
   against the reference on the global batch; for the base as loaded (requires_grad=True), frozen, and as
   loaded under HF gradient checkpointing (reentrant and not); base gradients counted (must be none).
 - mixed: two stacked adapters and the base, one per row (`adapter_ids`), logits and gradients.
+- func_grads: `torch.func.grad` over the trainable half, averaged by `lf.all_reduce_grads`, against the
+  reference's on the global batch.
 - merge/delta: `lf.merge` / `lf.delta_weights` of the sharded base (DTensors placed as the base parameters,
   gathered here for the comparison) against the unsharded results; `merged_forward`: a sharded copy of the base
   with the merged weights loaded (`load_state_dict`) against `lf.apply`.
 - save: after one SGD step on the averaged gradients, the saved file against the reference's after its step on
   the global batch; to_peft: the PEFT tensors, likewise (variants PEFT has).
-- trainer (its own launch): HF Trainer over `lf.AdapterModule` on a sharded base, see `trainer`.
+- trainer (its own launch): HF Trainer over `lf.AdapterModule` on a sharded base, with DDP and with accelerate's
+  FSDP2 plugin, see `trainer`.
+- qlora: LoRA, DoRA, PiSSA on a bitsandbytes 4-bit base sharded by FSDP2, against it whole (also torch.func and
+  adapter_ids batches); mixed_precision: FSDP2's MixedPrecisionPolicy (bf16 params, fp32 reduce) and autocast;
+  kinds: modules_to_save and target_parameters (fused MoE experts).
 - memory: the peak resident bytes above the start during `merge`, `delta_weights` and `init` on a larger Qwen3,
   against the whole model's, the result's and the largest target weight's bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import sys
 import tempfile
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -178,6 +186,9 @@ def compare_variant(name, rank, models, global_batch, local, scratch) -> dict:
         expected = lf.from_peft(os.path.join(scratch, f"{name}-peft-reference"), reference)
         found["from_peft"] = dict_diff(leaf_dict(back), leaf_dict(expected))
 
+    # torch.func: the gradient pytree of the trainable half (leaves requiring grad, as init gives them), averaged
+    found["func_grads"] = func_grad_diff(sharded, reference, sh_init, ref_init, global_batch, local)
+
     # mixed adapters per row: two perturbed adapters and the base model
     ids = torch.tensor([0, 1, -1, 1])
     ref_stack = lf.stack([perturbed(ref_init, seed=5), perturbed(ref_init, seed=6)])
@@ -190,6 +201,20 @@ def compare_variant(name, rank, models, global_batch, local, scratch) -> dict:
     found["mixed_out"] = max_diff(out.logits, ref_out.logits[mine])
     found["mixed_grads"] = grad_diff(sh_stack, ref_stack)
     return found
+
+
+def func_grads(model, params, batch) -> lf.Params:
+    """`torch.func.grad` of the loss over the trainable half of `params` (the frozen half held fixed)."""
+    trainable, frozen = lf.split(params)
+    return torch.func.grad(lambda t: lf.apply(model, lf.combine(t, frozen), batch).loss)(trainable)
+
+
+def func_grad_diff(sharded, reference, sh_init, ref_init, global_batch, local) -> float:
+    """The sharded base's `torch.func.grad` on this rank's rows, averaged by `lf.all_reduce_grads`, against the
+    whole base's on the global batch."""
+    expected = func_grads(reference, perturbed(ref_init), global_batch)
+    found = lf.all_reduce_grads(func_grads(sharded, perturbed(sh_init), local))
+    return max(max_diff(a, b) for (_, _, a), (_, _, b) in zip(found.leaves(), expected.leaves()))
 
 
 IDIOMS = {  # the ways real loops call backward (invariant 10): each returns the gradients of the trainable leaves
@@ -293,12 +318,156 @@ def qlora(rank, mesh, global_batch, local) -> dict:
         logits = train_step(sharded, p, local, world_sync=True)
         with torch.no_grad():
             merge = dict_diff(lf.merge(sharded, p), lf.merge(reference, ref))
+        ids = torch.tensor([0, 1, -1, 1])
+        ref_stack = lf.stack([perturbed(ref_init, seed=5), perturbed(ref_init, seed=6)])
+        sh_stack = lf.stack([perturbed(sh_init, seed=5), perturbed(sh_init, seed=6)])
+        ref_out = lf.apply(reference, ref_stack, global_batch, adapter_ids=ids)
+        ref_out.loss.backward()
+        out = lf.apply(sharded, sh_stack, local, adapter_ids=ids[mine])
+        out.loss.backward()
+        lf.all_reduce_grads(sh_stack)
         found[name] = {
             "init": dict_diff(leaf_dict(sh_init), leaf_dict(ref_init)),
             "out": max_diff(logits, ref_logits[mine]),
             "grads": grad_diff(p, ref),
             "merge": merge,
             "base_grads": base_grads(sharded),
+            "func_grads": func_grad_diff(sharded, reference, sh_init, ref_init, global_batch, local),
+            "mixed_out": max_diff(out.logits, ref_out.logits[mine]),
+            "mixed_grads": grad_diff(sh_stack, ref_stack),
+        }
+    return found
+
+
+def other_kinds(rank, mesh) -> dict:
+    """`modules_to_save` (a BERT classifier's fresh head, trained as a full copy: its parameters sit in the root's
+    FSDP2 unit) and `target_parameters` (the 3-D expert weights of a Qwen3-MoE's fused experts), each decoder or
+    encoder layer and the root sharded, against the same model whole on the global batch: init (the head's copy
+    gathered whole: plain leaves), outputs, gradients after `all_reduce_grads`, `torch.func.grad`, `merge`."""
+    from components import classification_batch, tiny_bert_classifier, tiny_qwen3_moe
+
+    def sharded(model, layers):
+        for layer in layers(model):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    bert_layers, moe_layers = (lambda m: m.bert.encoder.layer), (lambda m: m.model.layers)
+    experts = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    cases = {
+        "modules_to_save_lora": (
+            tiny_bert_classifier,
+            bert_layers,
+            classification_batch(batch=ROWS * WORLD),
+            lf.LoRAConfig(r=4, modules_to_save=("classifier",)),
+        ),
+        "modules_to_save_dora": (
+            tiny_bert_classifier,
+            bert_layers,
+            classification_batch(batch=ROWS * WORLD),
+            lf.DoRAConfig(r=4, modules_to_save=("classifier",)),
+        ),
+        "target_parameters_lora": (
+            tiny_qwen3_moe,
+            moe_layers,
+            qwen3_batch(batch=ROWS * WORLD, seq=12),
+            lf.LoRAConfig(r=2, target_names=(), target_parameters=experts),
+        ),
+    }
+    mine = slice(rank * ROWS, (rank + 1) * ROWS)
+    found = {}
+    for label, (build, layers, global_batch, cfg) in cases.items():
+        local = rows(global_batch, rank)
+        reference, model = build(), sharded(build(), layers)
+        ref_init, sh_init = lf.init(reference, cfg, seed=0), lf.init(model, cfg, seed=0)
+        ref, p = perturbed(ref_init), perturbed(sh_init)
+        ref_out = lf.apply(reference, ref, global_batch)
+        ref_out.loss.backward()
+        out = lf.apply(model, p, local)
+        out.loss.backward()
+        lf.all_reduce_grads(p)
+        with torch.no_grad():
+            merged = lf.merge(model, p)
+            merge = dict_diff(merged, lf.merge(reference, ref))
+        found[label] = {
+            "kinds": sorted({t.kind for t in p.targets}),
+            "plain_leaves": all(type(t) is torch.Tensor for _, _, t in sh_init.leaves()),
+            "init": dict_diff(leaf_dict(sh_init), leaf_dict(ref_init)),
+            "out": max_diff(out.logits, ref_out.logits[mine]),
+            "grads": grad_diff(p, ref),
+            "func_grads": func_grad_diff(model, reference, sh_init, ref_init, global_batch, local),
+            "base_grads": base_grads(model),
+            "merge": merge,
+            "merge_placed": all(isinstance(v, DTensor) for v in merged.values()),
+        }
+    return found
+
+
+def mixed_precision(rank, mesh, global_batch, local, plain_sharded, reference_fp32) -> dict:
+    """FSDP2's `MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)` on each decoder layer and the root
+    of the float32 base (as loaded), against the whole base with its parameters cast to bfloat16 (its float buffers,
+    the rotary frequencies, kept float32 as FSDP2 keeps them): the same float32 adapter on both, logits and adapter
+    gradients after `all_reduce_grads`, against the whole base on the global batch and, to separate the bfloat16
+    rounding of each rank's partial sums, on this rank's rows averaged the same way; `lf.apply` and
+    `torch.func.grad`. And `torch.autocast` (bfloat16) instead of a policy: the float32 sharded base against the
+    float32 whole base under the same autocast."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    sharded = tiny_qwen3()
+    for layer in sharded.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(sharded, mesh=mesh, mp_policy=policy)
+    reference = tiny_qwen3()
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.data = param.data.to(torch.bfloat16)
+    mine = slice(rank * ROWS, (rank + 1) * ROWS)
+    found: dict = {"sharded_dtype": str(sharded.model.layers[0].mlp.up_proj.weight.dtype)}
+    for name in ("lora", "dora"):
+        start = make(name, tiny_qwen3(), global_batch)  # float32 leaves, read from the float32 weights
+        ref, p = perturbed(start), perturbed(start)
+        ref_out = lf.apply(reference, ref, global_batch)
+        ref_out.loss.backward()
+        out = lf.apply(sharded, p, local)
+        out.loss.backward()
+        lf.all_reduce_grads(p)
+        same_rows = perturbed(start)  # the whole base on this rank's rows, averaged the same way
+        lf.apply(reference, same_rows, local).loss.backward()
+        lf.all_reduce_grads(same_rows)
+        scale = max(t.grad.abs().max().item() for t in lf.trainable_leaves(ref))
+        found[name] = {
+            "logits_dtype": str(out.logits.dtype),
+            "out": max_diff(out.logits, ref_out.logits[mine]),
+            "out_scale": ref_out.logits.abs().max().item(),
+            "grads": grad_diff(p, ref),
+            "grads_same_rows": grad_diff(p, same_rows),
+            "grad_scale": scale,
+            "func_grads": func_grad_diff(sharded, reference, start, start, global_batch, local),
+            "base_grads": base_grads(sharded),
+            "leaf_dtypes": sorted(
+                {str(t.dtype) for t in lf.trainable_leaves(p)} | {str(t.grad.dtype) for t in lf.trainable_leaves(p)}
+            ),
+        }
+    for name in ("lora", "dora"):  # autocast instead of a policy: the float32 base sharded, and whole
+        start = make(name, tiny_qwen3(), global_batch)
+        ref, p, same_rows = perturbed(start), perturbed(start), perturbed(start)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_out = lf.apply(reference_fp32, ref, global_batch)
+            ref_out.loss.backward()
+            out = lf.apply(plain_sharded, p, local)
+            out.loss.backward()
+            lf.apply(reference_fp32, same_rows, local).loss.backward()
+        lf.all_reduce_grads(p)
+        lf.all_reduce_grads(same_rows)
+        found[f"autocast_{name}"] = {
+            "logits_dtype": str(out.logits.dtype),
+            "out": max_diff(out.logits, ref_out.logits[mine]),
+            "out_scale": ref_out.logits.abs().max().item(),
+            "grads": grad_diff(p, ref),
+            "grads_same_rows": grad_diff(p, same_rows),
+            "grad_scale": max(t.grad.abs().max().item() for t in lf.trainable_leaves(ref)),
+            "base_grads": base_grads(plain_sharded),
         }
     return found
 
@@ -393,23 +562,70 @@ def memory(mesh, layers: int = 8) -> dict:
     return found
 
 
+def shard_like_accelerate(model, mesh):
+    """FSDP2 units in the layout accelerate's FSDP2 plugin gives a model: the input embedding, each decoder layer,
+    [final norm, output head] (kept gathered after forward), then the root. A base sharded so before it is wrapped in
+    `lf.AdapterModule`: accelerate finds these pieces already sharded and leaves them."""
+    fully_shard(model.model.embed_tokens, mesh=mesh)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard([model.model.norm, model.lm_head], mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+@contextlib.contextmanager
+def accelerate_fsdp_on_cpu():
+    """Accelerate's FSDP plugin, honoured on CPU processes.
+
+    Stock accelerate (1.15) turns FSDP on only for accelerator devices: on CPU processes `AcceleratorState` keeps
+    `DistributedType.MULTI_CPU` and drops the plugin (HF Trainer then wraps in DDP, FSDP settings ignored). Here,
+    where it dropped a plugin it was given, the state is set as it is on GPUs (`DistributedType.FSDP`, the plugin
+    kept); everything after that (`fsdp2_prepare_model`, the optimizer, checkpoints) is accelerate's own code."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    AcceleratorState.__init__ = init
+    try:
+        yield
+    finally:
+        AcceleratorState.__init__ = original
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def trainer(rank, mesh, out_dir) -> dict:
-    """HF Trainer over `lf.AdapterModule` on a base sharded by FSDP2 beforehand: accelerate (2 CPU processes) wraps
-    the module in DDP, which averages the adapter's gradients. Against the same run on the whole base; a run
-    resumed from its step-1 checkpoint against the uninterrupted one; the checkpoint's tensors."""
+    """HF Trainer (2 CPU processes) over `lf.AdapterModule` on a base sharded by FSDP2 beforehand, two ways:
+
+    - "ddp": no FSDP settings; accelerate wraps the module in DDP, which averages the adapter's gradients.
+    - "fsdp": accelerate's FSDP2 plugin (`fsdp_version: 2`); accelerate makes the module an FSDP unit (the adapter
+      gathered for each forward, its gradients averaged by reduce-scatter) and leaves the base's units as they are.
+
+    Each against the same DDP run on the whole base; a run resumed from its step-1 checkpoint against the
+    uninterrupted one; the checkpoint's tensors (whole, every leaf). And the plugin over a base not sharded
+    beforehand, and with `cpu_ram_efficient_loading`: refused by name at the first step."""
     from safetensors.torch import load_file
     from test_trainer import collate, dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class Probe(TrainerCallback):
-        def __init__(self, base):
-            self.base, self.sharded = base, []
+        def __init__(self, base, module):
+            self.base, self.module, self.seen = base, module, []
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.sharded.append(isinstance(self.base.model.layers[0].self_attn.q_proj.weight, DTensor))
+            q = self.base.model.layers[0].self_attn.q_proj.weight
+            adapter = [type(p).__name__ for p in self.module.parameters()]
+            self.seen.append((isinstance(q, DTensor), sorted(set(adapter))))
 
-    def run(sharded: bool, name: str, resume: str | None = None):
-        base = shard_model(tiny_qwen3(), mesh) if sharded else tiny_qwen3()
+    def run(base, name: str, fsdp: bool = False, resume: str | None = None, **fsdp_config):
         module = lf.AdapterModule(base, lf.init(base, lf.LoRAConfig(r=4, alpha=8), seed=0))
         args = TrainingArguments(
             output_dir=os.path.join(out_dir, name),
@@ -425,28 +641,64 @@ def trainer(rank, mesh, out_dir) -> dict:
             seed=0,
             disable_tqdm=True,
             dataloader_num_workers=0,
+            **(dict(fsdp="full_shard", fsdp_config={"version": 2, **fsdp_config}) if fsdp else {}),
         )
-        probe = Probe(base)
+        probe = Probe(base, module)
         run = Trainer(model=module, args=args, train_dataset=dataset(8), data_collator=collate, callbacks=[probe])
+        if fsdp:
+            assert run.accelerator.is_fsdp2, "accelerate did not take the FSDP2 plugin"
         run.train(resume_from_checkpoint=resume)
-        return module, probe.sharded, type(run.model_wrapped).__name__
+        return module, probe.seen, type(run.model_wrapped).__name__, run
 
-    sharded, seen, wrapper = run(True, "sharded")
-    whole, _, _ = run(False, "whole")
-    resumed, _, _ = run(True, "resumed", resume=os.path.join(out_dir, "sharded", "checkpoint-1"))
-    final = leaf_dict(sharded.params)
-    saved = load_file(os.path.join(out_dir, "sharded", "checkpoint-2", "model.safetensors"))
-    return {
-        "wrapper": wrapper,
-        "base_sharded_while_training": all(seen) and len(seen) == 2,
-        "vs_whole_base": dict_diff(final, leaf_dict(whole.params)),
-        "resumed": dict_diff(final, leaf_dict(resumed.params)),
-        "moved": dict_diff(final, leaf_dict(lf.init(tiny_qwen3(), lf.LoRAConfig(r=4, alpha=8), seed=0))),
-        "checkpoint": dict_diff(
+    def final(module) -> dict:  # the whole adapter (FSDP's units hold shards between steps)
+        return {(p, leaf): t.full_tensor() if isinstance(t, DTensor) else t for p, leaf, t in module.params.leaves()}
+
+    def checkpoint(name, step, values) -> float:
+        saved = load_file(os.path.join(out_dir, name, f"checkpoint-{step}", "model.safetensors"))
+        return dict_diff(
             {k.removeprefix("adapter."): v for k, v in saved.items()},
-            {f"{p}.{leaf}": t for (p, leaf), t in final.items()},
-        ),
+            {f"{p}.{leaf}": t for (p, leaf), t in values.items()},
+        )
+
+    start = leaf_dict(lf.init(tiny_qwen3(), lf.LoRAConfig(r=4, alpha=8), seed=0))
+    found = {}
+    whole, _, _, _ = run(tiny_qwen3(), "whole")
+    reference = leaf_dict(whole.params)
+    ddp, seen, wrapper, _ = run(shard_model(tiny_qwen3(), mesh), "ddp")
+    ckpt = os.path.join(out_dir, "ddp", "checkpoint-1")
+    resumed, _, _, _ = run(shard_model(tiny_qwen3(), mesh), "ddp-resumed", resume=ckpt)
+    found["ddp"] = {
+        "wrapper": wrapper,
+        "seen": seen,
+        "vs_whole_base": dict_diff(leaf_dict(ddp.params), reference),
+        "resumed": dict_diff(leaf_dict(ddp.params), leaf_dict(resumed.params)),
+        "moved": dict_diff(leaf_dict(ddp.params), start),
+        "checkpoint": checkpoint("ddp", 2, leaf_dict(ddp.params)),
     }
+    with accelerate_fsdp_on_cpu():
+        fsdp, seen, wrapper, _ = run(shard_like_accelerate(tiny_qwen3(), mesh), "fsdp", fsdp=True)
+        values = final(fsdp)
+        ckpt = os.path.join(out_dir, "fsdp", "checkpoint-1")
+        resumed, _, _, _ = run(shard_like_accelerate(tiny_qwen3(), mesh), "fsdp-resumed", fsdp=True, resume=ckpt)
+        found["fsdp"] = {
+            "wrapper": wrapper,
+            "seen": seen,
+            "vs_whole_base": dict_diff(values, reference),
+            "resumed": dict_diff(values, final(resumed)),
+            "moved": dict_diff(values, start),
+            "checkpoint": checkpoint("fsdp", 2, values),
+        }
+        try:
+            run(tiny_qwen3(), "fsdp-unsharded", fsdp=True)
+            found["fsdp"]["unsharded_base"] = "trained"
+        except ValueError as e:
+            found["fsdp"]["unsharded_base"] = str(e)
+        try:  # the plugin moves the module (the base with it) to meta and reloads its state_dict: the adapter only
+            run(shard_like_accelerate(tiny_qwen3(), mesh), "fsdp-meta", fsdp=True, cpu_ram_efficient_loading=True)
+            found["fsdp"]["cpu_ram_efficient_loading"] = "trained"
+        except ValueError as e:
+            found["fsdp"]["cpu_ram_efficient_loading"] = str(e)
+    return found
 
 
 def local_state(model) -> dict:
@@ -502,20 +754,37 @@ def main(out_dir: str, mode: str) -> None:
             checkpointed["reentrant" if reentrant else "nonreentrant"] = shard_model(model, mesh)
         models = (reference, sharded, frozen, checkpointed)
         before = local_state(sharded)
-        results: dict = {"variants": {}}
+        results: dict = {"variants": {}, "seconds": {}}
+        clock = time.perf_counter()
+
+        def timed(section: str) -> None:  # wall seconds per section, for the record (the tests assert no times)
+            nonlocal clock
+            now = time.perf_counter()
+            results["seconds"][section] = round(now - clock, 2)
+            clock = now
+
         with tempfile.TemporaryDirectory() as scratch:
             box = [scratch]
             dist.broadcast_object_list(box, src=0)  # one scratch folder (rank 0's) for the files both compare
             for name in sorted(REGISTRY):
                 results["variants"][name] = compare_variant(name, rank, models, global_batch, local, box[0])
             dist.barrier()
+        timed("variants")
         results["frameworks"] = {
             n: frameworks(n, rank, reference, sharded, global_batch, local) for n in ("lora", "dora")
         }
+        timed("frameworks")
         results["idioms"] = {n: idioms(n, reference, checkpointed, global_batch, local) for n in ("lora", "dora")}
+        timed("idioms")
         results["untouched"] = untouched(sharded, before)
         results["qlora"] = qlora(rank, mesh, global_batch, local)
+        timed("qlora")
+        results["mixed_precision"] = mixed_precision(rank, mesh, global_batch, local, sharded, reference)
+        timed("mixed_precision")
+        results["kinds"] = other_kinds(rank, mesh)
+        timed("kinds")
         results["memory"] = memory(mesh)
+        timed("memory")
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f, indent=1)
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -20,51 +21,68 @@ TIMEOUT_S = 420  # about 2 minutes on 2 busy cores
 MiB = 2**20
 
 
-def launch(out, *mode: str) -> list[dict]:
-    """Run the worker on 2 gloo processes (torchrun, a fresh interpreter each); what each rank wrote."""
-    root = os.path.dirname(os.path.dirname(lf.__file__))
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
-        MALLOC_MMAP_THRESHOLD_="65536",  # resident memory follows the live tensors (see `peak_bytes`)
-        OMP_NUM_THREADS="1",
-    )
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER]
-    try:
-        done = subprocess.run([*command, str(out), *mode], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the FSDP2 workers did not finish within {TIMEOUT_S} s")
-    if done.returncode != 0:
-        pytest.fail(f"the FSDP2 workers failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}")
-    name = mode[0] if mode else "rank"
-    return [json.loads((out / f"{name}{r}.json").read_text()) for r in range(2)]
+class Launch:
+    """The worker on 2 gloo processes (torchrun, a fresh interpreter each), started at once; `results()` waits for
+    it and reads what each rank wrote. Both launches of this file run side by side (each is idle much of the time,
+    waiting on the other rank)."""
+
+    def __init__(self, out, *mode: str) -> None:
+        root = os.path.dirname(os.path.dirname(lf.__file__))
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+            MALLOC_MMAP_THRESHOLD_="65536",  # resident memory follows the live tensors (see `peak_bytes`)
+            OMP_NUM_THREADS="1",
+        )
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER]
+        self.out, self.name = out, mode[0] if mode else "rank"
+        self.log = open(out / "log.txt", "w+")
+        self.process = subprocess.Popen(
+            [*command, str(out), *mode], env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def results(self) -> list[dict]:
+        try:
+            code = self.process.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"the FSDP2 workers did not finish within {TIMEOUT_S} s")
+        if code != 0:
+            self.log.seek(0)
+            pytest.fail(f"the FSDP2 workers failed:\n{self.log.read()[-12000:]}")
+        return [json.loads((self.out / f"{self.name}{r}.json").read_text()) for r in range(2)]
+
+    def stop(self) -> None:
+        """End this launch (torchrun and its workers: the session it leads) if it is still running."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def launches(request, tmp_path_factory):
+    """The launches that the selected tests read, started together before the module's first test (which runs in
+    this process meanwhile); each is ended at teardown if still running (a test that failed early)."""
+    used = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
+    started = {}
+    if "measured" in used:
+        started["variants"] = Launch(tmp_path_factory.mktemp("fsdp2"))
+    if "trainer_runs" in used:
+        started["trainer"] = Launch(tmp_path_factory.mktemp("trainer"), "trainer")
+    yield started
+    for launch in started.values():
+        launch.stop()
 
 
 @pytest.fixture(scope="module")
-def measured(tmp_path_factory):
-    """What each of the two ranks measured: {"variants": {name: {...}}, "frameworks", "qlora", "memory"}."""
-    return launch(tmp_path_factory.mktemp("fsdp2"))
-
-
-@pytest.mark.slow
-def test_ranks_agree_and_every_variant_ran(measured):
-    zero, one = measured
-    assert sorted(zero["variants"]) == sorted(REGISTRY)
-    for name in REGISTRY:  # both ranks compared the same whole results (gathered) with the same reference
-        for key in ("init", "merge", "delta", "save", "to_peft", "mixed_grads"):
-            assert zero["variants"][name][key] == one["variants"][name][key], (name, key)
-
-
-@pytest.mark.slow
-def test_the_sharded_model_is_untouched(measured):
-    """Invariants 1 and 13 on the sharded base as loaded, after every variant's init, apply, backward, merge,
-    generate, AdapterModule and DDP ran on it: the same shards, flags and hooks; and a plain forward + backward
-    then trains every base parameter, with the gradients of a model lora_func never touched."""
-    for rank in measured:
-        found = rank["untouched"]
-        assert found["same"], "the sharded model changed"
-        assert found["plain_call_grads"] == found["parameters"], found
-        assert found["plain_call_grad_diff"] == 0.0, found
+def measured(launches):
+    """What each of the two ranks measured: {"variants": {name: {...}}, "frameworks", "qlora", "memory", ...}."""
+    return launches["variants"].results()
 
 
 @pytest.mark.slow  # DTensor's first use sets up its dispatch: seconds
@@ -92,6 +110,27 @@ def test_dtensor_leaves_are_refused_by_name(tmp_path):
 
 
 @pytest.mark.slow
+def test_ranks_agree_and_every_variant_ran(measured):
+    zero, one = measured
+    assert sorted(zero["variants"]) == sorted(REGISTRY)
+    for name in REGISTRY:  # both ranks compared the same whole results (gathered) with the same reference
+        for key in ("init", "merge", "delta", "save", "to_peft", "mixed_grads"):
+            assert zero["variants"][name][key] == one["variants"][name][key], (name, key)
+
+
+@pytest.mark.slow
+def test_the_sharded_model_is_untouched(measured):
+    """Invariants 1 and 13 on the sharded base as loaded, after every variant's init, apply, backward, merge,
+    generate, AdapterModule and DDP ran on it: the same shards, flags and hooks; and a plain forward + backward
+    then trains every base parameter, with the gradients of a model lora_func never touched."""
+    for rank in measured:
+        found = rank["untouched"]
+        assert found["same"], "the sharded model changed"
+        assert found["plain_call_grads"] == found["parameters"], found
+        assert found["plain_call_grad_diff"] == 0.0, found
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_init_on_a_sharded_base_equals_init_on_the_whole_base(measured, name):
     """PiSSA's SVD, DoRA's and DeLoRA's norms, SSVD's and AntiPaSTO's SVDs read each layer's weight, gathered
@@ -115,6 +154,69 @@ def test_outputs_and_global_batch_gradients(measured, name):
             assert found[f"grads_{label}"] <= 1e-6, (name, label, found[f"grads_{label}"])
             assert found[f"base_grads_{label}"] == 0, (name, label, "base parameters got gradients")
         assert found["mixed_out"] <= 1e-6 and found["mixed_grads"] <= 1e-6, (name, "adapter_ids", found)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_torch_func_grad_on_a_sharded_base(measured, name):
+    """`torch.func.grad` over `lf.split(params)[0]` (leaves requiring grad, as `init` gives them) on this rank's rows
+    of the sharded base, averaged by `lf.all_reduce_grads`, equals it on the whole base and the global batch."""
+    for rank in measured:
+        assert rank["variants"][name]["func_grads"] <= 1e-6, (name, rank["variants"][name]["func_grads"])
+
+
+@pytest.mark.slow
+def test_modules_to_save_and_target_parameters_on_a_sharded_base(measured):
+    """A classifier head trained as a full copy (`modules_to_save`; the copy is gathered whole at init, plain leaves)
+    with LoRA and DoRA, and LoRA on a fused MoE layer's 3-D expert weights (`target_parameters`), each layer and the
+    root sharded: init, outputs, gradients (autograd and torch.func) and merge equal the whole model's."""
+    for rank in measured:
+        found = rank["kinds"]
+        assert found["modules_to_save_lora"]["kinds"] == ["linear", "saved"]
+        assert found["target_parameters_lora"]["kinds"] == ["experts"]
+        for label, m in found.items():
+            assert m["plain_leaves"] and m["init"] == 0.0, (label, m)
+            assert m["out"] <= 1e-6 and m["grads"] <= 1e-6 and m["func_grads"] <= 1e-6, (label, m)
+            assert m["merge"] <= 1e-6 and m["merge_placed"] and m["base_grads"] == 0, (label, m)
+
+
+@pytest.mark.slow
+def test_mixed_precision_policy(measured):
+    """FSDP2's `MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)` on a float32 base as loaded: the
+    forward runs in bfloat16 (logits bfloat16), the adapter stays float32 (leaves and gradients), the base gets no
+    gradient. Against the whole base with its parameters cast to bfloat16 (float buffers kept float32, as FSDP2
+    keeps them) and the same float32 adapter: the logits are equal (measured bitwise; allowed one bfloat16 step,
+    2**-8 relative); the averaged gradients equal the whole base's on the same rows averaged the same way (measured
+    within 1e-8 relative; allowed 1e-5), and its gradients on the global batch within two bfloat16 steps (2**-7 of
+    their scale; measured 3.7e-3 of it): the adapter's products run in the activations' dtype, so each rank's
+    partial sum over its rows is rounded to bfloat16 before the float32 average."""
+    for rank in measured:
+        found = rank["mixed_precision"]
+        assert found["sharded_dtype"] == "torch.float32"  # at rest: FSDP2 keeps the float32 shards
+        for name in ("lora", "dora"):
+            m = found[name]
+            assert m["logits_dtype"] == "torch.bfloat16" and m["leaf_dtypes"] == ["torch.float32"], (name, m)
+            assert m["out"] <= 2**-8 * m["out_scale"], (name, m)
+            assert m["grads_same_rows"] <= 1e-5 * m["grad_scale"], (name, m)
+            assert m["grads"] <= 2**-7 * m["grad_scale"], (name, m)
+            assert m["func_grads"] <= 2**-7 * m["grad_scale"], (name, m)
+            assert m["base_grads"] == 0, (name, m)
+
+
+@pytest.mark.slow
+def test_autocast_on_a_sharded_base(measured):
+    """`torch.autocast("cpu", bfloat16)` over a float32 sharded base (no policy) against the float32 whole base under
+    the same autocast: bfloat16 logits equal (allowed one bfloat16 step), averaged gradients equal to the whole
+    base's on the same rows (allowed 1e-5 of their scale) and within two bfloat16 steps of its gradients on the
+    global batch, for the same reason as under the policy."""
+    for rank in measured:
+        for name in ("lora", "dora"):
+            m = rank["mixed_precision"][f"autocast_{name}"]
+            assert m["logits_dtype"] == "torch.bfloat16", (name, m)
+            assert m["out"] <= 2**-8 * m["out_scale"], (name, m)
+            assert m["grads_same_rows"] <= 1e-5 * m["grad_scale"], (name, m)
+            assert m["grads"] <= 2**-7 * m["grad_scale"], (name, m)
+            assert m["base_grads"] == 0, (name, m)
 
 
 @pytest.mark.slow
@@ -167,13 +269,16 @@ def test_generate_adapter_module_and_ddp(measured, name):
 def test_qlora_on_a_sharded_4bit_base(measured, name):
     """QLoRA + FSDP2: bitsandbytes nf4 layers with float32 `quant_storage`, their packed weights sharded by FSDP2,
     give the whole 4-bit model's init (DoRA and PiSSA dequantize each layer's gathered weight), outputs, adapter
-    gradients and merged weights."""
+    gradients and merged weights; `torch.func.grad` and mixed `adapter_ids` batches (both run bnb's layers through
+    lora_func's transformable route, the sharded ones too) likewise."""
     for rank in measured:
         found = rank["qlora"]
         assert found["packed_sharded"], "FSDP2 did not shard the packed 4-bit weights"
         m = found[name]
         assert m["init"] == 0.0 and m["out"] <= 1e-6 and m["grads"] <= 1e-6 and m["merge"] <= 1e-6, m
         assert m["base_grads"] == 0
+        assert m["func_grads"] <= 1e-6, ("torch.func.grad", m)
+        assert m["mixed_out"] <= 1e-6 and m["mixed_grads"] <= 1e-6, ("adapter_ids", m)
 
 
 @pytest.mark.slow
@@ -194,15 +299,42 @@ def test_merge_delta_weights_and_init_gather_one_layer_at_a_time(measured):
                 assert transient <= 12 * layer, (cfg, fn, transient / MiB)
 
 
+@pytest.fixture(scope="module")
+def trainer_runs(launches):
+    """HF Trainer runs over `lf.AdapterModule` (2 CPU processes under torchrun, one launch): see the tests below."""
+    return launches["trainer"].results()
+
+
 @pytest.mark.slow
-def test_trainer_over_adapter_module_on_a_sharded_base(tmp_path):
-    """HF Trainer (accelerate, 2 CPU processes) trains `lf.AdapterModule` over a base sharded by FSDP2 beforehand:
-    accelerate wraps the module in DDP, the base's parameters are DTensors while it trains, the adapter ends where
-    the same run on the whole base ends, the checkpoint holds the whole adapter, and resuming from the step-1
-    checkpoint ends where the uninterrupted run does."""
-    for rank in launch(tmp_path, "trainer"):
-        assert rank["wrapper"] == "DistributedDataParallel"
-        assert rank["base_sharded_while_training"]
-        assert rank["moved"] > 1e-3
-        assert rank["vs_whole_base"] <= 1e-6 and rank["resumed"] <= 1e-6, rank
-        assert rank["checkpoint"] == 0.0
+def test_trainer_over_adapter_module_on_a_sharded_base(trainer_runs):
+    """HF Trainer without FSDP settings over `lf.AdapterModule` on a base sharded by FSDP2 beforehand: accelerate
+    wraps the module in DDP, the base's parameters are DTensors while it trains, the adapter ends where the same run
+    on the whole base ends, the checkpoint holds the whole adapter, and resuming from the step-1 checkpoint ends
+    where the uninterrupted run does."""
+    for rank in trainer_runs:
+        found = rank["ddp"]
+        assert found["wrapper"] == "DistributedDataParallel"
+        assert found["seen"] == [[True, ["Parameter"]]] * 2, found["seen"]  # base sharded, adapter plain
+        assert found["moved"] > 1e-3
+        assert found["vs_whole_base"] <= 1e-6 and found["resumed"] <= 1e-6, found
+        assert found["checkpoint"] == 0.0
+
+
+@pytest.mark.slow
+def test_trainer_with_accelerates_fsdp2_plugin(trainer_runs):
+    """HF Trainer with `fsdp_config={"version": 2}` (accelerate's FSDP2 plugin, honoured on CPU processes as on GPUs:
+    see `accelerate_fsdp_on_cpu` in the worker) over `lf.AdapterModule` on a base sharded beforehand: accelerate makes
+    the module an FSDP unit (the adapter's parameters DTensors between steps, like the base's), the adapter ends
+    where the DDP run on the whole base ends, the step-2 checkpoint holds the whole adapter (every leaf at full shape,
+    not one rank's shard), resuming from step 1 ends where the uninterrupted run does; and the plugin over a base
+    not sharded beforehand is refused by name at the first step, and so is the plugin's `cpu_ram_efficient_loading`
+    (it moves the module, the base with it, to the meta device and reloads only the module's state: the adapter)."""
+    for rank in trainer_runs:
+        found = rank["fsdp"]
+        assert found["wrapper"] == "FSDPAdapterModule"
+        assert found["seen"] == [[True, ["DTensor"]]] * 2, found["seen"]  # FSDP ran: base and adapter DTensors
+        assert found["moved"] > 1e-3
+        assert found["vs_whole_base"] <= 1e-6 and found["resumed"] <= 1e-6, found
+        assert found["checkpoint"] == 0.0
+        assert "sharded but the base model itself is not" in found["unsharded_base"], found["unsharded_base"]
+        assert "on the meta device" in found["cpu_ram_efficient_loading"], found["cpu_ram_efficient_loading"]
