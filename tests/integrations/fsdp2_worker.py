@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from components import hook_count, perturbed, qwen3_batch, tiny_config, tiny_qwen3  # noqa: E402, tiny_config
+from components import hook_count, perturbed, qwen3_batch, tiny_config, tiny_qwen3  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
