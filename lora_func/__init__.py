@@ -61,9 +61,11 @@ from .variants.miss import MiSSConfig as MiSSConfig
 from .variants.oft import OFTConfig as OFTConfig
 from .variants.pissa import PiSSAConfig as PiSSAConfig
 from .variants.psoft import PSOFTConfig as PSOFTConfig
+from .variants.randlora import RandLoRAConfig as RandLoRAConfig
 from .variants.reft import ReFTConfig as ReFTConfig
 from .variants.road import ROADConfig as ROADConfig
 from .variants.shira import SHiRAConfig as SHiRAConfig
 from .variants.ssvd import SSVDConfig as SSVDConfig
 from .variants.trainable_tokens import TrainableTokensConfig as TrainableTokensConfig
+from .variants.vblora import VBLoRAConfig as VBLoRAConfig
 from .variants.vera import VeRAConfig as VeRAConfig

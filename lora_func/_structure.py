@@ -50,7 +50,8 @@ def growing_dims(config: AdapterConfig, targets: tuple[Target, ...]) -> dict[str
     adapted = kinds.variant_targets(tuple(targets))
     if variant.shared_shapes is None or not adapted:
         return {}
-    d_in, d_out = max(t.d_in for t in adapted) + 1, max(t.d_out for t in adapted) + 1
+    # Wider by a factor r + 1, not by one: a dim may grow in steps of r (RandLoRA's ⌈min(d_in, d_out) / r⌉ bases).
+    d_in, d_out = ((max(getattr(t, d) for t in adapted) + 1) * (config.r + 1) for d in ("d_in", "d_out"))
     wider = Target(SHARED, d_in, d_out, ("inner",), "linear", "Linear")
     now = variant.shared_shapes(adapted, config)
     grown = variant.shared_shapes((*adapted, wider), config)

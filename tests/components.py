@@ -67,8 +67,14 @@ def quantize(model: nn.Module, bits: int, device: torch.device | str = "cpu") ->
 
 
 # Fields a variant needs on the tests' tiny layers (8 -> 16, 16 -> 16): FourierFT's default 1000 frequencies exceed
-# their entries, which PEFT refuses too.
-TINY_FIELDS = {"fourierft": {"n_frequency": 100}}
+# their entries, which PEFT refuses too; VBLoRA's default vectors (256 long) divide none of their widths. RandLoRA's
+# default `randlora_alpha` (640) is PEFT's 20 · r for its default r = 32: at the tests' r = 4 it would scale ΔW by
+# 160, and leaves moved by 0.05 (γ starts at 1 / min(d_in, d_out)) would make ΔW dwarf W.
+TINY_FIELDS = {
+    "fourierft": {"n_frequency": 100},
+    "vblora": {"vector_length": 8, "num_vectors": 32},
+    "randlora": {"randlora_alpha": 4.0},
+}
 
 
 def tiny_config(name: str, **fields) -> lf.AdapterConfig:

@@ -32,6 +32,7 @@ from torch import nn  # noqa: E402
 # Invariant 2 (identity at init) is waived for these variants, and why: their method does not start at the identity.
 NOT_IDENTITY_AT_INIT = {
     "reft": "LoReFT starts, as pyreft's does, from random W, b and an orthonormal R, which do not cancel",
+    "vblora": "VBLoRA starts, as PEFT's does, from a random bank and random logits (a zero bank gets no gradient)",
 }
 
 

@@ -218,3 +218,33 @@ def assert_convolutions_match_peft(
         torch.testing.assert_close(loaded(x), peft_model(x), rtol=0, atol=1e-5)
         torch.testing.assert_close(lf.apply(model, back, x), peft_model(x), rtol=0, atol=1e-5)
     return worst
+
+
+def assert_trained_peft_files_round_trip(tmp_path, peft_config, *, steps: int = 3, lr: float = 1e-2) -> lf.Params:
+    """A PEFT adapter on a tiny Qwen3 trained `steps` AdamW steps by PEFT, saved by PEFT: `from_peft` gives PEFT's
+    logits, and `to_peft` of what it read loads in PEFT and gives them too. Returns the params `from_peft` read."""
+    import peft
+
+    model, twin = twins()
+    model.eval()
+    peft_model = peft.get_peft_model(twin, peft_config)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    for step in range(steps):
+        peft_model(**qwen3_batch(seed=20 + step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft_model.eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    batch = qwen3_batch()
+    with torch.no_grad():
+        ref = peft_model(**batch).logits
+        assert not torch.allclose(ref, model(**batch).logits)  # trained: not the base model
+    params = lf.from_peft(tmp_path / "peft", model)
+    with torch.no_grad():
+        torch.testing.assert_close(lf.apply(model, params, batch).logits, ref, rtol=0, atol=1e-5)
+
+    lf.to_peft(params, tmp_path / "back", model=model)
+    loaded = peft.PeftModel.from_pretrained(twins()[1].eval(), tmp_path / "back")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, ref, rtol=0, atol=1e-5)
+    return params

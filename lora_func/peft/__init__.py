@@ -112,8 +112,10 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
     the int it resolves to, where that is one int for all targets), LoHa (linear and Conv1d/2d layers), LoKr, OFT
     (v2; `r` or `oft_block_size` as set), MiSS (`init_weights` true, false or "mini"), SHiRA (its random mask's
     `shira_indices` written too), FourierFT (linear and Conv1D layers), AdaLoRA (the kept ranks and `rank_pattern`,
-    as PEFT saves them after its allocator ran). Layer kinds beyond nn.Linear (transformers Conv1D, convolutions,
-    embeddings, fused experts, `modules_to_save` copies) as `_kinds.py` says; `dropout` as `lora_dropout`.
+    as PEFT saves them after its allocator ran), RandLoRA (bases stored, and copied under every target as PEFT
+    writes them), VBLoRA (full logits, or PEFT's top-k file with `save_only_topk_weights`). Layer kinds beyond
+    nn.Linear (transformers Conv1D, convolutions, embeddings, fused experts, `modules_to_save` copies) as
+    `_kinds.py` says; `dropout` as `lora_dropout`.
 
     >>> lf.to_peft(params, "out/peft-adapter", model=model)
     >>> peft_model = peft.PeftModel.from_pretrained(model, "out/peft-adapter")
@@ -206,6 +208,8 @@ def to_peft(params: Params, directory: str | os.PathLike, *, model: nn.Module | 
                 f"to_peft: `{pattern_name}` gives some targets another value, and PEFT's {method.peft_type} has one "
                 f"`{names[0]}` for all"
             )
+    if method.tensors_out is not None:
+        tensors = method.tensors_out(tensors, cfg)
     if model is not None:
         cls = model_class(model)  # a model sharded by FSDP2: its own class, not FSDP's subclass
         fields["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
@@ -333,6 +337,8 @@ def _from_peft(directory: str, model: nn.Module) -> Params:
 
     tensors = read_tensors(directory)
     where_weights = f"from_peft: {os.path.join(directory, WEIGHTS_NAME)!r}"
+    if method.tensors_in is not None:
+        tensors = method.tensors_in(tensors, fields, where_weights)
     keys: dict[str, dict[str, str]] = {}  # target path -> leaf -> its key in the file
     for target in found:
         if KINDS[target.kind].leaf_shapes is not None:

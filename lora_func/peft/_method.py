@@ -78,6 +78,10 @@ class PeftMethod:
     target_in(fields, target, tensors, where) -> tensors: one target's tensors as read from the file (by leaf), as
         the leaves lora_func holds, before the shape check; may add leaves the file lacks (AdaLoRA: the ranks
         `rank_pattern` removed put back as zeros, and the `rank_mask` leaf).
+    tensors_in(tensors, fields, where) -> tensors: the file's tensors as lora_func reads them, before any other
+        check (PEFT's `_remap_adapter_state_dict_for_load`: VBLoRA's top-k files to full logits); may raise.
+    tensors_out(tensors, cfg) -> tensors: the tensors to write, as PEFT's `save_pretrained` writes them (RandLoRA's
+        copies of the shared bases under every target, VBLoRA's top-k files).
     rebuild receives the target's read-only base-layer view (`lora_func._kind.BaseLayer`): `base.weight()` is the
         dense weight in the kind's layout.
     """
@@ -106,6 +110,8 @@ class PeftMethod:
     check_model: Callable[[Any, tuple, str], None] | None = None
     leaf_fields: Callable[[Params], dict[str, Any]] | None = None
     target_in: Callable[[Mapping[str, Any], Target, Tensors, str], Tensors] | None = None
+    tensors_in: Callable[[dict[str, torch.Tensor], Mapping[str, Any], str], dict[str, torch.Tensor]] | None = None
+    tensors_out: Callable[[dict[str, torch.Tensor], AdapterConfig], dict[str, torch.Tensor]] | None = None
 
 
 def refuse(where: str, name: str, value: Any, why: str) -> None:

@@ -25,11 +25,13 @@ from . import (
     oft,
     pissa,
     psoft,
+    randlora,
     reft,
     road,
     shira,
     ssvd,
     trainable_tokens,
+    vblora,
     vera,
 )
 
@@ -83,6 +85,8 @@ REGISTRY: dict[str, Variant] = _registered(
     adalora.VARIANT,
     reft.VARIANT,
     lora_ga.VARIANT,
+    randlora.VARIANT,
+    vblora.VARIANT,
 )
 _BY_CONFIG: dict[type, Variant] = {v.config: v for v in REGISTRY.values()}
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
-from components import perturbed, qwen3_batch, tiny_qwen3
+from components import perturbed, qwen3_batch, tiny_config, tiny_qwen3
 
 import lora_func as lf
 from lora_func._config import config_for
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop beca
 def adapter(name: str, model, seed: int = 0, **fields) -> lf.Params:
     variant = REGISTRY[name]
     calibration = [qwen3_batch(batch=4, seed=7)] if variant.calibrated else None
-    cfg = variant.config(**{"r": 4, **fields})
+    cfg = tiny_config(variant.name, **{"r": 4, **fields})
     return perturbed(lf.init(model, cfg, seed=seed, calibration_data=calibration), seed=20 + seed)
 
 

@@ -14,7 +14,7 @@ import gc
 
 import pytest
 import torch
-from components import hook_count
+from components import hook_count, tiny_config
 from conftest import assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qwen3
 
 import lora_func as lf
@@ -27,7 +27,9 @@ MODES = {"reentrant": True, "non-reentrant": False}
 def make(name: str, model, seed: int = 0) -> lf.Params:
     variant = REGISTRY[name]
     calibration = [qwen3_batch(seed=7)] if variant.calibrated else None
-    return perturbed(lf.init(model, variant.config(r=4), seed=seed, calibration_data=calibration), seed=seed + 3)
+    return perturbed(
+        lf.init(model, tiny_config(variant.name, r=4), seed=seed, calibration_data=calibration), seed=seed + 3
+    )
 
 
 def grads_of(params: lf.Params, run) -> list[torch.Tensor]:

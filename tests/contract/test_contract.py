@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from components import tiny_config
 from conftest import NOT_IDENTITY_AT_INIT, assert_untouched, perturbed, snapshot
 
 import lora_func as lf
@@ -22,7 +23,7 @@ def call(model, batch):
 
 
 def make_params(name, subject, model, seed=0):
-    cfg = REGISTRY[name].config(r=4)
+    cfg = tiny_config(name, r=4)
     if REGISTRY[name].calibrated:  # data-driven variants calibrate on the subject's calibration batches
         loss = None  # LoRA-GA's gradients: of the subject's own loss (MiniLM's output has none)
         if REGISTRY[name].capability(GradientCalibration) is not None:
@@ -93,7 +94,9 @@ def test_every_trainable_leaf_is_live(name, subject):
         for path in (params.targets[0].path, params.targets[-1].path):
             for leaf in trainable[path]:
                 entries = {p: dict(e) for p, e in params.items()}
-                entries[path][leaf] = entries[path][leaf] + 0.1
+                tensor = entries[path][leaf]  # moved by noise, not a constant: a softmax (VBLoRA's) ignores a shift
+                noise = torch.randn(tensor.shape, generator=torch.Generator().manual_seed(1))
+                entries[path][leaf] = tensor + 0.1 * noise.to(tensor.device, tensor.dtype)
                 moved = subject.output(lf.apply(model, params.replace(entries), subject.batch))
                 assert not torch.equal(moved, reference), f"{path}.{leaf} does not change the output"
 

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from components import tiny_config
 from conftest import assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qwen3, tiny_qwen3_4bit
 
 import lora_func as lf
@@ -34,7 +35,7 @@ def calibration(variant):
 
 def k_adapters(name, model):
     variant = REGISTRY[name]
-    cfg = variant.config(r=4)
+    cfg = tiny_config(variant.name, r=4)
     return [
         perturbed(lf.init(model, cfg, seed=s, calibration_data=calibration(variant)), seed=20 + s) for s in range(K)
     ]

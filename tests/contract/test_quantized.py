@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from components import tiny_config
 from conftest import (
     NOT_IDENTITY_AT_INIT,
     assert_untouched,
@@ -31,7 +32,7 @@ VARIANTS = sorted(REGISTRY)
 
 def make(name, model, batch):
     kwargs = {"calibration_data": [batch]} if REGISTRY[name].calibrated else {}
-    return lf.init(model, REGISTRY[name].config(r=4), seed=0, **kwargs)
+    return lf.init(model, tiny_config(name, r=4), seed=0, **kwargs)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -91,7 +92,7 @@ def test_8bit_matches_the_dequantized_float_model(name):
     batch = qwen3_batch()
     intervention = REGISTRY[name].capability(Intervention) is not None  # a block's output: no layer, no merge
     modules = {"Qwen3DecoderLayer"} if intervention else {"Linear8bitLt"}
-    assert {t.module for t in lf.targets(model, REGISTRY[name].config(r=4))} == modules
+    assert {t.module for t in lf.targets(model, tiny_config(name, r=4))} == modules
     params = perturbed(make(name, model, batch))
     before = snapshot(model)
     merged = {} if intervention else lf.merge(model, params)

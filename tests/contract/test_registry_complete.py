@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from components import perturbed, qwen3_batch, target_names_for, tiny_qwen3
+from components import perturbed, qwen3_batch, target_names_for, tiny_config, tiny_qwen3
 
 import lora_func as lf
 from lora_func import demo
@@ -32,7 +32,7 @@ VARIANTS = sorted(REGISTRY)
 def make(name, model, seed=0, **fields):
     variant = REGISTRY[name]
     calibration = [qwen3_batch(seed=7)] if variant.calibrated else None
-    cfg = variant.config(**{"r": 4, **fields})
+    cfg = tiny_config(variant.name, **{"r": 4, **fields})
     return lf.init(model, cfg, seed=seed, calibration_data=calibration, progress=False)
 
 

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from components import hook_count, perturbed, qwen3_batch, tiny_qwen3  # noqa: E402
+from components import hook_count, perturbed, qwen3_batch, tiny_config, tiny_qwen3  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
@@ -93,7 +93,7 @@ def base_grads(model) -> int:
 
 
 def make(name, model, batch):
-    cfg = REGISTRY[name].config(r=4)
+    cfg = tiny_config(name, r=4)
     if REGISTRY[name].calibrated:  # the same calibration batches on every rank: the same adapter everywhere
         return lf.init(model, cfg, seed=0, calibration_data=[batch], progress=False)
     return lf.init(model, cfg, seed=0)

@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 import torch
-from components import changes, qwen3_batch, snapshot, tiny_qwen3
+from components import changes, qwen3_batch, snapshot, tiny_config, tiny_qwen3
 
 import lora_func as lf
 from lora_func.variants import REGISTRY
@@ -28,7 +28,7 @@ def _name(cfg) -> str:
 def test_parameters_are_the_trainable_leaves_and_forward_is_apply(name):
     """For every variant: parameters() are exactly `lf.trainable_leaves(module.params)` (the same objects), frozen
     leaves are buffers, the state dict is the whole adapter, and forward + backward equal `lf.apply`'s."""
-    model, params = build(REGISTRY[name].config(r=4))
+    model, params = build(tiny_config(name, r=4))
     params = _perturbed(params)
     module = lf.AdapterModule(model, params)
     assert [id(p) for p in module.parameters()] == [id(t) for t in lf.trainable_leaves(module.params)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from components import perturbed, qwen3_batch, tiny_qwen3
+from components import perturbed, qwen3_batch, tiny_config, tiny_qwen3
 
 import lora_func as lf
 from lora_func._variant import Intervention
@@ -24,7 +24,7 @@ def setup(name: str):
     model = tiny_qwen3(num_hidden_layers=1)
     batch = qwen3_batch()
     kwargs = {"calibration_data": [batch], "progress": False} if REGISTRY[name].calibrated else {}
-    params = perturbed(lf.init(model, REGISTRY[name].config(r=4), seed=0, **kwargs), scale=0.1)
+    params = perturbed(lf.init(model, tiny_config(name, r=4), seed=0, **kwargs), scale=0.1)
     return model, batch, params
 
 
@@ -137,9 +137,9 @@ def test_merge_and_init_ignore_an_enclosing_autocast(name):
         assert inside[key].dtype == merged[key].dtype, key
         assert torch.equal(inside[key], merged[key]), key
     if not REGISTRY[name].calibrated:
-        fresh = lf.init(model, REGISTRY[name].config(r=4), seed=0)
+        fresh = lf.init(model, tiny_config(name, r=4), seed=0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            again = lf.init(model, REGISTRY[name].config(r=4), seed=0)
+            again = lf.init(model, tiny_config(name, r=4), seed=0)
         for path, leaf, tensor in fresh.leaves():
             assert torch.equal(again[path][leaf], tensor), f"{path}.{leaf}"
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from components import tiny_config
 from conftest import NOT_IDENTITY_AT_INIT, assert_untouched, perturbed, qwen3_batch, qwen3_subject, snapshot, tiny_qwen3
 
 import lora_func as lf
@@ -100,7 +101,7 @@ def on(device: torch.device, batch: dict) -> dict:
 
 def make(name: str, model, batch, seed: int = 0) -> lf.Params:
     kwargs = {"calibration_data": [batch], "progress": False} if REGISTRY[name].calibrated else {}
-    return lf.init(model, REGISTRY[name].config(r=4), seed=seed, **kwargs)
+    return lf.init(model, tiny_config(name, r=4), seed=seed, **kwargs)
 
 
 def flat(tensors) -> torch.Tensor:

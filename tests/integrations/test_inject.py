@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from components import tiny_config
 from conftest import assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qwen3, tiny_qwen3_4bit
 
 import lora_func as lf
@@ -20,7 +21,7 @@ NEW_TOKENS = 5
 def make(name: str, model, seed: int = 0, scale: float = 0.3) -> lf.Params:
     variant = REGISTRY[name]
     calibration = [qwen3_batch(seed=7)] if variant.calibrated else None
-    params = lf.init(model, variant.config(r=4), seed=seed, calibration_data=calibration)
+    params = lf.init(model, tiny_config(variant.name, r=4), seed=seed, calibration_data=calibration)
     return perturbed(params, scale=scale, seed=seed + 3)
 
 

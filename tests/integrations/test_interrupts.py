@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from components import tiny_config
 from conftest import assert_untouched, hook_count, perturbed, qwen3_batch, snapshot, tiny_qwen3
 
 import lora_func as lf
@@ -35,7 +36,9 @@ class InterruptOn:
 def make(name: str, model, seed: int = 0) -> lf.Params:
     variant = REGISTRY[name]
     calibration = [qwen3_batch(seed=7)] if variant.calibrated else None
-    return perturbed(lf.init(model, variant.config(r=4), seed=seed, calibration_data=calibration), seed=seed + 3)
+    return perturbed(
+        lf.init(model, tiny_config(variant.name, r=4), seed=seed, calibration_data=calibration), seed=seed + 3
+    )
 
 
 def plain_grads(model) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import io
 
 import pytest
 import torch
+from components import tiny_config
 from conftest import hook_count, perturbed, qwen3_batch, tiny_qwen3
 
 import lora_func as lf
@@ -35,7 +36,7 @@ COPIES = {"deepcopy": deepcopy, "torch.save": save_load}
 def make(name, model):
     variant = REGISTRY[name]
     calibration = [qwen3_batch(seed=7)] if variant.calibrated else None
-    return perturbed(lf.init(model, variant.config(r=4), seed=0, calibration_data=calibration))
+    return perturbed(lf.init(model, tiny_config(variant.name, r=4), seed=0, calibration_data=calibration))
 
 
 @pytest.mark.parametrize("how", list(COPIES))

@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from components import perturbed, qwen3_batch, snapshot, tiny_qwen3
+from components import perturbed, qwen3_batch, snapshot, tiny_config, tiny_qwen3
 
 import lora_func as lf
 from lora_func.variants import REGISTRY
@@ -27,7 +27,7 @@ TARGET_ON_META = r"target 'model\.layers\.0\.self_attn\.q_proj' \(Linear\) has i
 
 def make(name: str, model, batch) -> lf.Params:
     kwargs = {"calibration_data": [batch], "progress": False} if REGISTRY[name].calibrated else {}
-    return perturbed(lf.init(model, REGISTRY[name].config(r=4), seed=0, **kwargs), scale=0.1)
+    return perturbed(lf.init(model, tiny_config(name, r=4), seed=0, **kwargs), scale=0.1)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -41,7 +41,7 @@ def test_cpu_offload_is_refused_by_name_everywhere(name):
     kwargs = {"calibration_data": [batch], "progress": False} if REGISTRY[name].calibrated else {}
     refused = OFFLOADED.replace("'{name}'", r"'model\.embed_tokens\.weight'")
     with pytest.raises(ValueError, match=refused.format(caller="init")):
-        lf.init(model, REGISTRY[name].config(r=4), seed=0, **kwargs)
+        lf.init(model, tiny_config(name, r=4), seed=0, **kwargs)
     with pytest.raises(ValueError, match=refused.format(caller="apply")):
         lf.apply(model, params, batch)
     with pytest.raises(ValueError, match=refused.format(caller="merge")):

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from components import perturbed, qwen3_batch, tiny_qwen3
+from components import perturbed, qwen3_batch, tiny_config, tiny_qwen3
 from torch import nn
 
 import lora_func as lf
@@ -28,7 +28,7 @@ def tied_model() -> nn.Module:
 
 
 def adapter(name: str, model: nn.Module, batch, target: str) -> lf.Params:
-    cfg = REGISTRY[name].config(r=4, target_names=(target,), exclude_names=())
+    cfg = tiny_config(name, r=4, target_names=(target,), exclude_names=())
     kwargs = {"calibration_data": [batch], "progress": False} if REGISTRY[name].calibrated else {}
     return perturbed(lf.init(model, cfg, seed=0, **kwargs), scale=0.3)
 

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from components import tiny_config
 from conftest import assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qwen3
 
 import lora_func as lf
@@ -19,7 +20,7 @@ VARIANTS = sorted(n for n, v in REGISTRY.items() if v.capability(Intervention) i
 def make(name, model):
     variant = REGISTRY[name]
     calibration = [qwen3_batch(seed=7)] if variant.calibrated else None
-    return perturbed(lf.init(model, variant.config(r=4), seed=0, calibration_data=calibration))
+    return perturbed(lf.init(model, tiny_config(variant.name, r=4), seed=0, calibration_data=calibration))
 
 
 @pytest.mark.parametrize("name", VARIANTS)

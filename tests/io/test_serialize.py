@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from components import tiny_config
 from conftest import qwen3_batch, tiny_qwen3
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -19,7 +20,7 @@ VARIANTS = sorted(REGISTRY)
 
 def saved(tmp_path, name="lora", **fields):
     model = tiny_qwen3()
-    cfg = REGISTRY[name].config(r=4, **fields)
+    cfg = tiny_config(name, r=4, **fields)
     kwargs = {"calibration_data": [qwen3_batch()]} if REGISTRY[name].calibrated else {}
     params = lf.init(model, cfg, seed=0, **kwargs)
     path = tmp_path / "adapter.safetensors"

@@ -17,7 +17,7 @@ import typing
 import optree
 import pytest
 import torch
-from components import target_names_for
+from components import target_names_for, tiny_config
 from conftest import NOT_IDENTITY_AT_INIT, assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qwen3
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -578,7 +578,7 @@ def test_every_variant_runs_in_the_half_dtypes_its_init_accepts(name, dtype):
     variant = REGISTRY[name]
     kwargs = {"calibration_data": [batch]} if variant.calibrated else {}
     names = target_names_for(variant, ("q_proj", "down_proj"))  # None for ReFT: its blocks, by `layers`
-    cfg = variant.config(r=4, dtype=dtype, **({"target_names": names} if names else {}))
+    cfg = tiny_config(variant.name, r=4, dtype=dtype, **({"target_names": names} if names else {}))
     params = lf.init(model, cfg, seed=0, **kwargs)
     assert all(t.dtype == dtype for _, _, t in params.leaves())
     with torch.no_grad():

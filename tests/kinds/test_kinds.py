@@ -15,6 +15,7 @@ from components import (
     qwen3_batch,
     snapshot,
     tiny_cnn,
+    tiny_config,
     tiny_gpt2,
     tiny_qwen3,
     tiny_qwen3_moe,
@@ -79,7 +80,7 @@ def test_conv1d_equals_the_linear_copy(name):
     model = tiny_gpt2()
     twin = with_linear_layers(model)
     batch = qwen3_batch()
-    cfg = REGISTRY[name].config(r=4)
+    cfg = tiny_config(name, r=4)
     reference = perturbed(_init(twin, cfg, batch))
     params = _init(model, cfg, batch)
     assert {t.kind for t in params.targets} == {"conv1d"} and {t.kind for t in reference.targets} == {"linear"}
@@ -124,7 +125,7 @@ def test_conv_matches_peft(name):
     over plain, 'same'-padded, grouped, strided and 1×1 convolutions (DoRA: not the grouped one)."""
     model = tiny_cnn()
     targets = [t for t in PEFT_CONVS if not (name == "dora" and t == "mix")]
-    cfg = REGISTRY[name].config(r=4, alpha=8, target_names=tuple(f"^{t}$" for t in targets))
+    cfg = tiny_config(name, r=4, alpha=8, target_names=tuple(f"^{t}$" for t in targets))
     params = perturbed(lf.init(model, cfg, seed=0), scale=0.2)
     peft_model = _conv_peft(name, model, targets)
     pairs = {}
@@ -170,7 +171,7 @@ def test_conv_with_dilation_and_reflect_padding_merges():
     """A's conv takes the layer's dilation and padding mode, so B A is the layer's own kind of kernel."""
     model = tiny_cnn()
     for name in ("lora", "dora", "ia3", "ia3ff"):
-        params = perturbed(lf.init(model, REGISTRY[name].config(r=4, target_names=("^dilated$",)), seed=0), 0.2)
+        params = perturbed(lf.init(model, tiny_config(name, r=4, target_names=("^dilated$",)), seed=0), 0.2)
         x = cnn_batch()
         with torch.no_grad():
             dense = torch.func.functional_call(model, lf.merge(model, params), (x,))
@@ -189,7 +190,7 @@ def test_grouped_conv_runs_but_does_not_merge_and_dora_refuses_it():
         lf.init(model, lf.LoRAConfig(r=3, target_names=("^mix$",)))
     # IA3's gains do merge on a grouped conv: each output channel's kernel scales by its own group's inputs.
     for name in ("ia3", "ia3ff"):
-        params = perturbed(lf.init(model, REGISTRY[name].config(target_names=("^mix$",)), seed=0), 0.3)
+        params = perturbed(lf.init(model, tiny_config(name, target_names=("^mix$",)), seed=0), 0.3)
         with torch.no_grad():
             dense = torch.func.functional_call(model, lf.merge(model, params), (cnn_batch(),))
             torch.testing.assert_close(dense, lf.apply(model, params, cnn_batch()), rtol=1e-5, atol=1e-6)
@@ -200,7 +201,7 @@ CONV_METHODS = {"lora", "dora", "ia3", "ia3ff", "loha", "lokr"}  # adapt convolu
 
 @pytest.mark.parametrize("name", sorted(set(VARIANTS) - CONV_METHODS))
 def test_variants_refuse_kinds_they_do_not_support(name):
-    cfg = REGISTRY[name].config(r=4, target_names=("^stem$",))
+    cfg = tiny_config(name, r=4, target_names=("^stem$",))
     kinds = ", ".join(REGISTRY[name].kinds)
     message = rf"{type(cfg).__name__} cannot adapt 'stem' \(Conv2d\): {name} supports {kinds}"
     with pytest.raises(ValueError, match=message):

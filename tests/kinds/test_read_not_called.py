@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from components import perturbed
+from components import perturbed, tiny_config
 from torch import nn
 
 import lora_func as lf
@@ -30,7 +30,7 @@ def adapter(name: str, model: nn.Module, x: torch.Tensor, **fields) -> lf.Params
     kwargs = {"calibration_data": [x], "progress": False} if REGISTRY[name].calibrated else {}
     if REGISTRY[name].capability(GradientCalibration) is not None:  # LoRA-GA: gradients of a mean-square loss
         kwargs["calibration_loss"] = lambda m, batch: m(batch).square().mean()
-    return perturbed(lf.init(model, REGISTRY[name].config(r=4, **fields), seed=0, **kwargs), scale=0.3)
+    return perturbed(lf.init(model, tiny_config(name, r=4, **fields), seed=0, **kwargs), scale=0.3)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
