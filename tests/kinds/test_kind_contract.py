@@ -82,6 +82,8 @@ SUBJECTS = {
     "norm": lambda: KindSubject(tiny_bert_classifier, classification_batch(), {"target_names": (r"LayerNorm$",)}),
     "block": lambda: KindSubject(tiny_qwen3, qwen3_batch()),
 }
+# Fields a method needs on one kind's subject: BOFT's blocks must divide every fan-in, and the CNN's stem has 27.
+KIND_FIELDS = {("conv", "boft"): {"boft_block_size": 0, "boft_block_num": 1}}
 CASES = [(kind, name) for kind in KINDS for name in sorted(REGISTRY) if supports(REGISTRY[name], kind)]
 
 
@@ -101,7 +103,7 @@ def test_kind_contract(kind, name, tmp_path):
     subject = _subject(kind)
     model = subject.build()
     variant = REGISTRY[name]
-    cfg = tiny_config(name, r=4, **subject.config)
+    cfg = tiny_config(name, r=4, **subject.config, **KIND_FIELDS.get((kind, name), {}))
     before = snapshot(model)
     with torch.no_grad():
         base = subject.output(call_model(model, subject.batch))

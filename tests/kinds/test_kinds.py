@@ -196,7 +196,7 @@ def test_grouped_conv_runs_but_does_not_merge_and_dora_refuses_it():
             torch.testing.assert_close(dense, lf.apply(model, params, cnn_batch()), rtol=1e-5, atol=1e-6)
 
 
-CONV_METHODS = {"lora", "dora", "ia3", "ia3ff", "loha", "lokr"}  # adapt convolutions (their own tests)
+CONV_METHODS = {name for name in VARIANTS if "conv" in REGISTRY[name].kinds}  # adapt convolutions (their own tests)
 
 
 @pytest.mark.parametrize("name", sorted(set(VARIANTS) - CONV_METHODS))

@@ -10,6 +10,7 @@ import re
 import optree
 import pytest
 import torch
+from components import tiny_config
 from conftest import assert_untouched, perturbed, qwen3_batch, snapshot, tiny_qwen3, tiny_qwen3_4bit
 from torch import nn
 
@@ -28,7 +29,7 @@ ATOL = 1e-5  # ΔW entries are O(0.01–1); float32 products and SVD reconstruct
 def make(name, model, seed=0, **fields):
     variant = REGISTRY[name]
     calibration = [qwen3_batch(seed=7)] if variant.calibrated else None
-    cfg = variant.config(**{"r": 4, **fields})
+    cfg = tiny_config(name, **{"r": 4, **fields})
     return perturbed(lf.init(model, cfg, seed=seed, calibration_data=calibration, progress=False), seed=seed + 3)
 
 

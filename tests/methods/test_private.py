@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from components import perturbed, qwen3_batch, snapshot, tiny_gpt2, tiny_qwen3
+from components import perturbed, qwen3_batch, snapshot, tiny_config, tiny_gpt2, tiny_qwen3
 from conftest import assert_untouched, minilm, minilm_batch, tiny_qwen3_4bit
 from scipy import stats
 from torch import nn
@@ -29,7 +29,7 @@ def token_losses(labels):
 
 
 def make_params(name, model, batch):
-    cfg = REGISTRY[name].config(r=4)
+    cfg = tiny_config(name, r=4)
     if REGISTRY[name].calibrated:
         return perturbed(lf.init(model, cfg, seed=0, calibration_data=[batch], progress=False))
     return perturbed(lf.init(model, cfg, seed=0))
