@@ -11,6 +11,7 @@ from torch import nn
 from ._calibration import collect_input_stats, collect_weight_gradients
 from ._config import AdapterConfig, config_for
 from ._kind import Target
+from ._merge import autocast_off
 from ._params import SHARED, Params
 from ._structure import check, declared_shapes, fits, growing_dims
 from ._targets import find_targets
@@ -139,7 +140,7 @@ def init(
     gradients = variant.capability(GradientCalibration) is not None
 
     leaves: dict[str, dict[str, torch.Tensor]] = {}
-    with torch.no_grad():
+    with torch.no_grad(), autocast_off({"cpu"} | {p.device.type for p in model.parameters()}):
         for target in found:
             site = site_for(model, target, cfg, "init")
             data = stats.get(target.path)

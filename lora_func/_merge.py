@@ -42,7 +42,7 @@ def merge(model: nn.Module, params: Params) -> dict[str, torch.Tensor]:
     names: dict[int, list[str]] = {}  # id(parameter) -> every name it has in the model
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
-    with _autocast_off({t.device.type for _, _, t in params.leaves()}):
+    with autocast_off({t.device.type for _, _, t in params.leaves()}):
         for _, site in resolve_sites(model, params, "merge"):
             path = site.target.path
             try:
@@ -77,8 +77,9 @@ def _refuse_tied(model: nn.Module, owner: nn.Module, path: str, name: str, names
         )
 
 
-def _autocast_off(device_types: set[str]) -> contextlib.ExitStack:
-    """Autocast switched off on these device types (a merged weight is a weight, not an activation)."""
+def autocast_off(device_types: set[str]) -> contextlib.ExitStack:
+    """Autocast switched off on these device types (a merged weight or an initial leaf is a weight, not an
+    activation: `merge` and `init` compute it in its own dtype inside a user's autocast block)."""
     stack = contextlib.ExitStack()
     for device in sorted(device_types):
         if torch.amp.is_autocast_available(device):

@@ -100,12 +100,12 @@ def train(name, **options):
     state = lf.schedule_state(params)  # ReFT's: R kept orthonormal after each step; AdaLoRA's rank allocator
     curve = []
     for step, (docs, y) in enumerate(batches):
-        loss = F.cross_entropy(demo.logits(model, params, task, docs), y) + lf.regularizer(params)  # AdaLoRA's
+        loss = F.cross_entropy(demo.logits(model, params, task, docs), y)
         optimizer.zero_grad()
-        loss.backward()
+        (loss + lf.regularizer(params)).backward()  # AdaLoRA's orthogonality term; 0 for the others
         optimizer.step()
         params, state = lf.schedule(params, state, step)
-        curve.append(loss.item())
+        curve.append(loss.item())  # the task's loss
     seconds = time.perf_counter() - start
     return {
         "variant": name + "".join(f" ({k}={v:g})" for k, v in options.items()),
@@ -154,15 +154,17 @@ print(
 # %% [markdown]
 # ## Checks
 #
-# - Identity at init, for every variant but ReFT: the first step's loss (before any update) is the base model's.
-#   LoReFT starts, as pyreft's does, from random W and b and an orthonormal R, which do not cancel.
+# - Identity at init, for every variant but ReFT and VBLoRA: the first step's task loss (before any update) is the
+#   base model's. LoReFT starts, as pyreft's does, from random W and b and an orthonormal R, which do not cancel;
+#   VBLoRA, as PEFT's, from a random vector bank and random logits.
 # - Training helps every variant: the held-out loss is below the zero-shot one after 8 steps.
 # - The parameter counts are the methods' own: LoRA's is r·(d_in + d_out) per target.
 # - The base model is bitwise untouched after every variant's init, training and evaluation.
 
 # %%
+STARTS_ELSEWHERE = ("reft", "vblora")  # LoReFT's random W, b; VBLoRA's random bank and logits (PEFT's init)
 for r in rows:
-    if not r["variant"].startswith("reft"):
+    if not r["variant"].startswith(STARTS_ELSEWHERE):
         assert abs(r["curve"][0] - base_first_loss) < 1e-4, f"{r['variant']}: not the identity at init"
     assert r["held_out"]["loss"] < zero_shot["loss"], f"{r['variant']}: held-out loss did not improve"
 lora_cfg = dataclasses.replace(demo.config_for(REGISTRY["lora"], demo.RECIPES["lora"]), layers=LAYERS)
