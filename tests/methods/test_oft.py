@@ -212,3 +212,22 @@ def test_convolutions_peft_computes_otherwise_are_refused_both_ways(conv, tmp_pa
         )
         with pytest.raises(ValueError, match=r"'stem' \(Conv2d\) has kernel_size=\(3, 3\)"):
             lf.from_peft(tmp_path / "peft", tiny_cnn())
+
+
+def test_one_adapter_of_both_forms_in_mixed_rows_and_stacked():
+    """The linear head takes the input form, the convolutions the output form, in one injection: per-row adapters
+    (`adapter_ids`) and `vmap` over stacked adapters give each adapter's own outputs."""
+    model = tiny_cnn().eval()
+    cfg = lf.OFTConfig(oft_block_size=4, target_names=(r"^(stem|down|pointwise|head)$",))
+    adapters = [
+        randomized(lf.init(model, cfg), lambda p, k, t, gen, s=scale: s * _draw(p, k, t, gen)) for scale in (1, -2)
+    ]
+    x = cnn_batch(batch=4)
+    ids = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        outs = [lf.apply(model, p, x) for p in adapters]
+        assert (outs[0] - outs[1]).abs().max() > 1e-3
+        mixed = lf.apply(model, lf.stack(adapters), x, adapter_ids=ids)
+        stacked = torch.func.vmap(lambda p: lf.apply(model, p, x))(lf.stack(adapters))
+    torch.testing.assert_close(mixed, torch.stack([outs[i][row] for row, i in enumerate(ids.tolist())]))
+    torch.testing.assert_close(stacked, torch.stack(outs))
