@@ -180,6 +180,8 @@ class Variant(NamedTuple):
     create(target, cfg, init) -> leaves             initial values (see `Init`)
     forward(x, y, leaves, site) -> y'               output form: adapted output from input and base output
     forward_input(x, leaves, site) -> x'            input form: the base layer then runs on x'
+                                                    (a variant with both: the input form on linear-like kinds, the
+                                                    output form on others, as OFT's rotated convolution kernel)
     inference(site, rows) -> run(x, y, leaves) -> y'  optional: the output form for one target in inference (an
                                                     eval-mode layer, grad off), built once per injection; with `rows`
                                                     (`AdapterRows`) row i uses adapter rows.index[i] of the stacked

@@ -70,10 +70,9 @@ class Injection:
         if schedule is not None and schedule.guard is not None and count is None and torch.is_grad_enabled():
             schedule.guard(params, caller, model.training)  # training on without the schedule (AdaLoRA's allocator)
         self.model, self.params, self.caller = model, params, caller
-        self.input_form = variant.forward_input is not None
+        self.inputs: set[nn.Module] = set()  # the targets of the input form (`form_of`); the others: the output form
         self.bindings: dict[nn.Module, tuple[Callable, dict, Site, Callable | None]] = {}  # fn, leaves, site, inference
         self.parameter_bindings: dict[nn.Module, list[tuple[Callable, dict, Site]]] = {}  # `form_of`: "parameters"
-        form = "input" if self.input_form else "output"
         # First, so that on a target the mode is popped before the adapter's own ops run (they need none).
         roles: list[tuple[nn.Module, str]] = [(module, "detach") for module in owners]
         rows = self.rows
@@ -90,15 +89,16 @@ class Injection:
                     )
                 self.parameter_bindings.setdefault(module, []).append((target_form.run, leaves, site))
                 continue
-            if self.input_form:
-                fn = variant.forward_input if rows is None else partial(rows.forward_input, variant.forward_input)
+            if target_form.where == "input":
+                fn = target_form.run if rows is None else partial(rows.forward_input, target_form.run)
+                self.inputs.add(module)
             else:
-                fn = variant.forward if rows is None else partial(rows.forward, variant.forward)
+                fn = target_form.run if rows is None else partial(rows.forward, target_form.run)
                 if self.positions is not None:
                     fn = partial(self.positions.forward, fn)
-            inference = None if self.input_form or variant.inference is None else variant.inference(site, rows)
+            inference = None if module in self.inputs or variant.inference is None else variant.inference(site, rows)
             self.bindings[module] = (fn, leaves, site, inference)
-            roles.append((module, form))
+            roles.append((module, target_form.where))
         roles += [(module, "parameters") for module in self.parameter_bindings]
         self._detached: dict[int, torch.Tensor] | None = None
         self._mode: Detached | None = None

@@ -82,7 +82,7 @@ def enter_compiled(injection: Injection) -> None:
     injection.thread = 0  # entered (dynamo cannot trace threading.get_ident)
     injection.compiled = []
     for module, (fn, leaves, site, _) in injection.bindings.items():
-        if injection.input_form:
+        if module in injection.inputs:
 
             def pre_hook(mod, args, kwargs, fn=fn, leaves=leaves, site=site):
                 if args:

@@ -51,7 +51,7 @@ def output_hook(module, args, *rest):  # rest: (kwargs, output), or (output,) wh
     if injection is None:
         return None
     binding = injection.bindings.get(module)
-    if binding is None or injection.input_form:  # another thread's adapter of the input form shares the module
+    if binding is None or module in injection.inputs:  # another thread's adapter of the input form shares the module
         return None
     fn, leaves, site, inference = binding
     x = args[0] if args else next(iter(rest[0].values()))
@@ -70,7 +70,7 @@ def input_hook(module, args, *rest):  # rest: (kwargs,), or () when registered a
     if injection is None:
         return None
     binding = injection.bindings.get(module)
-    if binding is None or not injection.input_form:  # another thread's adapter of the output form shares it
+    if binding is None or module not in injection.inputs:  # another thread's adapter of the output form shares it
         return None
     if task == -1:
         refuse_unseen_checkpoint(injection, module)

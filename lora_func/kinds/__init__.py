@@ -29,7 +29,7 @@ from torch import nn
 
 from .._config import ROLES, AdapterConfig, config_for
 from .._kind import SHARED, BaseLayer, Kind, Target
-from .._variant import Leaves, Site, Variant
+from .._variant import LINEAR_LIKE, Leaves, Site, Variant
 from . import block, conv, conv1d, embedding, experts, linear, norm, saved
 
 KINDS: dict[str, Kind] = {
@@ -199,8 +199,8 @@ def form_of(variant: Variant, target: Target) -> Form:
     path = kind.module_path(target) if kind.module_path is not None else target.path
     if kind.parameter_form:
         return Form("parameters", path, lambda leaves, site: merged_parameters(variant, site, leaves))
-    if variant.forward_input is not None:
-        return Form("input", path, variant.forward_input)
+    if variant.forward_input is not None and (variant.forward is None or target.kind in LINEAR_LIKE):
+        return Form("input", path, variant.forward_input)  # with both forms: the output form off linear-like kinds
     return Form("output", path, variant.forward)
 
 

@@ -1,9 +1,15 @@
-"""OFT as PEFT's OFT (v2): `oft_R.weight` (blocks, b(b−1)/2) stored as lora_func's `oft_R`, on nn.Linear targets.
+"""OFT as PEFT's OFT (v2): `oft_R.weight` (blocks, b(b−1)/2) stored as lora_func's `oft_R`, on nn.Linear and
+nn.Conv2d targets.
 
 PEFT sets exactly one of `r` (blocks) and `oft_block_size`; lora_func's `oft_block_size=0` means "blocks = r",
 so the pair is written and read as it is. A block size (or count) that does not divide a layer's d_in is moved to
 the nearest divisor per layer by both (PEFT warns), so the stored shapes agree. `coft` (a projection applied
 in place during the forward) is not offered; `module_dropout` drops blocks in training only.
+
+On nn.Conv2d, PEFT's merge computes lora_func's kernel W Rᵀ, but its unmerged forward unfolds the input into
+kernel-sized patches (stride 1, no padding), rotates each and folds them back, summing where patches overlap: for a
+kernel larger than 1×1 that is neither W Rᵀ nor the identity at init. Only 1×1 kernels (groups 1) are exchanged, where
+the two agree; other convolutions are refused both ways.
 """
 
 from __future__ import annotations
@@ -72,6 +78,25 @@ def fields_in(fields: Mapping[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+def check_convolutions(targets, where: str) -> None:
+    """PEFT's OFT Conv2d computes lora_func's rotated kernel unmerged only on 1×1 kernels, groups 1."""
+    for t in targets:
+        if t.kind != "conv":
+            continue
+        kernel, groups = t.get("kernel_size"), t.get("groups")
+        if groups != 1 or set(kernel) != {1}:
+            raise ValueError(
+                f"{where}: {t.path!r} ({t.module}) has kernel_size={kernel}, groups={groups}; PEFT's OFT Conv2d "
+                "rotates unfolded input patches and folds them back (summing their overlaps), which is lora_func's "
+                "rotated kernel only for 1×1 kernels with groups 1, so it would not compute what lora_func does"
+            )
+
+
+def checked(params):
+    check_convolutions(params.targets, "to_peft")
+    return params
+
+
 METHOD = PeftMethod(
     variant="oft",
     peft_type="OFT",
@@ -87,4 +112,8 @@ METHOD = PeftMethod(
     fields_out=fields_out,
     fields_in=fields_in,
     handled=("r", "oft_block_size", "block_share", "use_cayley_neumann", "num_cayley_neumann_terms"),
+    kinds=("linear", "conv"),
+    conv_dims=(2,),
+    export_as=checked,
+    check_model=lambda model, targets, where: check_convolutions(targets, where),
 )

@@ -36,8 +36,8 @@ import torch
 from .._config import AdapterConfig
 from .._kind import Target
 from .._variant import LINEAR_LIKE, Dense, Init, Leaves, PeftExchange, Recipe, Site, Variant
-from ..kinds.conv import convolve, fan_in
-from .oft import cayley, rotate_blocks
+from ..kinds.conv import convolve
+from .oft import cayley, features, rotate_blocks
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,6 @@ class BOFTConfig(AdapterConfig):
             )
         if self.rank_pattern or self.alpha_pattern:
             raise ValueError("BOFTConfig: `rank_pattern` / `alpha_pattern` are not supported (BOFT has no rank)")
-
-
-def features(target: Target) -> int:
-    """n, the features R rotates: d_in, or a convolution's fan-in (d_in / groups · ∏kernel)."""
-    return fan_in(target) if target.kind == "conv" else target.d_in
 
 
 def blocks(target: Target, cfg: BOFTConfig) -> tuple[int, int, int]:

@@ -1,7 +1,8 @@
 """OFT (v2): the input rotated by a block-diagonal orthogonal matrix before the base layer.
 
-    d_in = blocks · b       (b = `oft_block_size`; or, with `oft_block_size=0`, blocks = `r`; either moved to the
-                             nearest divisor of d_in where it does not divide it, as PEFT does)
+    n = blocks · b          n = d_in (a convolution: its fan-in d_in / groups · ∏kernel); b = `oft_block_size`, or,
+                             with `oft_block_size=0`, blocks = `r`; either moved to the nearest divisor of n where it
+                             does not divide it, as PEFT does
     Q_i = skew(q_i)          q_i (b(b−1)/2,) the strict upper triangle of block i, Q_i = U − Uᵀ
     R_i = I + 2Q_i + 2Q_i² + … + 2Q_i^(n−2) + Q_i^(n−1)     Cayley–Neumann, n = `num_cayley_neumann_terms` >= 4
           (the truncated series of the Cayley transform (I + Q)(I − Q)⁻¹; PEFT's loop gives I, I + 2Q and
@@ -9,12 +10,15 @@
           (I − Q)(I + Q)⁻¹ by a solve, as PEFT computes it)
     x' = x · diag(R_0, …, R_{blocks−1})   per block of b input features;   y' = x' Wᵀ + b,   W' = W Rᵀ
 
-As an input transform it runs before any base layer, bitsandbytes included. `block_share=True` stores one block,
+On linear-like layers it is an input transform, run before any base layer, bitsandbytes included. On a convolution
+R rotates each kernel's fan-in (W read as (d_out, n), channel-major as PEFT's `view`): the kernel W' = W Rᵀ is built
+and the layer's own convolution runs with it (PEFT's `Conv2d.merge`; its unmerged forward agrees on 1×1 kernels, see
+lora_func/peft/oft.py). `block_share=True` stores one block,
 used for all (PEFT's). Identity at init: q = 0, so every R_i is exactly I (PEFT's `init_weights=True`).
 The sums are accumulated in PEFT's order (`_cayley_batch`), so outputs and gradients are PEFT's to rounding.
 PEFT's `coft` (projecting q in place during the forward) and `module_dropout` are not offered.
 Qiu et al. 2023, arXiv 2306.07280; OFT v2: Qiu et al. 2025, arXiv 2506.19847.
-Reference: peft/tuners/oft/layer.py (`OFTRotationModule._cayley_batch`, `forward`, `Linear.merge`).
+Reference: peft/tuners/oft/layer.py (`OFTRotationModule._cayley_batch`, `forward`, `Linear.merge`, `Conv2d`).
 """
 
 from __future__ import annotations
@@ -26,14 +30,15 @@ import torch
 from .._config import AdapterConfig
 from .._kind import Target
 from .._variant import LINEAR_LIKE, Dense, Init, Leaves, PeftExchange, Recipe, Site, Variant
+from ..kinds.conv import convolve, fan_in
 
 
 @dataclass(frozen=True)
 class OFTConfig(AdapterConfig):
     """OFT (PEFT's `OFTConfig`, v2). `oft_block_size` (PEFT's default 32) per target, the nearest divisor of its
-    d_in where it does not divide it (as PEFT); with `oft_block_size=0`, `r` is the number of blocks instead
-    (likewise), else `r` is unused, as in PEFT where exactly one of the two is set. `init_weights=False` draws
-    q ~ N(0, 0.1²) (not the identity)."""
+    d_in (a convolution's fan-in) where it does not divide it (as PEFT); with `oft_block_size=0`, `r` is the number
+    of blocks instead (likewise), else `r` is unused, as in PEFT where exactly one of the two is set.
+    `init_weights=False` draws q ~ N(0, 0.1²) (not the identity)."""
 
     oft_block_size: int = 32
     block_share: bool = False
@@ -66,11 +71,16 @@ def nearest_divisor(d_in: int, value: int) -> int:
     return lower if value - lower <= higher - value else higher
 
 
+def features(target: Target) -> int:
+    """n, the features R rotates: d_in, or a convolution's fan-in (d_in / groups · ∏kernel)."""
+    return fan_in(target) if target.kind == "conv" else target.d_in
+
+
 def blocks(target: Target, cfg: OFTConfig) -> tuple[int, int]:
-    """(number of blocks, block size) for this target: `oft_block_size`, or d_in / `r` blocks, each moved to the
-    nearest divisor of d_in where it does not divide it, as PEFT does (PEFT warns; `lf.targets` shows the result
+    """(number of blocks, block size) for this target: `oft_block_size`, or n / `r` blocks (n: `features`), each moved
+    to the nearest divisor of n where it does not divide it, as PEFT does (PEFT warns; `lf.targets` shows the result
     through the leaf shapes)."""
-    d_in = target.d_in
+    d_in = features(target)
     if cfg.oft_block_size:
         size = cfg.oft_block_size if d_in % cfg.oft_block_size == 0 else nearest_divisor(d_in, cfg.oft_block_size)
         return d_in // size, size
@@ -152,9 +162,22 @@ def forward_input(x: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
     return rotate_blocks(x, R).to(x.dtype)
 
 
-def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
+def merged_weight(weight: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
+    """W' = W Rᵀ, (d_out, n), in the weight's dtype: each row rotated by the blocks transposed."""
     R, _, _ = _blocks_of({k: v.to(weight.dtype) for k, v in leaves.items()}, site)
-    return weight @ torch.block_diag(*R.unbind(0)).t(), bias
+    return rotate_blocks(weight, R.transpose(-1, -2))
+
+
+def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
+    """A convolution: the layer's own convolution with the kernel W' = W Rᵀ (its output y is not used)."""
+    base = site.base
+    W = merged_weight(base.weight(), leaves, site)
+    b = None if base.bias is None else base.bias.to(W.dtype)
+    return convolve(base, x.to(W.dtype), W, b).to(y.dtype)
+
+
+def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
+    return merged_weight(weight, leaves, site), bias
 
 
 VARIANT = Variant(
@@ -162,9 +185,10 @@ VARIANT = Variant(
     config=OFTConfig,
     shapes=shapes,
     create=create,
+    forward=forward,
     forward_input=forward_input,
     merge=merge,
-    kinds=LINEAR_LIKE,
+    kinds=(*LINEAR_LIKE, "conv"),
     capabilities=(
         Dense(),
         PeftExchange("oft"),
