@@ -93,7 +93,7 @@ def peft_twin(base: nn.Module, params: lf.Params) -> nn.Module:
 def method_row(name: str, variant: Variant, base: nn.Module, batch: dict, repeats: int, warmup: int) -> dict:
     """One method: both adapters built, their losses compared, their steps timed alternately."""
     cfg = config_for(variant)
-    calibration = [{"input_ids": batch["input_ids"][:2]}] if variant.calibrated else None
+    calibration = [{k: v[:2] for k, v in batch.items()}] if variant.calibrated else None  # labels: LoRA-GA's loss
     params = moved(lf.init(base, cfg, seed=0, calibration_data=calibration))
     lf.schedule_state(params)  # a method with a schedule (AdaLoRA) trains only once its schedule has seen the leaves
     peft = peft_twin(base, params)
