@@ -288,6 +288,21 @@ def add_low_rank(
 # ---- the kind's functions: features-last layers (also used by conv1d.py) ----------------------------------------
 
 
+def factored_forms(factors: Callable) -> tuple[Callable, Callable]:
+    """`forward` and `merge` of a variant whose ΔW is the product B A of `factors(leaves, site) -> (B, A)` (RandLoRA,
+    VBLoRA): y + x Aᵀ Bᵀ, and W + B A."""
+
+    def forward(x: torch.Tensor, y: torch.Tensor, leaves, site) -> torch.Tensor:
+        B, A = factors(leaves, site)
+        return y + low_rank(x, A, B, 1.0).to(y.dtype)
+
+    def merge(weight: torch.Tensor, bias, leaves, site):
+        B, A = factors(leaves, site)
+        return weight + (B @ A).to(weight.dtype), bias
+
+    return forward, merge
+
+
 def low_rank_shapes(target: Target, cfg) -> dict[str, tuple[int, ...]]:
     require_rank(target, cfg)
     return {"A": (cfg.r, target.d_in), "B": (target.d_out, cfg.r)}

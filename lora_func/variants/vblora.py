@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .._config import AdapterConfig, ConfigError
 from .._kind import Target
 from .._variant import LINEAR_LIKE, Init, Leaves, LowRank, PeftExchange, Recipe, Site, Variant
-from ..kinds.linear import low_rank
+from ..kinds.linear import factored_forms
 
 
 @dataclass(frozen=True)
@@ -106,14 +106,7 @@ def factors(leaves: Leaves, site: Site) -> tuple[torch.Tensor, torch.Tensor]:
     return B, A
 
 
-def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
-    B, A = factors(leaves, site)
-    return y + low_rank(x, A, B, 1.0).to(y.dtype)
-
-
-def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
-    B, A = factors(leaves, site)
-    return weight + (B @ A).to(weight.dtype), bias
+forward, merge = factored_forms(factors)  # y + x Aᵀ Bᵀ, W + B A
 
 
 VARIANT = Variant(
