@@ -188,15 +188,19 @@ def test_trainer_with_the_callback_equals_the_loop_by_hand(recipe, reference, tm
 @pytest.mark.parametrize("checkpoint", [2, 4])
 def test_a_resumed_run_ends_where_the_uninterrupted_one_ends(recipe, reference, tmp_path, checkpoint):
     """Resumed (from an adapter of another seed) during the budgeting phase or right before the final allocation,
-    which needs the importance averages of the earlier steps: the callback's saved state carries them."""
+    which needs the importance averages of the earlier steps: the callback's saved state carries them; a checkpoint
+    without it is refused, not resumed with the averages restarted."""
     train(recipe, tmp_path, save_strategy="steps", save_steps=2)
     resumed = train(recipe, tmp_path, seed=1, resume=str(tmp_path / "out" / f"checkpoint-{checkpoint}"))
     assert_same_training(resumed.model.params, reference, atol=1e-6)
+    (tmp_path / "out" / f"checkpoint-{checkpoint}" / "schedule.pt").unlink()  # a checkpoint without it: said
+    with pytest.raises(FileNotFoundError, match="schedule.pt"):
+        train(recipe, tmp_path, resume=str(tmp_path / "out" / f"checkpoint-{checkpoint}"))
 
 
 def test_trainer_without_the_callback_is_refused(recipe, tmp_path):
     """No callback: the first forward of train() names the missing schedule, before any step."""
-    with pytest.raises(RuntimeError, match=r"never given to lf\.schedule_state.*lf\.schedule\(params, state, step\)"):
+    with pytest.raises(RuntimeError, match=r"never given to lf\.schedule_state.*Under HF Trainer, a TrainerCallback"):
         train(recipe, tmp_path, callbacks=[])
 
 
