@@ -23,7 +23,8 @@ allocation sets `rank_mask`; after it, the removed ranks' E is zeroed after ever
 Forgetting the allocator (peft #3373: training then silently is plain LoRA) cannot pass unnoticed here: with
 `total_step` set, an `lf.apply` / `lf.inject` with grad enabled refuses leaves that an optimizer changed after
 `lf.schedule` last ran (or since an earlier call, never scheduled), and, on a model in training mode, leaves that
-neither `lf.schedule_state` nor `lf.schedule` ever saw (`guard` below).
+neither `lf.schedule_state` nor `lf.schedule` ever saw (`guard` below). Under HF Trainer the allocator runs in a
+`TrainerCallback.on_optimizer_step` (after the step, before `zero_grad()`; docs/guides/training.md).
 `total_step=None` (the default, unlike PEFT, where it is required) trains at a fixed rank, with no allocator.
 
 Zhang et al. 2023, arXiv 2303.10512. Reference: peft/tuners/adalora/layer.py (`SVDLinear`, `RankAllocator`),
@@ -353,8 +354,9 @@ def guard(params, caller: str, training: bool) -> None:
             f"{caller}: AdaLoRA with `total_step`={cfg.total_step} trains with its rank allocator, and the leaves of "
             f"{target.path!r} were not scheduled: {why}. Call `state = lf.schedule_state(params)` before training "
             "and `params, state = lf.schedule(params, state, step)` after every optimizer step (torch.func style: "
-            "with `grads=`); without it no rank is ever removed and training is plain LoRA. To train at a fixed "
-            "rank, without the allocator, use `total_step=None`."
+            "with `grads=`); without it no rank is ever removed and training is plain LoRA. Under HF Trainer, a "
+            'TrainerCallback does it in `on_optimizer_step` (docs/guides/training.md, "AdaLoRA under Trainer"). '
+            "To train at a fixed rank, without the allocator, use `total_step=None`."
         )
 
 
