@@ -6,8 +6,7 @@ PEFT's `SVDConv2d` is right for groups 1 with zero padding, and wrong elsewhere,
 ways: with groups > 1 its A has d_in · kh · kw columns, and B A cannot be reshaped to the grouped kernel (d_out,
 d_in / groups, kh, kw) (its forward raises; `check_convolutions` below); with another padding mode (reflect, ...) its
 forward convolves ΔW over a zero-padded input while the layer, and PEFT's own merge, pad as the layer does (refused by
-the conv check all methods share). That shared check refuses dilated convolutions too, which PEFT's `SVDConv2d`
-would compute as lora_func does (it passes the layer's dilation).
+the conv check all methods share). Stride, padding (ints or "same") and dilation it passes as the layer has them.
 
 PEFT saves an adapter its allocator has worked on with the final `rank_pattern` in the config, `{"<module
 path>.lora_E": [kept, ...]}` (init_r booleans per target), and only the kept ranks in the tensor file (its
@@ -185,5 +184,6 @@ METHOD = PeftMethod(
     target_in=target_in,
     kinds=("linear", "conv1d", "conv"),
     conv_dims=(2,),  # PEFT's AdaLoRA has nn.Conv2d only (`SVDConv2d`)
+    conv_dilation=True,  # `SVDConv2d` convolves ΔW with the layer's dilation
     check_model=lambda model, targets, where: check_convolutions(targets, where),
 )

@@ -348,6 +348,40 @@ def test_convolutions_match_peft_outputs_gradients_and_files(tmp_path):
     assert worst["outputs"] <= 1e-5 and worst["grad"] <= 1e-5
 
 
+def test_dilated_convolutions_match_peft_and_files_load_in_peft(tmp_path):
+    """PEFT's `SVDConv2d` convolves ΔW with the layer's dilation (zero padding): dilated targets are exchanged."""
+
+    def build():
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d
+        return torch.nn.Sequential(
+            conv(3, 6, 3, padding=2, dilation=2), torch.nn.ReLU(), conv(6, 4, 3, dilation=(1, 2))
+        )
+
+    model, params, peft_model = peft_twin(
+        lf.AdaLoRAConfig(init_r=4, target_names=("^(0|2)$",)),
+        peft.AdaLoraConfig(**_peft_fields({"init_r": 4}), target_modules=["0", "2"]),
+        _draw,
+        _peft_leaf,
+        model=build(),
+        twin=build(),
+    )
+    x = cnn_batch()
+    out, ref = lf.apply(model, params, x), peft_model(x)
+    assert not torch.allclose(out, model(x), atol=1e-3)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    for path, leaf, tensor in lf.split(params)[0].leaves():
+        expected = _peft_leaf(peft_layer(peft_model, path), leaf).grad
+        torch.testing.assert_close(tensor.grad, expected, rtol=1e-4, atol=1e-6, msg=f"{path}.{leaf}")
+    lf.to_peft(params, tmp_path, model=model)
+    loaded = peft.PeftModel.from_pretrained(build().eval(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(lf.apply(model, lf.from_peft(tmp_path, model), x), ref, rtol=0, atol=1e-5)
+
+
 def test_convolution_dense_formula_merge_and_identity_at_init():
     """On every convolution (grouped and dilated reflect-padded ones too, which PEFT cannot take): the base model at
     init; then ΔW = α B (A ⊙ E ⊙ m) / (init_r + 1e-5) as the layer's flattened kernel (d_out, d_in / groups · ∏kernel),
@@ -424,6 +458,7 @@ def _train_cnn_both():
     return model, history, params, peft_model
 
 
+@pytest.mark.slow
 def test_allocator_on_convolutions_removes_peft_ranks_and_files_round_trip(tmp_path):
     """Trained with the allocator on convolutions, lora_func and PEFT remove the same ranks at the same steps and
     give the same outputs; PEFT's saved adapter (kept ranks, `rank_pattern`) read by `from_peft` gives PEFT's
