@@ -410,6 +410,25 @@ def test_convolution_dense_formula_merge_and_identity_at_init():
         torch.testing.assert_close(torch.func.functional_call(model, merged, (x,)), ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d_follow_the_dense_formula(dims):
+    """nn.Conv1d / nn.Conv3d (which PEFT's AdaLoRA lacks): lf.apply is the model with W + ΔW, ΔW from the leaves."""
+    conv = {1: torch.nn.Conv1d, 3: torch.nn.Conv3d}[dims]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(conv(3, 6, 3, padding=1), torch.nn.ReLU(), conv(6, 4, 2, stride=2, groups=2)).eval()
+    params = lf.combine(*_perturbed_with_mask(lf.init(model, lf.AdaLoRAConfig(init_r=3, target_names=("^(0|2)$",)))))
+    dense = {}
+    for path in ("0", "2"):
+        f, weight = params[path], model.get_submodule(path).weight
+        dw = 8.0 * f["lora_B"] @ (f["lora_A"] * f["lora_E"] * f["rank_mask"]) / (3 + 1e-5)
+        dense[f"{path}.weight"] = weight + dw.detach().reshape(weight.shape)
+    x = torch.randn(2, 3, *(6,) * dims, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = torch.func.functional_call(model, dense, (x,))
+        assert not torch.allclose(ref, model(x), atol=1e-3)
+        torch.testing.assert_close(lf.apply(model, params, x), ref, rtol=0, atol=1e-5)
+
+
 def test_convolutions_peft_computes_otherwise_are_refused(tmp_path):
     """PEFT's `SVDConv2d` fails on groups > 1 (its A has d_in · kh · kw columns: B A does not reshape to a grouped
     kernel) and convolves ΔW over a zero-padded input on a reflect-padded layer: `to_peft` refuses both."""
