@@ -167,9 +167,12 @@ class ParameterForm(NamedTuple):
     layers where `applies(site)` holds, a call of one adapter (not a mixed batch, not traced by torch.compile) is
     injected by parameters instead: for the module's forward, its ops see `merge`'s W' (and b') in place of its
     parameters (`lora_func/_inject/replace.py`), so the layer runs once, as PEFT runs it. `forward` remains the
-    form of mixed batches and compiled code; the two agree to rounding."""
+    form of mixed batches and compiled code; the two agree to rounding. `parameters(leaves, site) -> {name: tensor}`,
+    optional: those tensors directly, where `merge` would read the base weight for nothing (LN Tuning's leaves are
+    the parameters)."""
 
     applies: Callable[[Site], bool]
+    parameters: Callable[[Leaves, Site], dict[str, torch.Tensor]] | None = None
 
 
 CAPABILITIES = (

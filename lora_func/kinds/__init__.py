@@ -199,16 +199,15 @@ def form_of(variant: Variant, target: Target, alone: Site | None = None) -> Form
     traced by torch.compile), where a variant's `ParameterForm` may apply."""
     kind = kind_of(target)
     path = kind.module_path(target) if kind.module_path is not None else target.path
-    if kind.parameter_form or (alone is not None and _runs_on_parameters(variant, alone)):
+    if kind.parameter_form:
         return Form("parameters", path, lambda leaves, site: merged_parameters(variant, site, leaves))
+    form = variant.capability(ParameterForm) if alone is not None else None
+    if form is not None and form.applies(alone):
+        run = form.parameters or (lambda leaves, site: merged_parameters(variant, site, leaves))
+        return Form("parameters", path, run)
     if variant.forward_input is not None and (variant.forward is None or target.kind in LINEAR_LIKE):
         return Form("input", path, variant.forward_input)  # with both forms: the output form off linear-like kinds
     return Form("output", path, variant.forward)
-
-
-def _runs_on_parameters(variant: Variant, site: Site) -> bool:
-    form = variant.capability(ParameterForm)
-    return form is not None and form.applies(site)
 
 
 def merged_parameters(variant: Variant, site: Site, leaves: Leaves) -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ model.py (`AdaLoraModel.forward`, `update_and_allocate`), config.py, bnb.py (`SV
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -149,6 +150,16 @@ def scaling(cfg: AdaLoRAConfig) -> float:
     return cfg.alpha
 
 
+def scale(cfg: AdaLoRAConfig) -> float:
+    """α / (r₀ + 1e-5), with PEFT's divisor (`ranknum`) as a Python float."""
+    return scaling(cfg) / _divisor(cfg.init_r)
+
+
+@functools.lru_cache(maxsize=64)
+def _divisor(init_r: int) -> float:
+    return (torch.tensor(float(init_r)) + 1e-5).item()  # float32 r₀ plus 1e-5, rounded to float32
+
+
 def ranknum(cfg: AdaLoRAConfig, like: torch.Tensor) -> torch.Tensor:
     """PEFT's divisor `ranknum + 1e-5`: a float32 tensor of shape (1,) holding init_r, plus 1e-5 in float32."""
     return torch.full((1,), float(cfg.init_r), dtype=torch.float32, device=like.device) + 1e-5
@@ -166,8 +177,9 @@ def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> tor
     if site.target.kind == "conv":  # PEFT's `SVDConv2d.forward`: ΔW as a kernel, convolved as the layer does
         kernel = leaves["lora_B"] @ _values(leaves) * scaling(cfg) / ranknum(cfg, A)
         return y + convolve(site.base, h, kernel).to(y.dtype)
-    delta = (h @ _values(leaves).t() @ leaves["lora_B"].t()) * scaling(cfg) / ranknum(cfg, A)  # PEFT's order
-    return y + delta.to(y.dtype)
+    # y + s (x Vᵀ) Bᵀ with s = α / (r₀ + 1e-5): the low-rank product LoRA runs (the scale on the r side, the add fused
+    # into the second product), where PEFT scales and adds the (…, d_out) product in three more passes.
+    return site.base.add_low_rank(y, h, _values(leaves), leaves["lora_B"], scale(cfg))
 
 
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):

@@ -44,9 +44,13 @@ def create(target: Target, cfg: LNTuningConfig, init: Init) -> Leaves:
 
 
 def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
-    module = site.base.module
-    own = module._parameters
-    return run(module, x, {name: leaf.to(own[name].dtype) for name, leaf in leaves.items()})
+    return run(site.base.module, x, parameters(leaves, site))
+
+
+def parameters(leaves: Leaves, site: Site) -> dict[str, torch.Tensor]:
+    """The leaves as the layer's parameters, in their dtype (the parameter form)."""
+    own = site.base.module._parameters
+    return {name: leaf.to(own[name].dtype) for name, leaf in leaves.items()}
 
 
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
@@ -64,7 +68,7 @@ VARIANT = Variant(
     kinds=("norm",),
     capabilities=(
         Dense(),
-        ParameterForm(lambda site: True),  # a norm's parameters are float; the leaves are cast to their dtype
+        ParameterForm(lambda site: True, parameters),  # a norm's parameters are float
         PeftExchange("ln_tuning"),
         Recipe(lr=1e-2),  # a gain and a shift per feature, each near 1 or 0: a large lr, as IA3's
     ),
