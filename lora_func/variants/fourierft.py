@@ -7,7 +7,10 @@ p_0, p_1, … are the first n of `torch.randperm(d_out · d_in)` drawn from a ge
 (flat row-major positions; PEFT's `indices` rows and columns), in drawn order: c_k sits at p_k. They are no leaves:
 a function of the target's shape, `n_frequency` and the seed (as in PEFT, whose files do not store them either),
 computed once per shape and device. The leaf `fourierft_spectrum` (n,) holds the coefficients. As PEFT, the forward
-builds ΔW (ifft2 in float32, complex64) and applies it, so outputs and gradients are PEFT's to rounding. ΔW is not
+builds ΔW (ifft2 in float32, complex64) and applies it, so outputs and gradients are PEFT's to rounding: on a float
+`nn.Linear` in the leaves' dtype a call of one adapter runs the layer once on W + ΔW (`ParameterForm`: one product
+forward and two backward, where PEFT's y + x ΔWᵀ takes two and three); mixed batches and compiled code add x ΔWᵀ to
+the base output. ΔW is not
 low rank in general (each frequency adds a rank-2 cosine/sine pattern): `Dense`. On transformers' Conv1D, ΔW is
 in the (d_out, d_in) layout as on nn.Linear (PEFT transposes it only to merge).
 Identity at init: c = 0 with `init_weights=True` (the default here; PEFT's default False draws c ~ N(0, 1), which
@@ -24,8 +27,8 @@ import torch.nn.functional as F
 
 from .._config import AdapterConfig, ConfigError
 from .._kind import Target
-from .._variant import LINEAR_LIKE, Dense, Init, Leaves, PeftExchange, Recipe, Site, Variant
-from .shira import random_positions, scattered
+from .._variant import LINEAR_LIKE, Dense, Init, Leaves, ParameterForm, PeftExchange, Recipe, Site, Variant
+from .shira import on_float_linear, random_positions, scattered
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ VARIANT = Variant(
     kinds=LINEAR_LIKE,
     capabilities=(
         Dense(),
+        ParameterForm(on_float_linear),
         PeftExchange("fourierft"),
         Recipe(lr=3e-2),  # MiniLM demo, 50 steps: held-out loss 0.879 -> 0.495 (1e-2: 0.568; 3e-3: 0.697)
     ),

@@ -8,7 +8,8 @@ import math
 
 import pytest
 import torch
-from components import qwen3_batch, tiny_gpt2, tiny_qwen3
+import torch.nn.functional as F
+from components import Calls, qwen3_batch, tiny_gpt2, tiny_qwen3
 from peft_parity import (
     PROJECTIONS,
     assert_peft_files_round_trip,
@@ -16,6 +17,7 @@ from peft_parity import (
     identity_then_deltas,
     peft_leaf,
     peft_twin,
+    randomized,
 )
 
 import lora_func as lf
@@ -99,3 +101,20 @@ def test_bad_fields_are_refused_by_name(tmp_path):
     peft.get_peft_model(tiny_qwen3(), cfg).save_pretrained(tmp_path)
     with pytest.raises(lf.AdapterFileError, match="n_frequency_pattern"):
         lf.from_peft(tmp_path, tiny_qwen3())
+
+
+def test_a_call_of_one_adapter_runs_each_target_once():
+    """On float nn.Linear targets a call of one adapter runs x (W + ΔW)ᵀ + b, one product (the parameter form), where
+    PEFT and mixed batches compute x Wᵀ + b + x ΔWᵀ; the two agree to rounding."""
+    model = tiny_qwen3()
+    params = randomized(lf.init(model, lf.FourierFTConfig(n_frequency=200, target_names=PROJECTIONS), seed=0), _draw)
+    batch = qwen3_batch()
+    with Calls(F.linear) as base_calls:
+        model(**batch)
+    with Calls(F.linear) as calls:
+        logits = lf.apply(model, params, batch).logits
+    assert calls.count == base_calls.count == 7 * 2 + 1
+    with Calls(F.linear) as mixed_calls:
+        rows = lf.apply(model, lf.stack([params, params]), batch, adapter_ids=[1] * len(batch["input_ids"])).logits
+    assert mixed_calls.count == base_calls.count + 7 * 2
+    torch.testing.assert_close(rows, logits, rtol=0, atol=1e-5)
