@@ -7,7 +7,9 @@ graph. When a backward reaches the layer, the record is entered for that graph t
 inside one of the layer's own nodes, finds its record by that node's sequence number. That is exact whatever else
 the same backward runs: outputs of other adapters, of the base model, of other threads. The dispatchers stay
 registered (inert for everyone else) until the block has exited and every record has been consumed by a backward
-that did not retain the graph, or freed with the graph.
+that did not retain the graph, or freed with the graph. A backward that fails leaves the nodes the autograd engine
+had queued on the thread holding their part of the graph (and its records) until the thread's next backward; its
+end-of-task callback, dropped unrun, runs such a backward at once (`TaskEnd`).
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def entered(call: LayerCall, grad_outputs):
             drop_failed_tasks()
             entry = ENTERED[task] = (private.graph_task_keep_graph(), [])
             end = TaskEnd(task)
-            weakref.finalize(end, _task_dropped, task)
+            weakref.finalize(end, _task_dropped, task).atexit = False
             private.queue_engine_callback(end)
         if not any(r() is call for r in entry[1]):
             entry[1].append(weakref.ref(call))
