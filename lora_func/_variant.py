@@ -16,6 +16,8 @@ capabilities in `Variant.capabilities`, one small record each, and nothing outsi
     Regularizer    an extra loss the method needs (`lf.regularizer`: AdaLoRA's orthogonality)
     GradientCalibration  `init` calibrates on each target's mean weight gradient (`Init.gradient`, LoRA-GA)
                    rather than on its input statistics
+    ParameterForm  where it applies, a call of one adapter runs the layer once on `merge`'s parameters instead of
+                   `forward` recomputing the layer after the base ran (SHiRA, LN Tuning)
 
 `Variant.capability(LowRank)` returns the record or None.
 """
@@ -159,6 +161,17 @@ class GradientCalibration(NamedTuple):
     variant also sets `calibrated=True`."""
 
 
+class ParameterForm(NamedTuple):
+    """A variant whose `forward` recomputes the whole layer from its adapted parameters (SHiRA's x (W + ΔW)ᵀ + b,
+    LN Tuning's norm with the leaves) wastes the base layer's own run, which the output form always pays: on the
+    layers where `applies(site)` holds, a call of one adapter (not a mixed batch, not traced by torch.compile) is
+    injected by parameters instead: for the module's forward, its ops see `merge`'s W' (and b') in place of its
+    parameters (`lora_func/_inject/replace.py`), so the layer runs once, as PEFT runs it. `forward` remains the
+    form of mixed batches and compiled code; the two agree to rounding."""
+
+    applies: Callable[[Site], bool]
+
+
 CAPABILITIES = (
     LowRank,
     Dense,
@@ -170,6 +183,7 @@ CAPABILITIES = (
     Schedule,
     Regularizer,
     GradientCalibration,
+    ParameterForm,
 )
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import lora_func as lf
 
@@ -258,3 +259,15 @@ def target_names_for(variant, names: tuple[str, ...]) -> tuple[str, ...]:
     if "linear" in variant.kinds:
         return names
     return next((KIND_TARGETS[k] for k in variant.kinds if k in KIND_TARGETS), None)
+
+
+class Calls(TorchFunctionMode):
+    """Counts the calls of one torch function made inside the block (by the model, its hooks, the adapter)."""
+
+    def __init__(self, func) -> None:
+        super().__init__()
+        self.func, self.count = func, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func is self.func
+        return func(*args, **(kwargs or {}))

@@ -77,9 +77,10 @@ class Injection:
         roles: list[tuple[nn.Module, str]] = [(module, "detach") for module in owners]
         rows = self.rows
         self.positions = call_masks(variant, params, model, caller)  # ReFT: the model call's attention mask
+        alone = rows is None and not torch.compiler.is_compiling()  # where a variant's `ParameterForm` may apply
         for module, site in resolve_sites(model, params, caller, modules):
             leaves = with_shared(params, site.target.path)
-            target_form = form_of(variant, site.target)
+            target_form = form_of(variant, site.target, site if alone else None)
             if target_form.where == "parameters":
                 if rows is not None:
                     raise ValueError(

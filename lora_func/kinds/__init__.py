@@ -7,7 +7,7 @@ low-rank family acts on it (see `lora_func/_kind.py`). A variant lists the kinds
 What the injection needs, per target of an adapter (the contract with `lora_func/_inject/`):
 
     site = site_for(model, target, cfg, caller)      # the target located, checked, with its read-only base view
-    form = form_of(variant, site.target)
+    form = form_of(variant, site.target, alone)      # alone: the site, for a call of one adapter run eagerly
     form.where == "output":      y' = form.run(x, y, leaves, site)   at the forward output of `form.module_path`
     form.where == "input":       x' = form.run(x, leaves, site)      at its forward input (x: first positional)
     form.where == "parameters":  form.run(leaves, site) -> {parameter name within the module: tensor}, put in
@@ -29,7 +29,7 @@ from torch import nn
 
 from .._config import ROLES, AdapterConfig, config_for
 from .._kind import SHARED, BaseLayer, Kind, Target
-from .._variant import LINEAR_LIKE, Leaves, Site, Variant
+from .._variant import LINEAR_LIKE, Leaves, ParameterForm, Site, Variant
 from . import block, conv, conv1d, embedding, experts, linear, norm, saved
 
 KINDS: dict[str, Kind] = {
@@ -194,14 +194,21 @@ class Form(NamedTuple):
     run: Callable
 
 
-def form_of(variant: Variant, target: Target) -> Form:
+def form_of(variant: Variant, target: Target, alone: Site | None = None) -> Form:
+    """How `target` is injected. `alone`: its site, when the call runs one adapter eagerly (no `adapter_ids`, not
+    traced by torch.compile), where a variant's `ParameterForm` may apply."""
     kind = kind_of(target)
     path = kind.module_path(target) if kind.module_path is not None else target.path
-    if kind.parameter_form:
+    if kind.parameter_form or (alone is not None and _runs_on_parameters(variant, alone)):
         return Form("parameters", path, lambda leaves, site: merged_parameters(variant, site, leaves))
     if variant.forward_input is not None and (variant.forward is None or target.kind in LINEAR_LIKE):
         return Form("input", path, variant.forward_input)  # with both forms: the output form off linear-like kinds
     return Form("output", path, variant.forward)
+
+
+def _runs_on_parameters(variant: Variant, site: Site) -> bool:
+    form = variant.capability(ParameterForm)
+    return form is not None and form.applies(site)
 
 
 def merged_parameters(variant: Variant, site: Site, leaves: Leaves) -> dict[str, torch.Tensor]:

@@ -41,11 +41,12 @@ def check_kind(method: PeftMethod, target: Target, caller: str) -> None:
             raise ValueError(
                 f"{caller}: {target.path!r} is an nn.Conv{dims}d, which PEFT's {method.peft_type} does not adapt"
             )
-        if set(target.get("dilation")) != {1} or target.get("padding_mode") != "zeros":
+        dilated = set(target.get("dilation")) != {1} and not method.conv_dilation
+        if dilated or target.get("padding_mode") != "zeros":
+            peft_conv = "PEFT's conv layer pads" if method.conv_dilation else "PEFT's conv A has no dilation and pads"
             raise ValueError(
                 f"{caller}: {target.path!r} ({target.module}) has dilation={target.get('dilation')}, padding_mode="
-                f"{target.get('padding_mode')!r}; PEFT's conv A has no dilation and pads with zeros, so it would not "
-                "compute what lora_func does"
+                f"{target.get('padding_mode')!r}; {peft_conv} with zeros, so it would not compute what lora_func does"
             )
 
 

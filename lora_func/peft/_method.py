@@ -71,6 +71,8 @@ class PeftMethod:
         (an absent one is what PEFT computes from the config too).
     kinds: the layer kinds (`lora_func/kinds/`) PEFT's method adapts as lora_func's variant does (`_kinds.py`).
     conv_dims: with "conv" in `kinds`, the convolutions PEFT's method has a layer for (1: nn.Conv1d, ...).
+    conv_dilation: whether PEFT's conv layer convolves with the layer's dilation (AdaLoRA's `SVDConv2d`); where not
+        (LoRA's conv A), dilated convolutions are refused.
     check_model(model, targets, where): raises where PEFT's method would compute something else on this model
         (Trainable Tokens on an embedding tied to the output head); run by `from_peft`, and by `to_peft` with `model`.
     leaf_fields(params) -> {field: value}: PEFT config fields that depend on the leaves' values, not only the config
@@ -107,6 +109,7 @@ class PeftMethod:
     derived: Mapping[str, Callable[[Target, AdapterConfig], torch.Tensor]] = field(default_factory=dict)
     kinds: tuple[str, ...] = ("linear",)
     conv_dims: tuple[int, ...] = (1, 2, 3)
+    conv_dilation: bool = False
     check_model: Callable[[Any, tuple, str], None] | None = None
     leaf_fields: Callable[[Params], dict[str, Any]] | None = None
     target_in: Callable[[Mapping[str, Any], Target, Tensors, str], Tensors] | None = None

@@ -1,5 +1,12 @@
 """AdaLoRA as PEFT's ADALORA: `lora_A` (r, d_in), `lora_E` (r, 1), `lora_B` (d_out, r) per target, on linear layers
-(nn.Linear, bitsandbytes, transformers Conv1D).
+(nn.Linear, bitsandbytes, transformers Conv1D) and nn.Conv2d (PEFT's `SVDConv2d`: `lora_A` (r, d_in · kh · kw), the
+flattened kernel's columns, as lora_func holds it).
+
+PEFT's `SVDConv2d` is right for groups 1 with zero padding, and wrong elsewhere, so those targets are refused both
+ways: with groups > 1 its A has d_in · kh · kw columns, and B A cannot be reshaped to the grouped kernel (d_out,
+d_in / groups, kh, kw) (its forward raises; `check_convolutions` below); with another padding mode (reflect, ...) its
+forward convolves ΔW over a zero-padded input while the layer, and PEFT's own merge, pad as the layer does (refused by
+the conv check all methods share). Stride, padding (ints or "same") and dilation it passes as the layer has them.
 
 PEFT saves an adapter its allocator has worked on with the final `rank_pattern` in the config, `{"<module
 path>.lora_E": [kept, ...]}` (init_r booleans per target), and only the kept ranks in the tensor file (its
@@ -139,6 +146,22 @@ def kept_ranks(params: Params) -> Params:
     return Params(entries, params.config, params.targets)
 
 
+def check_convolutions(targets, where: str) -> None:
+    """PEFT's `SVDConv2d` computes lora_func's update only with groups 1 (see the module docstring)."""
+    for t in targets:
+        if t.kind == "conv" and t.get("groups") != 1:
+            raise ValueError(
+                f"{where}: {t.path!r} ({t.module}) has groups={t.get('groups')}; PEFT's AdaLoRA `SVDConv2d` holds an A "
+                "of d_in · kh · kw columns, which does not reshape to a grouped kernel (its forward fails), so it "
+                "has no PEFT counterpart"
+            )
+
+
+def exported(params: Params) -> Params:
+    check_convolutions(params.targets, "to_peft")
+    return kept_ranks(params)
+
+
 METHOD = PeftMethod(
     variant="adalora",
     peft_type="ADALORA",
@@ -156,8 +179,11 @@ METHOD = PeftMethod(
     fields_out=fields_out,
     fields_in=fields_in,
     handled=(*INTS, *FLOATS, "total_step", "lora_dropout", "rank_pattern"),
-    export_as=kept_ranks,
+    export_as=exported,
     leaf_fields=rank_pattern,
     target_in=target_in,
-    kinds=("linear", "conv1d"),
+    kinds=("linear", "conv1d", "conv"),
+    conv_dims=(2,),  # PEFT's AdaLoRA has nn.Conv2d only (`SVDConv2d`)
+    conv_dilation=True,  # `SVDConv2d` convolves ΔW with the layer's dilation
+    check_model=lambda model, targets, where: check_convolutions(targets, where),
 )

@@ -7,7 +7,10 @@ Leaves `lora_A`, `lora_E`, `lora_B` (PEFT's names): A and B hold the right and l
 (fixed at init_r, also after ranks are removed), α = `alpha` (PEFT's `lora_alpha`, its `scaling`). `m` is the
 frozen leaf `rank_mask`: 1 at init, 0 at the ranks the allocator removed for good at its final allocation (PEFT's
 final `rank_pattern`: PEFT drops those ranks from the layer). Identity at init: E = 0 (A, B ~ N(0, 0.02²), PEFT's
-`reset_lora_parameters`), so ΔW is exactly 0. On linear-like layers (nn.Linear, bitsandbytes, transformers Conv1D).
+`reset_lora_parameters`), so ΔW is exactly 0. On linear-like layers (nn.Linear, bitsandbytes, transformers Conv1D)
+and convolutions. On a convolution d_in is the kernel's fan-in d_in / groups · ∏kernel: ΔW = α B (A ⊙ (E ⊙ m)) /
+(r₀ + 1e-5) is the flattened kernel (d_out, d_in / groups · ∏kernel), and the layer's own convolution (its stride,
+padding and padding mode, dilation, groups) applies it, y' = y + ΔW ⋆ x, as PEFT's `SVDConv2d.forward` does.
 
 The rank allocator, `lf.schedule` (PEFT's `RankAllocator.update_and_allocate`, called after each optimizer step):
 for every element p of A, E, B, the importance I = |p · ∂L/∂p| is smoothed, Ī ← β₁ Ī + (1 − β₁) I, and its
@@ -23,11 +26,13 @@ allocation sets `rank_mask`; after it, the removed ranks' E is zeroed after ever
 Forgetting the allocator (peft #3373: training then silently is plain LoRA) cannot pass unnoticed here: with
 `total_step` set, an `lf.apply` / `lf.inject` with grad enabled refuses leaves that an optimizer changed after
 `lf.schedule` last ran (or since an earlier call, never scheduled), and, on a model in training mode, leaves that
-neither `lf.schedule_state` nor `lf.schedule` ever saw (`guard` below).
+neither `lf.schedule_state` nor `lf.schedule` ever saw (`guard` below). Under HF Trainer the allocator runs in a
+`TrainerCallback.on_optimizer_step` (after the step, before `zero_grad()`; docs/guides/training.md).
 `total_step=None` (the default, unlike PEFT, where it is required) trains at a fixed rank, with no allocator.
 
 Zhang et al. 2023, arXiv 2303.10512. Reference: peft/tuners/adalora/layer.py (`SVDLinear`, `RankAllocator`),
-model.py (`AdaLoraModel.forward`, `update_and_allocate`), config.py, bnb.py (`SVDLinear4bit`).
+model.py (`AdaLoraModel.forward`, `update_and_allocate`), config.py, bnb.py (`SVDLinear4bit`,
+`SVDLinear8bitLt`); layer.py's `SVDConv2d` for convolutions.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from .. import _torch_private as private
 from .._config import AdapterConfig, ConfigError, normalize
 from .._kind import Target
 from .._variant import LINEAR_LIKE, Init, Leaves, LowRank, PeftExchange, Recipe, Regularizer, Schedule, Site, Variant
+from ..kinds.conv import convolve, fan_in
 from .lora import input_dropout
 
 PEFT_INIT_R = 12  # PEFT's `init_r` default
@@ -121,14 +127,19 @@ class AdaLoRAConfig(AdapterConfig):
             raise ConfigError("AdaLoRAConfig: " + "; ".join(problems))
 
 
+def columns(target: Target) -> int:
+    """A's columns: d_in, or a convolution's fan-in d_in / groups · ∏kernel (PEFT's `SVDConv2d` with groups 1)."""
+    return fan_in(target) if target.kind == "conv" else target.d_in
+
+
 def shapes(target: Target, cfg: AdaLoRAConfig) -> dict[str, tuple[int, ...]]:
     r = cfg.init_r
-    return {"lora_A": (r, target.d_in), "lora_E": (r, 1), "lora_B": (target.d_out, r), "rank_mask": (r, 1)}
+    return {"lora_A": (r, columns(target)), "lora_E": (r, 1), "lora_B": (target.d_out, r), "rank_mask": (r, 1)}
 
 
 def create(target: Target, cfg: AdaLoRAConfig, init: Init) -> Leaves:
     r = cfg.init_r
-    A = torch.empty(r, target.d_in).normal_(0.0, 0.02, generator=init.generator)
+    A = torch.empty(r, columns(target)).normal_(0.0, 0.02, generator=init.generator)
     B = torch.empty(target.d_out, r).normal_(0.0, 0.02, generator=init.generator)
     leaves = {"lora_A": A, "lora_E": torch.zeros(r, 1), "lora_B": B, "rank_mask": torch.ones(r, 1)}
     return {k: v.to(cfg.dtype) for k, v in leaves.items()}
@@ -152,6 +163,9 @@ def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> tor
     cfg = site.config
     A = leaves["lora_A"]
     h = input_dropout(x, site).to(A.dtype)
+    if site.target.kind == "conv":  # PEFT's `SVDConv2d.forward`: ΔW as a kernel, convolved as the layer does
+        kernel = leaves["lora_B"] @ _values(leaves) * scaling(cfg) / ranknum(cfg, A)
+        return y + convolve(site.base, h, kernel).to(y.dtype)
     delta = (h @ _values(leaves).t() @ leaves["lora_B"].t()) * scaling(cfg) / ranknum(cfg, A)  # PEFT's order
     return y + delta.to(y.dtype)
 
@@ -353,8 +367,9 @@ def guard(params, caller: str, training: bool) -> None:
             f"{caller}: AdaLoRA with `total_step`={cfg.total_step} trains with its rank allocator, and the leaves of "
             f"{target.path!r} were not scheduled: {why}. Call `state = lf.schedule_state(params)` before training "
             "and `params, state = lf.schedule(params, state, step)` after every optimizer step (torch.func style: "
-            "with `grads=`); without it no rank is ever removed and training is plain LoRA. To train at a fixed "
-            "rank, without the allocator, use `total_step=None`."
+            "with `grads=`); without it no rank is ever removed and training is plain LoRA. Under HF Trainer, a "
+            'TrainerCallback does it in `on_optimizer_step` (docs/guides/training.md, "AdaLoRA under Trainer"). '
+            "To train at a fixed rank, without the allocator, use `total_step=None`."
         )
 
 
@@ -366,7 +381,7 @@ VARIANT = Variant(
     forward=forward,
     merge=merge,
     frozen=("rank_mask",),
-    kinds=LINEAR_LIKE,
+    kinds=(*LINEAR_LIKE, "conv"),
     capabilities=(
         LowRank(low_rank_factors),
         PeftExchange("adalora"),

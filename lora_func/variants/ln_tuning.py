@@ -5,7 +5,9 @@
 
 The layer computes as it always does (LayerNorm, RMSNorm, Qwen3's and Llama's RMSNorm, Gemma's 1 + w, ...: see
 `lora_func/kinds/norm.py`), with the leaves, cast to its parameters' dtype, in place of its own. That is PEFT's
-`LNTuningLayer`, which runs a deep copy of the layer. `r` and `alpha` are unused.
+`LNTuningLayer`, which runs a deep copy of the layer: a call of one adapter runs the layer once with the leaves
+in place of its parameters (`ParameterForm`); mixed batches and compiled code run it again at its output, on the
+leaves (`forward`). `r` and `alpha` are unused.
 Identity at init: the leaves are copies of the layer's own weight and bias, so the output is the base's, bitwise.
 Zhao et al. 2023, "Tuning LayerNorm in Attention", arXiv 2312.11420. Reference: peft/tuners/ln_tuning/layer.py.
 """
@@ -18,7 +20,7 @@ import torch
 
 from .._config import AdapterConfig
 from .._kind import Target
-from .._variant import Dense, Init, Leaves, PeftExchange, Recipe, Site, Variant
+from .._variant import Dense, Init, Leaves, ParameterForm, PeftExchange, Recipe, Site, Variant
 from ..kinds.norm import run
 
 
@@ -62,6 +64,7 @@ VARIANT = Variant(
     kinds=("norm",),
     capabilities=(
         Dense(),
+        ParameterForm(lambda site: True),  # a norm's parameters are float; the leaves are cast to their dtype
         PeftExchange("ln_tuning"),
         Recipe(lr=1e-2),  # a gain and a shift per feature, each near 1 or 0: a large lr, as IA3's
     ),

@@ -9,9 +9,10 @@ a fresh generator, whose seed is torch's fixed default), sorted, as `torch.where
 are no leaves: a function of the target's shape, `r` and `random_seed`, computed once per shape and device
 (`positions`), so PEFT's `shira_indices` are written on export and checked on import. The leaf `shira_weight`
 (n,) holds the values. ΔW is sparse, not low rank: adapter arithmetic needs the base model (`Dense`).
-As PEFT, the forward builds ΔW (dense, d_out × d_in) and, on a float `nn.Linear` computing in the leaves' dtype,
-adds it to W first, x (W + ΔW)ᵀ + b, as PEFT does (the base output is left unused: one product less than
-y + x ΔWᵀ, forward and backward); on other layers (bitsandbytes, Conv1D, another dtype) y + x ΔWᵀ, equal to
+As PEFT, the forward builds ΔW (dense, d_out × d_in) and, on a float `nn.Linear` in the leaves' dtype, adds it to
+W first, x (W + ΔW)ᵀ + b: a call of one adapter runs the layer once on W + ΔW (`ParameterForm`, as PEFT), mixed
+batches and compiled code compute x (W + ΔW)ᵀ + b at the output (the base output left unused: one product less
+than y + x ΔWᵀ, forward and backward); on other layers (bitsandbytes, Conv1D, another dtype) y + x ΔWᵀ, equal to
 rounding. Identity at init: w = 0 (PEFT's `init_weights=True`); `init_weights=False` draws w ~ N(0, 1).
 Bhardwaj et al. 2024, arXiv 2406.13175. Reference: peft/tuners/shira/layer.py (`Linear.get_delta_weight`,
 `forward`), mask_functions.py (`random_mask`).
@@ -28,7 +29,7 @@ from torch import nn
 
 from .._config import AdapterConfig, ConfigError
 from .._kind import Target
-from .._variant import LINEAR_LIKE, Dense, Init, Leaves, PeftExchange, Recipe, Site, Variant
+from .._variant import LINEAR_LIKE, Dense, Init, Leaves, ParameterForm, PeftExchange, Recipe, Site, Variant
 
 
 @dataclass(frozen=True)
@@ -107,18 +108,32 @@ def delta(w: torch.Tensor, site: Site) -> torch.Tensor:
     return scattered(w, positions(site.target, w.shape[-1], site.config.random_seed, w.device), site.target, w.dtype)
 
 
-def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
-    dw = delta(leaves["shira_weight"], site)
+def on_float_linear(site: Site) -> bool:
+    """A float `nn.Linear` whose weight has the leaves' dtype: W + ΔW loses nothing of ΔW in its dtype."""
     module = site.base.module
-    if type(module) is nn.Linear and y.dtype == dw.dtype:
+    return type(module) is nn.Linear and module.weight.dtype == site.config.dtype
+
+
+def added(weight: torch.Tensor, w: torch.Tensor, site: Site) -> torch.Tensor:
+    """W + ΔW in W's dtype: a copy of W with w added at its positions (no dense ΔW built: one pass over W, not three;
+    bitwise W + ΔW, since ΔW is 0 elsewhere)."""
+    w = w.to(weight.dtype)
+    flat = positions(site.target, w.shape[-1], site.config.random_seed, w.device)
+    return weight.reshape(-1).index_put((flat,), w, accumulate=True).view(weight.shape)
+
+
+def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
+    w = leaves["shira_weight"]
+    module = site.base.module
+    if type(module) is nn.Linear and y.dtype == w.dtype:
         # PEFT's form, x (W + ΔW)ᵀ + b: one product forward and two backward where y + x ΔWᵀ takes two and three (the
         # base output y is not used, so nothing differentiates through it).
-        return F.linear(x.to(dw.dtype), site.base.weight().to(dw.dtype) + dw, site.base.bias)
-    return y + F.linear(x.to(dw.dtype), dw).to(y.dtype)
+        return F.linear(x.to(w.dtype), added(site.base.weight().to(w.dtype), w, site), site.base.bias)
+    return y + F.linear(x.to(w.dtype), delta(w, site)).to(y.dtype)
 
 
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
-    return weight + delta(leaves["shira_weight"].to(weight.dtype), site), bias
+    return added(weight, leaves["shira_weight"], site), bias
 
 
 VARIANT = Variant(
@@ -131,6 +146,7 @@ VARIANT = Variant(
     kinds=LINEAR_LIKE,
     capabilities=(
         Dense(),
+        ParameterForm(on_float_linear),
         PeftExchange("shira"),
         Recipe(lr=3e-3),  # MiniLM demo, 50 steps: held-out loss 0.879 -> 0.400 (1e-3: 0.469; 3e-4: 0.565)
     ),

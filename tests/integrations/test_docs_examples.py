@@ -30,8 +30,9 @@ PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "d
 TIMEOUT_S = 120
 # Blocks that need several processes (a `torch.distributed` process group of several ranks): page -> count.
 NOT_RUN = {"docs/distributed.md": 5}
-# Named examples run by their own test below (with the `setup` block), not again in the page run.
-CHECKED = {"trainer", "accelerate", "ddp", "freeze", "cast", "pad", "per-row-losses"}
+# Named examples run by their own test below (`trainer-schedule`: in test_trainer_schedule.py), with the `setup` block,
+# not again in the page run.
+CHECKED = {"trainer", "trainer-schedule", "accelerate", "ddp", "freeze", "cast", "pad", "per-row-losses"}
 FENCE = re.compile(r"(?:<!-- (example|not run): ([^>]*?) -->[ \t]*\n)?```python\n(.*?)^```", re.S | re.M)
 
 

@@ -11,9 +11,12 @@ import warnings
 
 import pytest
 import torch
-from components import qwen3_batch, tiny_gpt2, tiny_qwen3
+import torch.nn.functional as F
+from components import cnn_batch, qwen3_batch, tiny_cnn, tiny_gpt2, tiny_qwen3
+from conftest import tiny_qwen3_8bit
 from peft_parity import (
     PROJECTIONS,
+    assert_convolutions_match_peft,
     assert_peft_files_round_trip,
     assert_same_as_peft,
     peft_layer,
@@ -106,6 +109,23 @@ def test_matches_peft_on_a_4bit_base():
     )
     assert type(peft_layer(peft_model, params.targets[0].path)).__name__ == "SVDLinear4bit"
     assert_same_as_peft(model, params, peft_model, _peft_leaf)
+
+
+def test_matches_peft_on_an_8bit_base():
+    """PEFT's AdaLoRA wraps bitsandbytes' Linear8bitLt (`SVDLinear8bitLt`): the same int8 base, leaves, step."""
+    model, twin = tiny_qwen3_8bit(), tiny_qwen3_8bit()
+    twin.is_loaded_in_8bit = True  # as from_pretrained's quantization sets it: PEFT picks its bitsandbytes layer
+    model, params, peft_model = peft_twin(
+        lf.AdaLoRAConfig(init_r=4, target_names=PROJECTIONS),
+        peft.AdaLoraConfig(**_peft_fields({"init_r": 4}), target_modules=list(PROJECTIONS)),
+        _draw,
+        _peft_leaf,
+        model=model,
+        twin=twin,
+    )
+    assert type(peft_layer(peft_model, params.targets[0].path)).__name__ == "SVDLinear8bitLt"
+    worst = assert_same_as_peft(model, params, peft_model, _peft_leaf)
+    assert worst["logits"] <= 1e-5 and worst["grad"] <= 1e-5
 
 
 def test_matches_peft_on_conv1d_layers(tmp_path):
@@ -311,6 +331,188 @@ def test_a_rank_pattern_that_does_not_match_the_tensors_is_refused(tmp_path):
     path.write_text(json.dumps(fields))
     with pytest.raises(lf.AdapterFileError, match=r"must be 4 booleans \(`init_r`\)"):
         lf.from_peft(tmp_path, model)
+
+
+# -- convolutions (PEFT's `SVDConv2d`) -----------------------------------------------------------------------------
+
+CONV_TARGETS = ["stem", "conv", "down", "pointwise"]  # tiny_cnn's groups-1, zero-padded convolutions: PEFT's too
+ALL_CONVS = r"^(stem|conv|mix|down|dilated|pointwise)$"  # + grouped `mix`, dilated reflect-padded `dilated`
+
+
+def test_convolutions_match_peft_outputs_gradients_and_files(tmp_path):
+    """nn.Conv2d targets (3×3 plain, "same", strided; 1×1): PEFT's `SVDConv2d` given the same leaves, and files
+    written by `to_peft` loading in PEFT and read back by `from_peft`, all giving PEFT's outputs."""
+    cfg = lf.AdaLoRAConfig(init_r=4, alpha=6.0, target_names=(rf"^({'|'.join(CONV_TARGETS)})$",))
+    peft_cfg = peft.AdaLoraConfig(**_peft_fields({"init_r": 4, "alpha": 6.0}), target_modules=CONV_TARGETS)
+    worst = assert_convolutions_match_peft(tmp_path, cfg, peft_cfg, _draw, _peft_leaf)
+    assert worst["outputs"] <= 1e-5 and worst["grad"] <= 1e-5
+
+
+def test_dilated_convolutions_match_peft_and_files_load_in_peft(tmp_path):
+    """PEFT's `SVDConv2d` convolves ΔW with the layer's dilation (zero padding): dilated targets are exchanged."""
+
+    def build():
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d
+        return torch.nn.Sequential(
+            conv(3, 6, 3, padding=2, dilation=2), torch.nn.ReLU(), conv(6, 4, 3, dilation=(1, 2))
+        )
+
+    model, params, peft_model = peft_twin(
+        lf.AdaLoRAConfig(init_r=4, target_names=("^(0|2)$",)),
+        peft.AdaLoraConfig(**_peft_fields({"init_r": 4}), target_modules=["0", "2"]),
+        _draw,
+        _peft_leaf,
+        model=build(),
+        twin=build(),
+    )
+    x = cnn_batch()
+    out, ref = lf.apply(model, params, x), peft_model(x)
+    assert not torch.allclose(out, model(x), atol=1e-3)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    for path, leaf, tensor in lf.split(params)[0].leaves():
+        expected = _peft_leaf(peft_layer(peft_model, path), leaf).grad
+        torch.testing.assert_close(tensor.grad, expected, rtol=1e-4, atol=1e-6, msg=f"{path}.{leaf}")
+    lf.to_peft(params, tmp_path, model=model)
+    loaded = peft.PeftModel.from_pretrained(build().eval(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(lf.apply(model, lf.from_peft(tmp_path, model), x), ref, rtol=0, atol=1e-5)
+
+
+def test_convolution_dense_formula_merge_and_identity_at_init():
+    """On every convolution (grouped and dilated reflect-padded ones too, which PEFT cannot take): the base model at
+    init; then ΔW = α B (A ⊙ E ⊙ m) / (init_r + 1e-5) as the layer's flattened kernel (d_out, d_in / groups · ∏kernel),
+    and lf.apply and lf.merge both give the model whose weights are W + ΔW, computed here from the leaves (merged
+    weights equal to those). `lf.delta_weights` covers nn.Linear-style targets only (adapter arithmetic)."""
+    model = tiny_cnn().eval()
+    params = lf.init(model, lf.AdaLoRAConfig(init_r=4, alpha=6.0, target_names=(ALL_CONVS,)), seed=0)
+    x = cnn_batch()
+    with torch.no_grad():
+        assert torch.equal(lf.apply(model, params, x), model(x))
+    params = lf.combine(*_perturbed_with_mask(params))
+    assert len(params.targets) == 6
+    dense = {}
+    for target in params.targets:
+        f = {k: v.detach().double() for k, v in params[target.path].items()}
+        weight = model.get_submodule(target.path).weight
+        dw = 6.0 * f["lora_B"] @ (f["lora_A"] * f["lora_E"] * f["rank_mask"]) / (4 + 1e-5)
+        dense[f"{target.path}.weight"] = (weight.double() + dw.reshape(weight.shape)).float()
+    with torch.no_grad():
+        ref = torch.func.functional_call(model, dense, (x,))
+        assert not torch.allclose(ref, model(x), atol=1e-3)
+        torch.testing.assert_close(lf.apply(model, params, x), ref, rtol=0, atol=1e-5)
+        merged = lf.merge(model, params)
+        for key, weight in dense.items():
+            torch.testing.assert_close(merged[key], weight, rtol=0, atol=1e-6, msg=key)
+        torch.testing.assert_close(torch.func.functional_call(model, merged, (x,)), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d_follow_the_dense_formula(dims):
+    """nn.Conv1d / nn.Conv3d (which PEFT's AdaLoRA lacks): lf.apply is the model with W + ΔW, ΔW from the leaves."""
+    conv = {1: torch.nn.Conv1d, 3: torch.nn.Conv3d}[dims]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(conv(3, 6, 3, padding=1), torch.nn.ReLU(), conv(6, 4, 2, stride=2, groups=2)).eval()
+    params = lf.combine(*_perturbed_with_mask(lf.init(model, lf.AdaLoRAConfig(init_r=3, target_names=("^(0|2)$",)))))
+    dense = {}
+    for path in ("0", "2"):
+        f, weight = params[path], model.get_submodule(path).weight
+        dw = 8.0 * f["lora_B"] @ (f["lora_A"] * f["lora_E"] * f["rank_mask"]) / (3 + 1e-5)
+        dense[f"{path}.weight"] = weight + dw.detach().reshape(weight.shape)
+    x = torch.randn(2, 3, *(6,) * dims, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = torch.func.functional_call(model, dense, (x,))
+        assert not torch.allclose(ref, model(x), atol=1e-3)
+        torch.testing.assert_close(lf.apply(model, params, x), ref, rtol=0, atol=1e-5)
+
+
+def test_convolutions_peft_computes_otherwise_are_refused(tmp_path):
+    """PEFT's `SVDConv2d` fails on groups > 1 (its A has d_in · kh · kw columns: B A does not reshape to a grouped
+    kernel) and convolves ΔW over a zero-padded input on a reflect-padded layer: `to_peft` refuses both."""
+    model = tiny_cnn().eval()
+    for name, error in (("mix", r"'mix' \(Conv2d\) has groups=2; PEFT's AdaLoRA `SVDConv2d`"), ("dilated", "pads")):
+        params = lf.init(model, lf.AdaLoRAConfig(init_r=4, target_names=(rf"^{name}$",)), seed=0)
+        with pytest.raises(ValueError, match=error):
+            lf.to_peft(params, tmp_path / name, model=model)
+        assert not (tmp_path / name).exists()
+    conv1d = torch.nn.Sequential(torch.nn.Conv1d(3, 8, 3))
+    params = lf.init(conv1d, lf.AdaLoRAConfig(init_r=4, target_names=("^0$",)), seed=0)
+    with pytest.raises(ValueError, match="nn.Conv1d, which PEFT's ADALORA does not adapt"):
+        lf.to_peft(params, tmp_path / "conv1d", model=conv1d)
+
+
+def _train_cnn_both():
+    """The rank-allocator run of `_train_both` on tiny_cnn's convolutions (cross-entropy on random labels, no
+    orthogonality term: PEFT adds it only to a model output with a `loss`)."""
+    model, params, peft_model = peft_twin(
+        lf.AdaLoRAConfig(**SCHEDULE, target_names=(rf"^({'|'.join(CONV_TARGETS)})$",)),
+        peft.AdaLoraConfig(**SCHEDULE, target_modules=CONV_TARGETS),
+        lambda path, leaf, t, gen: t + (0.05 * torch.randn(t.shape, generator=gen) if leaf == "lora_E" else 0),
+        _peft_leaf,
+        model=tiny_cnn(),
+        twin=tiny_cnn(),
+    )
+    paths = [t.path for t in params.targets]
+    ours_opt = torch.optim.AdamW(lf.trainable_leaves(params), lr=2e-2)
+    theirs_opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-2)
+    state = lf.schedule_state(params)
+    history = {"ours": [], "theirs": []}
+    for step in range(STEPS):
+        x = cnn_batch(seed=100 + step)
+        labels = torch.randint(0, 5, (x.shape[0],), generator=torch.Generator().manual_seed(step))
+        F.cross_entropy(lf.apply(model, params, x), labels).backward()
+        ours_opt.step()
+        params, state = lf.schedule(params, state, step)
+        ours_opt.zero_grad()
+        F.cross_entropy(peft_model(x), labels).backward()
+        theirs_opt.step()
+        peft_model.base_model.update_and_allocate(step)
+        theirs_opt.zero_grad()
+        history["ours"].append(_removed({p: params[p]["lora_E"].detach() for p in paths}))
+        history["theirs"].append(_removed({p: _peft_leaf(peft_layer(peft_model, p), "lora_E") for p in paths}))
+    model.eval(), peft_model.eval()
+    return model, history, params, peft_model
+
+
+@pytest.mark.slow
+def test_allocator_on_convolutions_removes_peft_ranks_and_files_round_trip(tmp_path):
+    """Trained with the allocator on convolutions, lora_func and PEFT remove the same ranks at the same steps and
+    give the same outputs; PEFT's saved adapter (kept ranks, `rank_pattern`) read by `from_peft` gives PEFT's
+    outputs, and `to_peft` of it writes PEFT's tensors and pattern again, which PEFT loads to the same outputs."""
+    from safetensors.torch import load_file
+
+    model, history, params, peft_model = _train_cnn_both()
+    assert history["ours"] == history["theirs"]
+    assert len({json.dumps(h) for h in history["ours"]}) >= 3, "the allocation never changed"
+    assert sum(len(r) for r in history["ours"][-1].values()) == (6 - 2) * len(CONV_TARGETS)
+    final = peft_model.peft_config["default"].rank_pattern
+    for target in params.targets:
+        assert (params[target.path]["rank_mask"].view(-1) == 1).tolist() == final[f"{target.path}.lora_E.default"]
+    x = cnn_batch(seed=7)
+    with torch.no_grad():
+        want = peft_model(x)
+        assert not torch.allclose(want, model(x), atol=1e-4)
+        torch.testing.assert_close(lf.apply(model, params, x), want, rtol=0, atol=1e-5)
+
+    with warnings.catch_warnings():  # PEFT takes a target whose every rank was removed for an ungathered shard
+        warnings.filterwarnings("ignore", r".*LoRA tensor\(s\) have invalid shape", peft.utils.warning.PeftWarning)
+        peft_model.save_pretrained(tmp_path / "peft")
+    saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert min(t.shape[0] for k, t in saved.items() if k.endswith("lora_E")) < SCHEDULE["init_r"]
+    back = lf.from_peft(tmp_path / "peft", model)
+    with torch.no_grad():
+        torch.testing.assert_close(lf.apply(model, back, x), want, rtol=0, atol=1e-5)
+    lf.to_peft(back, tmp_path / "again", model=model)
+    again = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
+    with warnings.catch_warnings():  # PEFT reads AdaLoRA's `rank_pattern` as LoRA's (per-module ranks) to warn
+        warnings.filterwarnings("ignore", "The following rank_pattern keys did not match", RuntimeWarning)
+        loaded = peft.PeftModel.from_pretrained(tiny_cnn().eval(), tmp_path / "again")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), want, rtol=0, atol=1e-5)
 
 
 # -- config --------------------------------------------------------------------------------------------------------

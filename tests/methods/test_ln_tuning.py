@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from components import classification_batch, perturbed, qwen3_batch, tiny_bert_classifier, tiny_qwen3
+from components import Calls, classification_batch, perturbed, qwen3_batch, tiny_bert_classifier, tiny_qwen3
 from peft_parity import assert_same_as_peft, copy_into_peft, randomized, twins
 
 import lora_func as lf
@@ -129,3 +129,21 @@ def test_a_linear_layer_is_refused_and_norms_pass_quietly_for_other_variants():
     # A LoRA whose pattern also matches the attention's q_norm / k_norm adapts the projections alone, as before.
     paths = [t.path for t in lf.targets(model, lf.LoRAConfig(target_names=(r"layers\.0\.self_attn",)))]
     assert paths and all(p.endswith("_proj") for p in paths)
+
+
+def test_a_call_of_one_adapter_runs_each_norm_once_as_peft():
+    """The norm runs once, with the leaves in place of its parameters (the parameter form), not the base norm and
+    then the norm again on the leaves; mixed batches run at the output, and both give the same rows."""
+    model = tiny_qwen3()
+    params = perturbed(lf.init(model, lf.LNTuningConfig(), seed=0), seed=4)
+    batch = qwen3_batch()
+    with Calls(torch.rsqrt) as base_calls:  # Qwen3RMSNorm's one rsqrt
+        model(**batch)
+    with Calls(torch.rsqrt) as calls:
+        logits = lf.apply(model, params, batch).logits
+    assert calls.count == base_calls.count == len(params.targets) == 4 * 2 + 1
+    logits.sum().backward()
+    with Calls(torch.rsqrt) as mixed_calls:
+        rows = lf.apply(model, lf.stack([params, params]), batch, adapter_ids=[1] * len(batch["input_ids"])).logits
+    assert mixed_calls.count == 2 * base_calls.count  # the output form: each norm run again on the leaves
+    torch.testing.assert_close(rows, logits, rtol=0, atol=1e-5)

@@ -1,6 +1,7 @@
 """RandLoRA against its formula (a float64 sum over the r · n paired base columns, as PEFT pairs them) and against
 PEFT's RandLoRA given the same leaves: the shared bases drawn bitwise as PEFT draws them, outputs, gradients, a
-4-bit base, transformers' Conv1D, and PEFT files both ways (trained by PEFT; bases stored or drawn again)."""
+4-bit and an 8-bit base, transformers' Conv1D, and PEFT files both ways (trained by PEFT; bases stored or drawn
+again)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import warnings
 import pytest
 import torch
 from components import qwen3_batch, tiny_gpt2, tiny_qwen3
+from conftest import tiny_qwen3_8bit
 from peft_parity import (
     ALL_PROJECTIONS,
     PROJECTIONS,
@@ -97,6 +99,29 @@ def test_matches_peft_outputs_and_gradients(bits):
     with torch.no_grad():
         assert not torch.allclose(lf.apply(model, params, batch).logits, model(**batch).logits)
     assert_same_as_peft(model, params, peft_model, peft_leaf)
+
+
+def test_matches_peft_on_an_8bit_base():
+    """PEFT's RandLoRA wraps bitsandbytes' Linear8bitLt (its `randlora.bnb.Linear8bitLt`): the same int8 base,
+    leaves, step."""
+    model, twin = tiny_qwen3_8bit(), tiny_qwen3_8bit()
+    twin.is_loaded_in_8bit = True  # as from_pretrained's quantization sets it: PEFT picks its bitsandbytes layer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, params, peft_model = peft_twin(
+            lf.RandLoRAConfig(r=8, randlora_alpha=16.0, target_names=ALL_PROJECTIONS),
+            peft.RandLoraConfig(r=8, randlora_alpha=16, target_modules=list(PROJECTIONS)),
+            _draw,
+            model=model,
+            twin=twin,
+        )
+    layer = peft_model.get_base_model().get_submodule(params.targets[0].path)
+    assert (type(layer).__module__, type(layer).__name__) == ("peft.tuners.randlora.bnb", "Linear8bitLt")
+    batch = qwen3_batch()
+    with torch.no_grad():
+        assert not torch.allclose(lf.apply(model, params, batch).logits, model(**batch).logits)
+    worst = assert_same_as_peft(model, params, peft_model, peft_leaf)
+    assert worst["logits"] <= 1e-5 and worst["grad"] <= 1e-5
 
 
 def test_matches_peft_on_conv1d_layers(tmp_path):

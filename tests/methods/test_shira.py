@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from components import tiny_qwen3
+import torch.nn.functional as F
+from components import Calls, qwen3_batch, tiny_qwen3
 from peft_parity import (
     PROJECTIONS,
     assert_peft_files_round_trip,
@@ -15,6 +16,7 @@ from peft_parity import (
     identity_then_deltas,
     peft_leaf,
     peft_twin,
+    randomized,
     twins,
 )
 
@@ -90,3 +92,23 @@ def test_bad_fields_are_refused_by_name():
         lf.SHiRAConfig(mask_type="custom")
     with pytest.raises(ValueError, match="`r`=40 gives 5120 entries, more than the 4096"):
         lf.init(tiny_qwen3(), lf.SHiRAConfig(r=40, target_names=("q_proj",)))
+
+
+def test_a_call_of_one_adapter_runs_each_target_once_as_peft():
+    """On float nn.Linear targets the layer runs once, on W + ΔW (the parameter form), not the base layer and then
+    x (W + ΔW)ᵀ + b again; mixed batches run at the output, and both give the same rows."""
+    model = tiny_qwen3()
+    params = lf.init(model, lf.SHiRAConfig(r=2, target_names=PROJECTIONS), seed=0)
+    params = randomized(params, _draw)
+    batch = qwen3_batch()
+    with Calls(F.linear) as base_calls:
+        model(**batch)
+    with Calls(F.linear) as calls:
+        logits = lf.apply(model, params, batch).logits
+    assert calls.count == base_calls.count == 7 * 2 + 1  # the projections of 2 layers, the head: once each
+    logits.sum().backward()
+    stacked = lf.stack([params, params])
+    with Calls(F.linear) as mixed_calls:
+        rows = lf.apply(model, stacked, batch, adapter_ids=[0] * len(batch["input_ids"])).logits
+    assert mixed_calls.count == base_calls.count + 7 * 2  # the output form: each target computed again
+    torch.testing.assert_close(rows, logits, rtol=0, atol=1e-5)
