@@ -35,6 +35,19 @@ def queue_engine_callback(callback: Callable[[], None]) -> None:
     Variable._execution_engine.queue_callback(callback)
 
 
+_IDLE_LEAF, _IDLE_GRAD = torch.zeros((), requires_grad=True), torch.ones(())
+
+
+def drop_stale_engine_tasks() -> None:
+    """Drop the autograd tasks a failed backward left queued on this thread (`Variable._execution_engine.run_backward`).
+
+    When a node raises, the engine ends that backward at once; the nodes that were ready to run stay in this thread's
+    ready queue, each holding the graph below it, until the thread's next backward pops and skips them (a task whose
+    backward is gone is popped before any live one). This is such a backward, of one leaf: no node runs, no op is
+    called, no gradient is stored."""
+    Variable._execution_engine.run_backward((_IDLE_LEAF,), (_IDLE_GRAD,), False, False, (_IDLE_LEAF,), False, False)
+
+
 # -- torch function modes ---------------------------------------------------------------------------------------
 function_mode_depth: Callable[[], int] = torch._C._len_torch_function_stack  # modes entered in this thread
 function_mode_at: Callable[[int], object] = torch._C._get_function_stack_at  # the mode at a depth, outermost 0

@@ -7,7 +7,9 @@ graph. When a backward reaches the layer, the record is entered for that graph t
 inside one of the layer's own nodes, finds its record by that node's sequence number. That is exact whatever else
 the same backward runs: outputs of other adapters, of the base model, of other threads. The dispatchers stay
 registered (inert for everyone else) until the block has exited and every record has been consumed by a backward
-that did not retain the graph, or freed with the graph.
+that did not retain the graph, or freed with the graph. A backward that fails leaves the nodes the autograd engine
+had queued on the thread holding their part of the graph (and its records) until the thread's next backward; its
+end-of-task callback, dropped unrun, runs such a backward at once (`TaskEnd`).
 """
 
 from __future__ import annotations
@@ -100,7 +102,9 @@ def entered(call: LayerCall, grad_outputs):
         if entry is None:
             drop_failed_tasks()
             entry = ENTERED[task] = (private.graph_task_keep_graph(), [])
-            private.queue_engine_callback(partial(_task_done, task))
+            end = TaskEnd(task)
+            weakref.finalize(end, _task_dropped, task).atexit = False
+            private.queue_engine_callback(end)
         if not any(r() is call for r in entry[1]):
             entry[1].append(weakref.ref(call))
     return None
@@ -111,6 +115,30 @@ def drop_failed_tasks() -> None:
     with LOCK:
         for stale in [t for t, (_, refs) in ENTERED.items() if all(r() is None for r in refs)]:
             del ENTERED[stale]
+
+
+class TaskEnd:
+    """The end-of-task callback of a backward that reached injected layer calls: the engine runs it when that
+    backward completes, and drops it unrun when the backward fails."""
+
+    __slots__ = ("task", "__weakref__")
+
+    def __init__(self, task: int) -> None:
+        self.task = task
+
+    def __call__(self) -> None:
+        _task_done(self.task)
+
+
+def _task_dropped(task: int) -> None:
+    """The engine dropped a backward's end-of-task callback. If it did not run, that backward failed: the nodes it
+    had queued on this thread still hold their part of the graph, and with it layer records (and so the dispatchers),
+    after the loss is gone, until the thread's next backward. Drop them now, unless another backward runs on this
+    thread (a reentrant one's caller), which pops them first itself (docs/internals.md)."""
+    with LOCK:
+        failed = ENTERED.pop(task, None) is not None
+    if failed and private.graph_task_id() == -1:
+        private.drop_stale_engine_tasks()
 
 
 def _task_done(task: int) -> None:

@@ -206,8 +206,9 @@ def _add_low_rank(x, A, B, s: float, y, inference: bool = False) -> torch.Tensor
     - Many rows on a CPU, book-keeping per-example norms (`recording`), or saved-tensor hooks (non-reentrant
       checkpointing, offloading): `LowRank` (its backward's layouts, the recorder's hook, four saved tensors)
       when something requires grad, else its forward. Under non-reentrant checkpointing the choice is the same
-      in the forward and the recompute (both run under saved-tensor hooks); there, a recompute that fails
-      halfway through autograd's own ops for the adapter keeps the graph alive (measured; `LowRank` does not)."""
+      in the forward and the recompute (both run under saved-tensor hooks). (It was taken there because a failed
+      recompute seemed to keep the graph alive through autograd's own ops; the holder was the autograd engine's
+      queue, which `_inject/checkpoint.py` now empties, for either op sequence.)"""
     recorder = getattr(_recording, "record", None)
     if recorder is not None and not torch.is_grad_enabled():
         recorder.without_grad(A)  # a forward that records nothing for backward (reentrant checkpointing's first pass)

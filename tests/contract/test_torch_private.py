@@ -4,7 +4,9 @@ a torch release that changes one is found by name instead of by a wrong gradient
 
 from __future__ import annotations
 
+import gc
 import sys
+import weakref
 
 import optree
 import pytest
@@ -67,6 +69,33 @@ def probe_queue_engine_callback():
     ran = []
     in_backward(lambda: private.queue_engine_callback(lambda: ran.append(private.graph_task_id())))
     assert len(ran) == 1 and ran[0] != -1, "Variable._execution_engine.queue_callback: did not run at backward's end"
+
+
+def probe_drop_stale_engine_tasks():
+    x = torch.ones(3, requires_grad=True)
+    shared = x * 2
+    held = weakref.ref(shared)
+    first, second = shared.sin(), shared.cos()  # `second`'s node runs first; `first`'s is queued when it raises
+
+    def fail(grad):
+        raise ZeroDivisionError
+
+    second.register_hook(fail)
+    loss = (first + second).sum()
+    del shared, first, second
+    try:
+        loss.backward()
+    except ZeroDivisionError:
+        pass
+    del loss
+    gc.collect()
+    assert held() is not None, (
+        "autograd engine: a failed backward no longer leaves its queued nodes on the thread "
+        "(private.drop_stale_engine_tasks may go)"
+    )
+    with torch.no_grad():
+        private.drop_stale_engine_tasks()
+    assert held() is None, "Variable._execution_engine.run_backward: a failed backward's queued nodes are still held"
 
 
 def probe_function_modes():

@@ -10,12 +10,16 @@ The interrupt is a user's forward hook that raises on its k-th call, as Ctrl-C i
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from components import tiny_config
 from conftest import assert_untouched, hook_count, perturbed, qwen3_batch, snapshot, tiny_qwen3
 
 import lora_func as lf
+from lora_func._inject.checkpoint import LayerCall
 from lora_func.variants import REGISTRY
 
 VARIANTS = sorted(REGISTRY)
@@ -27,7 +31,7 @@ class InterruptOn:
     def __init__(self, k: int, exc: type[BaseException] = KeyboardInterrupt) -> None:
         self.k, self.calls, self.exc = k, 0, exc
 
-    def __call__(self, module, args, output):
+    def __call__(self, module, args, output=None):  # a forward hook, or a pre-hook
         self.calls += 1
         if self.calls == self.k:
             raise self.exc("interrupted")
@@ -133,6 +137,46 @@ def test_interrupt_mid_forward_every_variant(name):
     torch.testing.assert_close(loss, expected[0])
     for g, e in zip(grads, expected[1]):
         torch.testing.assert_close(g, e)
+
+
+RECOMPUTE_CASES = [(n, KeyboardInterrupt) for n in VARIANTS] + [(n, RuntimeError) for n in ("lora", "vera", "dora")]
+
+
+@pytest.mark.parametrize(("name", "exc"), RECOMPUTE_CASES, ids=[f"{n}-{e.__name__}" for n, e in RECOMPUTE_CASES])
+def test_interrupt_in_recompute_frees_the_graph_every_variant(name, exc):
+    """Raised inside the non-reentrant recompute of the last layer, in backward, once the autograd engine had queued
+    other nodes of the graph: after the exception and the loss are gone, nothing of the graph is left (the engine
+    keeps the nodes it had queued until the thread's next backward; lora_func drops them when the backward fails).
+    No dispatcher, no layer record, the first layer's output freed; the next apply trains as on a fresh model."""
+    model = tiny_qwen3(num_hidden_layers=2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference = plain_grads(model)
+    params = make(name, model)
+    fresh = tiny_qwen3(num_hidden_layers=2)
+    fresh.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    expected = adapter_run(fresh, params)
+    before = snapshot(model)
+
+    outputs = []  # the first layer's output (its forward; backward fails before its recompute): held by the graph
+    keep = model.model.layers[0].register_forward_hook(lambda m, a, out: outputs.append(weakref.ref(out)) and None)
+    # Before the linear: a recompute stops once it has what backward needs, which for variants that do not adapt
+    # `down_proj` is its linear's input; 2: the recompute.
+    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(InterruptOn(2, exc))
+    with pytest.raises(exc):
+        lf.apply(model, params, qwen3_batch()).loss.backward()
+    handle.remove()
+    keep.remove()
+    gc.collect()
+    assert len(outputs) == 1 and outputs[0]() is None, "the graph outlived the failed backward"
+    assert not [o for o in gc.get_objects() if type(o) is LayerCall], "a layer record outlived its graph"
+    assert_clean_thread(model, before, reference)
+
+    loss, grads, base_grads = adapter_run(model, params)
+    assert base_grads == []
+    torch.testing.assert_close(loss, expected[0])
+    for g, e in zip(grads, expected[1], strict=True):
+        torch.testing.assert_close(g, e)
+    assert_untouched(model, before)
 
 
 def test_interrupt_in_generate():
