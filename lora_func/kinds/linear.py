@@ -291,11 +291,11 @@ def add_low_rank(
 
 def factored_forms(factors: Callable) -> tuple[Callable, Callable]:
     """`forward` and `merge` of a variant whose ΔW is the product B A of `factors(leaves, site) -> (B, A)` (RandLoRA,
-    VBLoRA): y + x Aᵀ Bᵀ, and W + B A."""
+    VBLoRA): y + x Aᵀ Bᵀ (the add fused into the second product), and W + B A."""
 
     def forward(x: torch.Tensor, y: torch.Tensor, leaves, site) -> torch.Tensor:
         B, A = factors(leaves, site)
-        return y + low_rank(x, A, B, 1.0).to(y.dtype)
+        return add_low_rank(y, x, A, B, 1.0)
 
     def merge(weight: torch.Tensor, bias, leaves, site):
         B, A = factors(leaves, site)

@@ -150,7 +150,10 @@ def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> tor
     A, B = leaves["A"], leaves["B"]
     xa = input_dropout(x, site).to(A.dtype) @ A.t()
     xr = xa @ transform(leaves, site.config).to(A.dtype).t()
-    return y + ((xr - xa) @ B.t() * scale(site.config)).to(y.dtype)
+    z = (xr - xa) * scale(site.config)  # the scale on the (…, r) side, not on the (…, d_out) product
+    if y.dtype != z.dtype:
+        return y + (z @ B.t()).to(y.dtype)
+    return torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), B.t()).view(y.shape)  # y + z Bᵀ
 
 
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):

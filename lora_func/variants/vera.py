@@ -20,7 +20,7 @@ import torch
 from .._config import AdapterConfig
 from .._kind import Target
 from .._variant import LINEAR_LIKE, Init, Leaves, LowRank, PeftExchange, Recipe, Site, Variant
-from ..kinds.linear import low_rank
+from ..kinds.linear import add_low_rank
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def factors(leaves: Leaves, site: Site) -> tuple[torch.Tensor, torch.Tensor]:
 
 def forward(x: torch.Tensor, y: torch.Tensor, leaves: Leaves, site: Site) -> torch.Tensor:
     A, B = factors(leaves, site)
-    return y + low_rank(x, A, B, 1.0).to(y.dtype)
+    return add_low_rank(y, x, A, B, 1.0)  # the add fused into the second product
 
 
 def merge(weight: torch.Tensor, bias, leaves: Leaves, site: Site):
