@@ -89,9 +89,11 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
+    # spawned, not forked: a fork of a pytest worker can copy a lock another of its threads holds, and the
+    # children hang (seen once: both workers past the timeout)
     init_method = f"tcp://127.0.0.1:{free_port()}"
     context = mp.start_processes(
-        worker, args=(init_method, str(tmp_path)), nprocs=WORLD, join=False, start_method="fork"
+        worker, args=(init_method, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
     )
     try:
         # The single-process references are computed while the workers run.

@@ -220,8 +220,10 @@ def ddp_worker(rank: int, port: int, directory: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_example_on_two_processes_equals_one_process_on_the_global_batch(tmp_path):
+    # spawned, not forked: a fork of a pytest worker can copy a lock another of its threads holds, and the
+    # children hang (seen once: both workers past the timeout)
     context = mp.start_processes(
-        ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False, start_method="fork"
+        ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
     )
     try:
         expected = reference(4)  # computed while the workers run
