@@ -8,6 +8,9 @@ against an independent reference, so a missing or wrong one fails here, naming t
 - `Padding`: adapters of ranks 4 and 8 stacked with `pad=True` compute what each did alone; without it, refused;
 - `PeftExchange`: `to_peft` then `from_peft` gives the same leaves and outputs; without it, `to_peft` refuses;
 - `Recipe`: the demo's config for it builds an adapter that trains (the loss falls in a few steps at its lr);
+- `ParameterForm`: where it applies, a call of one adapter runs its targets by parameters, and gives the outputs
+  and gradients of the output form (a mixed batch of that adapter runs the output form); elsewhere no target of a
+  linear or norm kind runs by parameters;
 - its kinds are kinds lora_func has (`lora_func/kinds/`).
 """
 
@@ -22,8 +25,19 @@ from components import perturbed, qwen3_batch, target_names_for, tiny_config, ti
 
 import lora_func as lf
 from lora_func import demo
-from lora_func._variant import Dense, Intervention, LowRank, Padding, PeftExchange, Recipe, Regularizer, Schedule
-from lora_func.kinds import KINDS
+from lora_func._sites import resolve_sites
+from lora_func._variant import (
+    Dense,
+    Intervention,
+    LowRank,
+    Padding,
+    ParameterForm,
+    PeftExchange,
+    Recipe,
+    Regularizer,
+    Schedule,
+)
+from lora_func.kinds import KINDS, form_of
 from lora_func.variants import REGISTRY
 
 VARIANTS = sorted(REGISTRY)
@@ -97,6 +111,44 @@ def test_padding_is_exact_where_declared(name, model):
     batch = qwen3_batch(batch=2)
     for alone, padded in zip(adapters, lf.unstack(lf.stack(adapters, pad=True))):
         torch.testing.assert_close(logits(model, padded, batch), logits(model, alone, batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_parameter_form_equals_the_output_form_where_declared(name):
+    """A call of one adapter (the parameter form where declared) against the same adapter as row 0 of a stack in a
+    mixed batch (always the output form): the same logits and leaf gradients."""
+    model = tiny_qwen3().train()
+    params = perturbed(make(name, model), seed=1)
+    forms = {
+        site.target.path: form_of(REGISTRY[name], site.target, site).where
+        for _, site in resolve_sites(model, params, "test")
+    }
+    if REGISTRY[name].capability(ParameterForm) is None:
+        assert "parameters" not in forms.values(), forms
+        return
+    assert "parameters" in forms.values(), f"{name} declares ParameterForm, and it applies to no target here"
+    batch = qwen3_batch(batch=2)
+    ids = [0] * len(batch["input_ids"])
+
+    def run(adapter, call):
+        trainable, frozen = lf.split(adapter)
+        leaves = [leaf.detach().requires_grad_() for _, _, leaf in trainable.leaves()]
+        out = call(lf.combine(trainable.replace(_entries(trainable, leaves)), frozen))
+        out.square().mean().backward()
+        return out.detach(), [leaf.grad for leaf in leaves]
+
+    alone, alone_grads = run(params, lambda p: lf.apply(model, p, batch).logits)
+    mixed, mixed_grads = run(lf.stack([params]), lambda p: lf.apply(model, p, batch, adapter_ids=ids).logits)
+    torch.testing.assert_close(alone, mixed, rtol=1e-5, atol=1e-5)
+    assert len(alone_grads) == len(mixed_grads) > 0
+    for a, b in zip(alone_grads, mixed_grads):
+        torch.testing.assert_close(a, b[0], rtol=1e-4, atol=1e-6)
+
+
+def _entries(tree, leaves):
+    """`tree`'s {path: {leaf: tensor}} with its leaves, in `leaves()` order, replaced by `leaves`."""
+    it = iter(leaves)
+    return {path: {k: next(it) for k in entry} for path, entry in tree.items()}
 
 
 @pytest.mark.parametrize("name", VARIANTS)
