@@ -75,29 +75,66 @@ def assert_clean_thread(model, before, reference_grads):
 
 
 STAGES = {
-    # stage: (HF checkpointing (None, reentrant), which call of the hooked module raises)
+    # stage: (HF checkpointing (None, reentrant), which call of the hooked module raises; "backward": its output's
+    # gradient, in backward)
     "forward": (None, 1),
+    "backward": (None, "backward"),
     "forward-ckpt-reentrant": (True, 1),
     "forward-ckpt": (False, 1),
     "recompute-reentrant": (True, 2),
     "recompute": (False, 2),
 }
+# LoRA (the output form), and the variants whose targets run by parameters in a call of one adapter (their mode is
+# pushed on the hooked module when the interrupt comes)
+PARAMETER_FORM = ("shira", "fourierft", "ln_tuning")
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
-@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError], ids=["KeyboardInterrupt", "RuntimeError"])
-def test_interrupt_in_apply_leaves_nothing(stage, exc):
+def interrupted_module(model, name):
+    """The hooked module: a target of `name` in the second layer."""
+    layer = model.model.layers[1]
+    return layer.post_attention_layernorm if name == "ln_tuning" else layer.mlp.down_proj
+
+
+def raise_in_backward(exc):
+    """A forward hook that makes the module output's gradient raise `exc` in backward."""
+
+    def hook(module, args, output):
+        def interrupt(grad):
+            raise exc("interrupted")
+
+        output.register_hook(interrupt)
+
+    return hook
+
+
+APPLY_CASES = [("lora", stage, exc) for stage in STAGES for exc in (KeyboardInterrupt, RuntimeError)] + [
+    (name, stage, KeyboardInterrupt) for name in PARAMETER_FORM for stage in STAGES
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "stage", "exc"), APPLY_CASES, ids=[f"{n}-{s}-{e.__name__}" for n, s, e in APPLY_CASES]
+)
+def test_interrupt_in_apply_leaves_nothing(name, stage, exc):
     reentrant, k = STAGES[stage]
     model = tiny_qwen3(num_hidden_layers=2)
     if reentrant is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     reference = plain_grads(model)
-    params = make("lora", model)
+    params = make(name, model)
     expected = adapter_run(model, params)
     before = snapshot(model)
 
     # After ours in the hook order: raised while lora_func's own modes are pushed for this module.
-    handle = model.model.layers[1].mlp.down_proj.register_forward_hook(InterruptOn(k, exc))
+    module = interrupted_module(model, name)
+    if k == "backward":
+        handle = module.register_forward_hook(raise_in_backward(exc))
+    elif k == 2 and name != "lora":
+        # A non-reentrant recompute stops once it has what backward saved: a target run by parameters has its
+        # input and W + ΔW before its forward ends, so the interrupt comes at its start.
+        handle = module.register_forward_pre_hook(InterruptOn(k, exc))
+    else:
+        handle = module.register_forward_hook(InterruptOn(k, exc))
     hooks = hook_count(model)
     with pytest.raises(exc) as raised:
         lf.apply(model, params, qwen3_batch()).loss.backward()
@@ -179,16 +216,17 @@ def test_interrupt_in_recompute_frees_the_graph_every_variant(name, exc):
     assert_untouched(model, before)
 
 
-def test_interrupt_in_generate():
+@pytest.mark.parametrize("name", ["lora", *PARAMETER_FORM])
+def test_interrupt_in_generate(name):
     model = tiny_qwen3(num_hidden_layers=2).eval()
     reference = plain_grads(model.train())
     model.eval()
-    params = make("lora", model)
+    params = make(name, model)
     prompt = qwen3_batch(batch=1, seq=4)["input_ids"]
     with lf.inject(model, params):
         expected = model.generate(prompt, max_new_tokens=4, do_sample=False)
     before = snapshot(model)
-    handle = model.model.layers[1].register_forward_hook(InterruptOn(3))  # the third decoding step
+    handle = interrupted_module(model, name).register_forward_hook(InterruptOn(3))  # the third decoding step
     with pytest.raises(KeyboardInterrupt):
         with lf.inject(model, params):
             model.generate(prompt, max_new_tokens=4, do_sample=False)
