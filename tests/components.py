@@ -271,3 +271,22 @@ class Calls(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self.count += func is self.func
         return func(*args, **(kwargs or {}))
+
+
+def token_rows(rows: int, seed: int = 5, seq: int = 10, vocab: int = 128) -> list[dict[str, torch.Tensor]]:
+    """Training rows of one length whose labels cover different numbers of tokens (a masked prompt of 0..4 tokens),
+    so that a per-row mean and the mean over the batch's tokens differ (and accumulating 2 × 2 equals a batch of 4
+    only when the loss is normalised over the whole accumulated batch)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(rows):
+        ids = torch.randint(0, vocab, (seq,), generator=gen)
+        labels = ids.clone()
+        labels[: i % 5] = -100
+        out.append({"input_ids": ids, "attention_mask": torch.ones(seq, dtype=torch.long), "labels": labels})
+    return out
+
+
+def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A batch of `token_rows`' rows (HF Trainer's `data_collator`)."""
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}

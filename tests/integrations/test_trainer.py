@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from components import tiny_qwen3
+from components import collate, tiny_qwen3, token_rows
 
 import lora_func as lf
 
@@ -18,20 +18,7 @@ ROWS, SEQ, VOCAB = 8, 10, 128
 
 
 def dataset(rows: int = ROWS, seed: int = 5) -> list[dict[str, torch.Tensor]]:
-    """Rows of one length whose labels cover different numbers of tokens (a masked prompt of 0..4 tokens), so
-    that a per-row mean and the mean over the batch's tokens differ."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(rows):
-        ids = torch.randint(0, VOCAB, (SEQ,), generator=gen)
-        labels = ids.clone()
-        labels[: i % 5] = -100
-        out.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": labels})
-    return out
-
-
-def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return token_rows(rows, seed, SEQ, VOCAB)
 
 
 def module(seed: int = 0, **config) -> lf.AdapterModule:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from components import tiny_qwen3
+from components import collate, tiny_qwen3, token_rows
 
 import lora_func as lf
 
@@ -65,20 +65,7 @@ def docs(tmp_path_factory) -> dict:
 
 
 def dataset(rows: int = BATCH * STEPS, seed: int = 5) -> list[dict[str, torch.Tensor]]:
-    """Rows whose labels cover different numbers of tokens (a masked prompt of 0..4 tokens), so that accumulating
-    2 × 2 equals a batch of 4 only when the loss is normalised over the whole accumulated batch."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(rows):
-        ids = torch.randint(0, VOCAB, (SEQ,), generator=gen)
-        labels = ids.clone()
-        labels[: i % 5] = -100
-        out.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": labels})
-    return out
-
-
-def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return token_rows(rows, seed, SEQ, VOCAB)
 
 
 @pytest.fixture(scope="module")
