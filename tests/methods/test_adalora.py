@@ -94,11 +94,16 @@ def test_matches_peft_outputs_and_gradients(case):
     assert worst["logits"] <= 1e-5 and worst["grad"] <= 1e-5
 
 
-@pytest.mark.slow
-def test_matches_peft_on_a_4bit_base():
-    """PEFT's AdaLoRA wraps bitsandbytes' Linear4bit (`SVDLinear4bit`): the same base, leaves, step."""
-    model, twin = twins(bits=4)
-    twin.is_loaded_in_4bit = True  # as from_pretrained's quantization sets it: PEFT picks its bitsandbytes layer
+QUANTIZED = {4: ("is_loaded_in_4bit", "SVDLinear4bit"), 8: ("is_loaded_in_8bit", "SVDLinear8bitLt")}
+
+
+@pytest.mark.parametrize("bits", [pytest.param(4, marks=pytest.mark.slow), 8])
+def test_matches_peft_on_a_quantized_base(bits):
+    """PEFT's AdaLoRA wraps bitsandbytes' Linear4bit (`SVDLinear4bit`) and Linear8bitLt (`SVDLinear8bitLt`): the
+    same base, leaves, step."""
+    model, twin = twins(bits=4) if bits == 4 else (tiny_qwen3_8bit(), tiny_qwen3_8bit())
+    flag, layer = QUANTIZED[bits]
+    setattr(twin, flag, True)  # as from_pretrained's quantization sets it: PEFT picks its bitsandbytes layer
     model, params, peft_model = peft_twin(
         lf.AdaLoRAConfig(init_r=4, target_names=PROJECTIONS),
         peft.AdaLoraConfig(**_peft_fields({"init_r": 4}), target_modules=list(PROJECTIONS)),
@@ -107,23 +112,7 @@ def test_matches_peft_on_a_4bit_base():
         model=model,
         twin=twin,
     )
-    assert type(peft_layer(peft_model, params.targets[0].path)).__name__ == "SVDLinear4bit"
-    assert_same_as_peft(model, params, peft_model, _peft_leaf)
-
-
-def test_matches_peft_on_an_8bit_base():
-    """PEFT's AdaLoRA wraps bitsandbytes' Linear8bitLt (`SVDLinear8bitLt`): the same int8 base, leaves, step."""
-    model, twin = tiny_qwen3_8bit(), tiny_qwen3_8bit()
-    twin.is_loaded_in_8bit = True  # as from_pretrained's quantization sets it: PEFT picks its bitsandbytes layer
-    model, params, peft_model = peft_twin(
-        lf.AdaLoRAConfig(init_r=4, target_names=PROJECTIONS),
-        peft.AdaLoraConfig(**_peft_fields({"init_r": 4}), target_modules=list(PROJECTIONS)),
-        _draw,
-        _peft_leaf,
-        model=model,
-        twin=twin,
-    )
-    assert type(peft_layer(peft_model, params.targets[0].path)).__name__ == "SVDLinear8bitLt"
+    assert type(peft_layer(peft_model, params.targets[0].path)).__name__ == layer
     worst = assert_same_as_peft(model, params, peft_model, _peft_leaf)
     assert worst["logits"] <= 1e-5 and worst["grad"] <= 1e-5
 
